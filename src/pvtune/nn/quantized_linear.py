@@ -1,0 +1,63 @@
+"""``QuantizedLinear``: a linear layer whose weight is a :class:`QuantizedWeight`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x W^T + b`` with ``W = qweight()`` decoded from codes on every call.
+
+    The representation lives in ``qweight``; ``weight`` is the decoded dense tensor (a
+    read-only property, so code that asks a linear layer for ``.weight.dtype`` keeps working).
+    """
+
+    def __init__(self, qweight: QuantizedWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.in_features = qweight.in_features
+        self.out_features = qweight.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: ReprConfig) -> QuantizedLinear:
+        """Compress ``linear.weight`` with the representation registered for ``config``."""
+        qweight = representation_for(config).from_dense(linear.weight, config)
+        return cls(qweight.to(linear.weight.device), linear.bias)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, config: ReprConfig, bias: bool):
+        """An uninitialised layer of the right shapes, to load a checkpoint into."""
+        qweight = representation_for(config)(out_features, in_features, config)
+        return cls(qweight, torch.zeros(out_features) if bias else None)
+
+    @property
+    def weight(self) -> Tensor:
+        """The decoded dense weight ``[out, in]``."""
+        return self.qweight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.qweight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the decoded weight."""
+        with torch.no_grad():
+            w = self.qweight()
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            linear = linear.to(device=w.device, dtype=w.dtype)
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def bits_per_param(self) -> float:
+        """Bits per weight of the compressed matrix (bias excluded)."""
+        return self.qweight.bits_per_param()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,203 @@
+"""The contract every weight representation follows: ``W = decode(codes, theta)``.
+
+A representation is an ``nn.Module`` holding integer ``codes`` (buffers, no gradient) and
+continuous parameters ``theta`` (``nn.Parameter``). ``forward()`` returns the dense
+``[out_features, in_features]`` weight, differentiable with respect to ``theta``.
+
+Codes are organised in *encode groups*: runs of ``code_group_size`` consecutive input
+weights of one output row whose codes are re-fitted together (one weight for scalar
+grids, one vector for VQ, one block of M for N:M sparsity). ``encode(target, groups)``
+re-fits the codes of the selected groups to a dense target with ``theta`` fixed; the
+``groups`` mask has shape ``[out_features, in_features // code_group_size]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import Tensor, nn
+
+from pvtune.packing import IntCodec
+from pvtune.registry import Registry
+
+
+def check_range(config: object, field: str, value: float, lo: float, hi: float | None) -> None:
+    """Raise a ValueError naming ``Config.field`` and its allowed range when out of range."""
+    name = f"{type(config).__name__}.{field}"
+    if hi is None:
+        if not value >= lo:
+            raise ValueError(f"{name} must be >= {lo}, got {value}")
+    elif not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def check_int(config: object, field: str, value: object) -> None:
+    """Raise a ValueError unless ``value`` is a plain int (bool excluded)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{type(config).__name__}.{field} must be an int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ReprConfig:
+    """Base of every representation config: frozen, validated, JSON-serialisable.
+
+    Subclasses validate their fields in ``__post_init__`` and shape-dependent rules in
+    :meth:`check_shape`.
+    """
+
+    type_name: ClassVar[str] = ""
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        """Raise ValueError if this config cannot represent an ``[out, in]`` weight."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with a ``type`` key naming the registered representation."""
+        return {"type": self.type_name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ReprConfig:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        type_name = data.pop("type", None)
+        if type_name is None:
+            raise ValueError(f"representation config has no 'type' key: {data}")
+        cls = CONFIG_TYPES.get(type_name)
+        return cls(**data)
+
+
+def check_group_divides(config: ReprConfig, field: str, group: int, in_features: int) -> None:
+    """Raise a ValueError if ``group`` does not divide ``in_features``."""
+    if in_features % group:
+        divisors = [d for d in range(1, min(in_features, 4096) + 1) if in_features % d == 0]
+        raise ValueError(
+            f"{type(config).__name__}.{field}={group} does not divide in_features={in_features}; "
+            f"allowed values divide {in_features}, e.g. {divisors[-6:]}"
+        )
+
+
+class QuantizedWeight(nn.Module):
+    """Base class of weight representations (see the module docstring for the contract)."""
+
+    config_cls: ClassVar[type[ReprConfig]] = ReprConfig
+
+    def __init__(self, out_features: int, in_features: int, config: ReprConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}")
+        config.check_shape(out_features, in_features)
+        self.out_features = out_features
+        self.in_features = in_features
+        self.config = config
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: Tensor, config: ReprConfig) -> Self:
+        """Compress a dense ``[out, in]`` weight (calibration-free initialisation)."""
+        weight = weight.detach().to(torch.float32)
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+        module = cls(weight.shape[0], weight.shape[1], config).to(weight.device)
+        module.init_from_dense(weight)
+        return module
+
+    def init_from_dense(self, weight: Tensor) -> None:
+        """Fill codes and continuous parameters from a dense weight."""
+        raise NotImplementedError
+
+    # -- the representation -------------------------------------------------------------
+    def forward(self) -> Tensor:
+        """The dense ``[out, in]`` weight, differentiable w.r.t. the continuous parameters."""
+        raise NotImplementedError
+
+    @property
+    def code_group_size(self) -> int:
+        """Consecutive input weights whose codes are re-fitted together."""
+        return 1
+
+    @property
+    def groups_shape(self) -> tuple[int, int]:
+        """Shape of the ``groups`` mask accepted by :meth:`encode`."""
+        return self.out_features, self.in_features // self.code_group_size
+
+    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+        """Re-fit codes of the selected groups (all if None) to ``target``, theta fixed.
+
+        Never increases the reconstruction error ``||forward() - target||`` of any group.
+        """
+        raise NotImplementedError
+
+    def bits_per_param(self) -> float:
+        """Exact storage cost in bits per weight of the packed format (codes + theta)."""
+        raise NotImplementedError
+
+    def integer_codecs(self) -> dict[str, IntCodec]:
+        """How each integer buffer is packed on disk (buffer name -> codec)."""
+        return {}
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    def _check_target(self, target: Tensor) -> Tensor:
+        if tuple(target.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"target shape {tuple(target.shape)} != weight shape "
+                f"{(self.out_features, self.in_features)}"
+            )
+        return target.detach().to(torch.float32)
+
+    def _check_groups(self, groups: Tensor | None) -> Tensor | None:
+        if groups is None:
+            return None
+        if groups.dtype != torch.bool or tuple(groups.shape) != self.groups_shape:
+            raise ValueError(
+                f"groups must be a bool mask of shape {self.groups_shape}, "
+                f"got {groups.dtype} {tuple(groups.shape)}"
+            )
+        return groups
+
+    def group_errors(self, target: Tensor) -> Tensor:
+        """Squared reconstruction error per encode group, shape :attr:`groups_shape`."""
+        with torch.no_grad():
+            diff = (self() - target).view(*self.groups_shape, self.code_group_size)
+            return diff.pow(2).sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}x{self.in_features}, {self.config}"
+
+
+REPRESENTATIONS: Registry[type[ReprConfig], type[QuantizedWeight]] = Registry("representation")
+CONFIG_TYPES: Registry[str, type[ReprConfig]] = Registry("representation config type")
+
+
+def register_representation(name: str):
+    """Class decorator registering a :class:`QuantizedWeight` subclass under ``name``.
+
+    Registers its ``config_cls`` too, so ``quantize_(model, config)`` and checkpoint loading
+    find it without any if-chain.
+    """
+
+    def wrap(cls: type[QuantizedWeight]) -> type[QuantizedWeight]:
+        config_cls = cls.config_cls
+        config_cls.type_name = name
+        CONFIG_TYPES.register(name, config_cls)
+        REPRESENTATIONS.register(config_cls, cls)
+        return cls
+
+    return wrap
+
+
+def representation_for(config: ReprConfig) -> type[QuantizedWeight]:
+    """The representation class registered for ``type(config)``."""
+    return REPRESENTATIONS.get(type(config))
+
+
+def round_to_fp16(x: Tensor) -> Tensor:
+    """Round values to the nearest float16 (kept in the input dtype), so they store exactly."""
+    return x.to(torch.float16).to(x.dtype)
+
+
+def ceil_log2(n: int) -> int:
+    """Bits needed to index ``n`` items."""
+    return max(1, math.ceil(math.log2(n)))

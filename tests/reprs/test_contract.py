@@ -1,0 +1,171 @@
+"""The representation contract, checked on every registered representation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+from pvtune.reprs import (
+    AQLMConfig,
+    BinaryConfig,
+    NMSparseConfig,
+    TernaryConfig,
+    UniformConfig,
+    VQConfig,
+    representation_for,
+)
+
+CONFIGS = [
+    UniformConfig(bits=4, group_size=32),
+    UniformConfig(bits=2, group_size=16, symmetric=True),
+    UniformConfig(bits=1, group_size=None, scale_search=False),
+    BinaryConfig(),
+    BinaryConfig(group_size=16),
+    TernaryConfig(group_size=32),
+    NMSparseConfig(n=2, m=4),
+    NMSparseConfig(n=1, m=8),
+    VQConfig(num_codewords=16, group_size=4, kmeans_iters=5),
+    AQLMConfig(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, kmeans_iters=5),
+    AQLMConfig(num_codebooks=1, nbits_per_codebook=5, in_group_size=8, kmeans_iters=5),
+]
+IDS = [f"{c.type_name}-{i}" for i, c in enumerate(CONFIGS)]
+
+
+def make(config, weight):
+    return representation_for(config).from_dense(weight, config)
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_forward_shape_and_integer_codes(config, weight):
+    rep = make(config, weight)
+    w = rep()
+    assert w.shape == weight.shape and w.dtype == torch.float32
+    assert torch.isfinite(w).all()
+    for name, buf in rep.named_buffers():
+        if name in rep.integer_codecs():
+            assert not buf.is_floating_point()
+    assert all(p.is_floating_point() for p in rep.parameters())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_encode_never_increases_error(config, weight):
+    rep = make(config, weight)
+    gen = torch.Generator().manual_seed(5)
+    for scale in (0.05, 0.5, 2.0):
+        target = weight + scale * torch.randn(weight.shape, generator=gen)
+        before = rep.group_errors(target)
+        rep.encode(target)
+        after = rep.group_errors(target)
+        assert (after <= before + 1e-6 * (1 + before)).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_encode_subset_touches_only_selected_groups(config, weight):
+    rep = make(config, weight)
+    target = -weight  # far from the current codes: most groups will want to change
+    groups = torch.zeros(rep.groups_shape, dtype=torch.bool)
+    groups[::3, ::2] = True
+    w_before = rep().detach()
+    before = rep.group_errors(target)
+    rep.encode(target, groups)
+    after = rep.group_errors(target)
+    changed = (rep().detach() != w_before).view(*rep.groups_shape, -1).any(-1)
+    assert not changed[~groups].any()
+    assert changed[groups].any()
+    assert (after[groups] <= before[groups] + 1e-6).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_encode_recovers_own_decoding(config, weight):
+    """Encoding the decoded weight is a fixed point (error stays zero)."""
+    rep = make(config, weight)
+    w = rep().detach()
+    rep.encode(w)
+    assert torch.allclose(rep(), w, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_gradcheck_continuous_path(config, weight):
+    rep = make(config, weight).double()
+    names = [n for n, _ in rep.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in rep.named_parameters())
+    buffers = dict(rep.named_buffers())
+
+    def decode(*ps):
+        return functional_call(rep, ({**dict(zip(names, ps, strict=True)), **buffers},), ())
+
+    assert torch.autograd.gradcheck(decode, params, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_bad_groups_mask_rejected(config, weight):
+    rep = make(config, weight)
+    with pytest.raises(ValueError, match="bool mask of shape"):
+        rep.encode(weight, torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="target shape"):
+        rep.encode(weight[:, :8])
+
+
+@given(
+    out=st.integers(1, 6),
+    ngroups=st.integers(1, 4),
+    group=st.sampled_from([1, 2, 8]),
+    bits=st.integers(1, 8),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_uniform_any_shape(out, ngroups, group, bits, symmetric, seed):
+    if symmetric and bits < 2:
+        return
+    w = torch.randn(out, ngroups * group, generator=torch.Generator().manual_seed(seed))
+    rep = make(UniformConfig(bits=bits, group_size=group, symmetric=symmetric), w)
+    levels = rep.codes.unique()
+    assert int(levels.max()) < 2**bits
+    meta = 16 if symmetric else 16 + bits
+    assert rep.bits_per_param() == bits + meta / group
+    # reconstruction is never worse than mapping every weight to zero... unless exactly zero
+    assert rep.group_errors(w).sum() <= w.pow(2).sum() + 1e-5
+
+
+@given(
+    out=st.integers(1, 5),
+    ngroups=st.integers(1, 5),
+    m=st.integers(2, 8),
+    data=st.data(),
+)
+def test_nm_sparse_any_shape(out, ngroups, m, data):
+    n = data.draw(st.integers(1, m - 1))
+    w = torch.randn(out, ngroups * m, generator=torch.Generator().manual_seed(out * 31 + m))
+    rep = make(NMSparseConfig(n=n, m=m), w)
+    mask = rep.mask.view(out, ngroups, m)
+    assert (mask.sum(-1) == n).all()
+    kept = w.abs().view(out, ngroups, m).topk(n, -1).values.sum(-1)
+    got = (rep().abs().view(out, ngroups, m)).sum(-1)
+    torch.testing.assert_close(got, kept)
+
+
+@given(
+    out=st.integers(2, 8),
+    ngroups=st.integers(2, 8),
+    g=st.sampled_from([1, 2, 4]),
+    m=st.integers(1, 3),
+    b=st.integers(1, 3),
+)
+def test_aqlm_any_shape(out, ngroups, g, m, b):
+    if (1 << b) > out * ngroups:
+        return
+    w = torch.randn(out, ngroups * g, generator=torch.Generator().manual_seed(out + 7 * g))
+    cfg = AQLMConfig(num_codebooks=m, nbits_per_codebook=b, in_group_size=g, kmeans_iters=3)
+    rep = make(cfg, w)
+    assert rep.codes.shape == (out, ngroups, m)
+    assert int(rep.codes.max()) < (1 << b)
+    assert rep.codebooks.shape == (m, 1 << b, 1, g)
+    assert rep.scales.shape == (out, 1, 1, 1)
