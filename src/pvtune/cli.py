@@ -1,17 +1,68 @@
 """The ``pvtune`` command line. Only this module parses arguments; it builds typed configs
 and calls the library.
 
-    pvtune reprs                      # every representation on one random layer
+    pvtune compress                      # AQLM 2x8g8 on the offline default model and text
+    pvtune compress --preset demo        # the same, sized to finish in about 10 minutes
+    pvtune compress MODEL_DIR --method gptq --bits 3 --output out/
+    pvtune eval out/                     # perplexity, tokens/s, a generation sample
+    pvtune generate out/ --prompt "..."  # free prompts
+    pvtune reprs                         # every representation on one random layer
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("pvtune")
+
+SAMPLE_PROMPT = "The history of the Roman Empire"
+
+
+# --------------------------------------------------------------------------------------
+# helpers shared by the LLM commands
+
+
+def _load_texts(path: str | None, split: str) -> list[str]:
+    from pvtune.llm.data import default_texts, read_texts
+
+    return default_texts(split) if path is None else read_texts(path)
+
+
+def _eval_config(args: argparse.Namespace, default):
+    from pvtune.llm.data import EvalConfig
+
+    return EvalConfig(
+        window=args.eval_window or default.window,
+        max_windows=args.eval_windows if args.eval_windows is not None else default.max_windows,
+        batch_size=default.batch_size,
+    )
+
+
+def _evaluate(model, tokenizer, windows, label: str) -> dict:
+    from pvtune.llm.evaluate import perplexity
+
+    result = perplexity(model, windows)
+    log.info("%s: perplexity %.3f on %d tokens (%.0f tokens/s)", label, result.perplexity,
+             result.tokens, result.tokens_per_second)
+    return {"perplexity": result.perplexity, "tokens": result.tokens,
+            "tokens_per_second": result.tokens_per_second}
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-text", help="evaluation text (.txt or .jsonl with a 'text' field); "
+                   "default: the evaluation split of the offline Wikipedia text")
+    p.add_argument("--eval-window", type=int, help="tokens per evaluation window (512)")
+    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (all)")
+
+
+# --------------------------------------------------------------------------------------
+# commands
 
 
 def _cmd_reprs(args: argparse.Namespace) -> int:
@@ -28,8 +79,164 @@ def _cmd_reprs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_config(args: argparse.Namespace, preset):
+    from pvtune.init.gptq import GPTQConfig
+    from pvtune.init.rtn import RTNConfig
+    from pvtune.llm.data import CalibrationConfig
+    from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig
+    from pvtune.reprs import AQLMConfig, UniformConfig
+
+    calibration = CalibrationConfig(
+        num_sequences=args.num_seqs or preset.calibration.num_sequences,
+        sequence_length=args.seq_len or preset.calibration.sequence_length,
+        seed=args.seed,
+    )
+    finetune = preset.block_finetune
+    if args.block_finetune_epochs is not None:
+        finetune = BlockFinetuneConfig(epochs=args.block_finetune_epochs,
+                                       lr=finetune.lr if finetune else 1e-4)
+    if args.method == "aqlm":
+        representation = AQLMConfig.preset(args.codebooks, seed=args.seed)
+        method_config = preset.aqlm
+    else:
+        representation = UniformConfig(bits=args.bits, group_size=args.group_size or None,
+                                       symmetric=args.symmetric)
+        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
+        if args.block_finetune_epochs is None:
+            finetune = None  # scalar methods are calibrated without block fine-tuning
+    return CompressConfig(method=args.method, representation=representation,
+                          method_config=method_config, calibration=calibration,
+                          block_finetune=finetune)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from pvtune.llm.checkpoint import bits_report, save_compressed, size_on_disk
+    from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
+    from pvtune.llm.evaluate import generate
+    from pvtune.llm.model import count_params, load_causal_lm
+    from pvtune.llm.pipeline import compress_model
+    from pvtune.llm.recipes import PRESETS
+    from pvtune.report import format_table
+
+    torch.manual_seed(args.seed)
+    preset = PRESETS[args.preset]
+    config = _compress_config(args, preset)
+    eval_config = _eval_config(args, preset.evaluation)
+    output = Path(args.output or f"compressed-{args.method}"
+                  f"-{args.codebooks if args.method == 'aqlm' else f'{args.bits}bit'}")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"output directory {output} is not empty; pass --overwrite or "
+                         "choose another --output")
+    t0 = time.perf_counter()
+    model, tokenizer = load_causal_lm(args.model)
+    log.info("loaded %s (%.1fM parameters) in %.1f s", args.model or "the default model",
+             count_params(model) / 1e6, time.perf_counter() - t0)
+    calib_ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
+                                                                         "calibration")),
+                                  config.calibration)
+    results: dict = {}
+    windows = None
+    if not args.no_eval:
+        windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
+                                                                      "evaluation")),
+                               eval_config)
+        results["before"] = _evaluate(model, tokenizer, windows, "uncompressed")
+    log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
+             config.method, config.representation, calib_ids.shape[0], calib_ids.shape[1])
+    report = compress_model(model, calib_ids, config)
+    if windows is not None:
+        results["after"] = _evaluate(model, tokenizer, windows, "compressed")
+    sample = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+    bits = bits_report(model)
+    meta = {"source_model": str(args.model or "default:SmolLM2-135M-Instruct"),
+            "compress_config": _jsonable(config), "evaluation": results,
+            "compress_seconds": report.seconds,
+            "layers": [dataclasses.asdict(r) for r in report.layers],
+            "block_finetune": report.block_losses}
+    save_compressed(model, tokenizer, output, meta)
+
+    print()
+    print(format_table(["layer", "shape", "bits/param", "output error", "seconds"], [
+        [r.name, f"{r.out_features}x{r.in_features}", f"{r.bits_per_param:.3f}",
+         "-" if r.output_error is None else f"{r.output_error:.4f}", f"{r.seconds:.1f}"]
+        for r in report.layers
+    ]))
+    print()
+    rows = [["method", f"{config.method} {_repr_name(config.representation)}"],
+            ["compression time", f"{report.seconds / 60:.1f} min"],
+            ["bits/param (compressed linears)", f"{bits['linear_bits_per_param']:.3f}"],
+            ["bits/param (whole model)", f"{bits['overall_bits_per_param']:.3f}"],
+            ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
+            ["checkpoint", str(output)]]
+    for key in ("before", "after"):
+        if key in results:
+            r = results[key]
+            rows.append([f"perplexity {key}", f"{r['perplexity']:.2f} ({r['tokens']} tokens, "
+                                              f"{r['tokens_per_second']:.0f} tok/s)"])
+    print(format_table(["summary", "value"], rows))
+    print(f"\nSample from the compressed model:\n  {args.prompt}{sample}")
+    return 0
+
+
+def _repr_name(rep) -> str:
+    name = getattr(rep, "name", None)
+    if name:
+        return name
+    return f"{rep.bits}-bit g{rep.group_size}{' sym' if rep.symmetric else ''}"
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        out = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"type": type(obj).__name__, **out}
+    return obj
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pvtune.llm.checkpoint import bits_report
+    from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
+    from pvtune.llm.evaluate import generate
+    from pvtune.llm.model import load_causal_lm
+    from pvtune.report import format_table
+
+    model, tokenizer = load_causal_lm(args.model)
+    config = _eval_config(args, EvalConfig())
+    windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
+                           config)
+    result = _evaluate(model, tokenizer, windows, "model")
+    bits = bits_report(model)
+    sample = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(format_table(["metric", "value"], [
+        ["perplexity", f"{result['perplexity']:.3f}"],
+        ["tokens evaluated", result["tokens"]],
+        ["tokens/s", f"{result['tokens_per_second']:.0f}"],
+        ["bits/param (compressed linears)", f"{bits['linear_bits_per_param']:.3f}"],
+        ["bits/param (whole model)", f"{bits['overall_bits_per_param']:.3f}"],
+    ]))
+    print(f"\nSample:\n  {args.prompt}{sample}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from pvtune.llm.evaluate import generate
+    from pvtune.llm.model import load_causal_lm
+
+    model, tokenizer = load_causal_lm(args.model)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for prompt in prompts:
+        print(prompt + generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from pvtune.llm.recipes import PRESETS
+
     parser = argparse.ArgumentParser(
         prog="pvtune",
         description="Train models through discrete parameters: compress LLMs to 1-4 bits "
@@ -37,6 +244,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress a causal LM block by block",
+                       description="Compress every linear layer inside the decoder blocks of a "
+                                   "causal LM with calibration activations, evaluate before and "
+                                   "after, and save a checkpoint.")
+    p.add_argument("model", nargs="?", help="local Hugging Face model directory (default: the "
+                   "offline SmolLM2-135M-Instruct, prepared and cached on first use)")
+    p.add_argument("--method", choices=["aqlm", "gptq", "rtn"], default="aqlm")
+    p.add_argument("--codebooks", default="2x8g8", help="AQLM layout MxBgG (default 2x8g8)")
+    p.add_argument("--bits", type=int, default=2, help="bits per weight for gptq/rtn (2)")
+    p.add_argument("--group-size", type=int, default=64,
+                   help="group size for gptq/rtn (64; 0 = one group per row)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric grid for gptq/rtn")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
+                   help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
+    p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "
+                   "calibration split of the offline Wikipedia text")
+    p.add_argument("--num-seqs", type=int, help="calibration sequences (preset)")
+    p.add_argument("--seq-len", type=int, help="calibration sequence length (preset)")
+    p.add_argument("--block-finetune-epochs", type=int,
+                   help="epochs of block fine-tuning (preset; 0 disables)")
+    _add_eval_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
+    p.add_argument("--prompt", default=SAMPLE_PROMPT, help="prompt for the generation sample")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--output", help="checkpoint directory (default compressed-METHOD-...)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity, tokens/s and a sample of a model or checkpoint")
+    p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "
+                   "(default: the offline default model)")
+    _add_eval_args(p)
+    p.add_argument("--prompt", default=SAMPLE_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("generate", help="greedy generation from prompts")
+    p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: stdin lines)")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.set_defaults(handler=_cmd_generate)
 
     p = sub.add_parser("reprs", help="compare every weight representation on a random layer")
     p.add_argument("--out-features", type=int, default=512)
@@ -57,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # Library errors carry user-facing messages; a traceback would only hide them.
         log.debug("error details", exc_info=True)
         print(f"pvtune {args.command}: error: {err}", file=sys.stderr)

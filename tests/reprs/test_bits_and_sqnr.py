@@ -52,16 +52,20 @@ def test_aqlm_2x8g8_is_about_two_bits_on_a_large_layer():
     assert rep.bits_per_param() == pytest.approx(2 + (2 * 256 * 8 * 16 + 4096 * 16) / 4096**2)
 
 
-# (config, min SQNR dB on Gaussian, min SQNR dB on Student-t(3)); measured values are
-# about 0.3-1 dB above these bounds (see the issue note's table).
+# (config, min SQNR dB on Gaussian, min SQNR dB on Student-t(3)) for a 128x512 weight;
+# measured values are 0.2-0.6 dB above these bounds.
 SQNR_BOUNDS = [
-    (UniformConfig(bits=8, group_size=64), 44.0, 41.0),
-    (UniformConfig(bits=4, group_size=64), 20.5, 17.0),
-    (UniformConfig(bits=4, group_size=64, symmetric=True), 19.8, 15.0),
-    (UniformConfig(bits=3, group_size=64), 14.5, 11.5),
-    (UniformConfig(bits=2, group_size=64), 8.5, 6.8),
-    (UniformConfig(bits=2, group_size=64, symmetric=True), 7.5, 5.6),
-    (UniformConfig(bits=1, group_size=64), 1.5, 2.3),
+    (UniformConfig(bits=8, group_size=64), 45.0, 41.7),
+    (UniformConfig(bits=4, group_size=64), 20.5, 17.2),
+    (UniformConfig(bits=4, group_size=64, scale_search=True), 20.9, 17.5),
+    (UniformConfig(bits=4, group_size=64, symmetric=True), 19.5, 15.0),
+    (UniformConfig(bits=3, group_size=64), 13.9, 11.0),
+    (UniformConfig(bits=3, group_size=64, scale_search=True), 14.8, 11.9),
+    (UniformConfig(bits=2, group_size=64), 6.5, 5.4),
+    (UniformConfig(bits=2, group_size=64, scale_search=True), 8.7, 7.0),
+    (UniformConfig(bits=2, group_size=64, symmetric=True), 3.3, 3.6),
+    (UniformConfig(bits=2, group_size=64, symmetric=True, scale_search=True), 7.7, 5.8),
+    (UniformConfig(bits=1, group_size=64, scale_search=True), 1.5, 2.4),
     (BinaryConfig(), 4.2, 2.1),
     (TernaryConfig(), 5.5, 2.7),
     (NMSparseConfig(n=2, m=4), 8.4, 11.4),
@@ -78,12 +82,12 @@ def test_sqnr_lower_bounds(config, gauss_db, heavy_db, gaussian_weight, heavy_ta
     assert sqnr_db(heavy_tailed_weight, make(config, heavy_tailed_weight)()) >= heavy_db
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 7])
 def test_uniform_sqnr_grows_about_6db_per_bit(bits, gaussian_weight):
     cfg = lambda b: UniformConfig(bits=b, group_size=64)  # noqa: E731
     lo = sqnr_db(gaussian_weight, make(cfg(bits), gaussian_weight)())
     hi = sqnr_db(gaussian_weight, make(cfg(bits + 1), gaussian_weight)())
-    assert 5.0 < hi - lo < 7.0
+    assert 5.5 < hi - lo < 7.0
 
 
 def test_scale_search_not_worse_than_minmax(heavy_tailed_weight):

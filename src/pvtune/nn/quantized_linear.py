@@ -22,6 +22,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = qweight.in_features
         self.out_features = qweight.out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._cache: tuple | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: ReprConfig) -> QuantizedLinear:
@@ -40,8 +41,20 @@ class QuantizedLinear(nn.Module):
         """The decoded dense weight ``[out, in]``."""
         return self.qweight()
 
+    def _dense_weight(self) -> Tensor:
+        """Decode, reusing the last decoding under no-grad while codes and parameters are
+        unchanged (in-place updates bump each tensor's version counter)."""
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self.qweight()
+        tensors = [*self.qweight.parameters(), *self.qweight.buffers()]
+        key = tuple((id(t), t._version) for t in tensors)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.qweight())
+        return self._cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.qweight()
+        w = self._dense_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def to_linear(self) -> nn.Linear:

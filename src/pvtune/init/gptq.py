@@ -1,0 +1,86 @@
+"""GPTQ (Frantar et al. 2022): column-by-column rounding with error feedback through the
+inverse Hessian ``H = E[x x^T]`` of the layer's calibration inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pvtune.init.registry import register_init
+from pvtune.reprs.base import check_range
+from pvtune.reprs.uniform import (
+    UniformConfig,
+    UniformWeight,
+    grid_params,
+    quantize_to_grid,
+    search_grid_params,
+)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """``damp``: fraction of mean(diag H) added to the diagonal; ``block_size``: columns per
+    lazy-update block (rounded to a multiple of the quantization group)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_range(self, "damp", self.damp, 0.0, 1.0)
+        check_range(self, "block_size", self.block_size, 1, None)
+
+
+def inverse_hessian_cholesky(xtx: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp*mean(diag H) I)^-1`` (``U^T U = H^-1``)."""
+    h = xtx.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(torch.float32)
+
+
+@register_init("gptq", GPTQConfig, (UniformConfig,), needs_calibration=True)
+def gptq_init(
+    weight: Tensor, xtx: Tensor | None, repr_config: UniformConfig, method_config: GPTQConfig
+) -> UniformWeight:
+    """Quantize ``weight`` with GPTQ; per-group grids are fitted to the error-updated weights
+    as each group is reached (with the representation's scale search, if enabled)."""
+    if xtx is None:
+        raise ValueError("GPTQ needs the layer's input statistics (xtx); use 'rtn' without data")
+    out_f, in_f = weight.shape
+    rep = UniformWeight(out_f, in_f, repr_config)
+    g = rep.group
+    block = max(g, (method_config.block_size // g) * g)
+    w = weight.detach().to(torch.float32).clone()
+    w[:, torch.diag(xtx) == 0] = 0
+    hinv = inverse_hessian_cholesky(xtx, method_config.damp)
+    fit = search_grid_params if repr_config.scale_search else grid_params
+    maxq = repr_config.maxq
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    scales = torch.zeros(out_f, in_f // g)
+    zeros = torch.zeros(out_f, in_f // g)
+    scale = zero = None
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                # blocks are whole groups, so the group's error-updated columns are in w1
+                scale, zero = fit(w1[:, i : i + g], repr_config)
+                scales[:, col // g], zeros[:, col // g] = scale, zero
+            q = quantize_to_grid(w1[:, i], scale, zero, maxq)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w1[:, i] - scale * (q - zero)) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    rep.set_grid(scales, zeros)
+    with torch.no_grad():
+        rep.codes.copy_(codes)
+    return rep

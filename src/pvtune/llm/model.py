@@ -1,0 +1,118 @@
+"""Loading causal language models and finding their decoder blocks generically.
+
+pvtune needs no per-architecture table: the decoder blocks are the largest ``nn.ModuleList``
+whose entries share one class and contain ``nn.Linear`` layers; the linears inside a block
+are found by walking it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or is not a decoder-only causal LM pvtune supports."""
+
+
+@dataclass
+class BlockStructure:
+    """Where the decoder blocks live: ``model.get_submodule(path)[i]`` is block ``i``."""
+
+    path: str
+    blocks: nn.ModuleList
+
+    def linear_names(self, index: int) -> list[str]:
+        """Qualified names (relative to the block) of the ``nn.Linear`` layers of block ``index``."""
+        return [n for n, m in self.blocks[index].named_modules() if isinstance(m, nn.Linear)]
+
+
+def find_blocks(model: nn.Module) -> BlockStructure:
+    """The decoder blocks of ``model`` (see the module docstring for the rule)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        kinds = sorted({type(m).__name__ for m in model.modules()})[:12]
+        raise ModelError(
+            f"{type(model).__name__} has no stack of repeated blocks built from nn.Linear, so "
+            "pvtune cannot compress it. Supported: decoder-only causal LMs whose blocks use "
+            "nn.Linear (Llama, Mistral, Qwen2, Phi-3, Gemma families). Module types found: "
+            + ", ".join(kinds)
+        )
+    return BlockStructure(best[1], best[2])
+
+
+def is_pvtune_checkpoint(path: Path) -> bool:
+    """True when ``path`` holds a compressed model written by pvtune."""
+    from pvtune.checkpoint.format import LAYOUT_FILE
+
+    return (path / LAYOUT_FILE).is_file()
+
+
+def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a local Hugging Face directory, a pvtune compressed
+    checkpoint, or (``None``) the offline default SmolLM2-135M-Instruct.
+
+    A string that is not an existing path is passed to transformers as a hub id.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if source is None:
+        from pvtune.llm.assets import default_model_dir
+
+        source = default_model_dir()
+    path = Path(source)
+    looks_local = path.exists() or str(source).startswith((".", "/", "~")) or \
+        str(source).count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelError(
+                f"model directory {str(source)!r} does not exist. Pass a local Hugging Face "
+                "model directory (config.json + safetensors), a pvtune checkpoint, or nothing "
+                "for the offline default model"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
+        if is_pvtune_checkpoint(path):
+            from pvtune.llm.checkpoint import load_compressed
+
+            return load_compressed(path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read the model config at {source}: {err}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelError(
+                f"{source} is a {config.model_type!r} model, not a causal language model; "
+                "pvtune compresses decoder-only causal LMs"
+            ) from None
+        raise ModelError(f"cannot load the model at {source}: {err}") from None
+    except OSError as err:
+        raise ModelError(f"cannot load the model weights at {source}: {err}") from None
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.eval()
+    find_blocks(model)  # fail early with a clear message on unsupported architectures
+    return model, tokenizer
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters counted once even when tied."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

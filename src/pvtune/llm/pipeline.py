@@ -1,0 +1,375 @@
+"""Block-by-block compression of a causal LM with calibration activations.
+
+Each block sees the inputs produced by the already-compressed blocks before it. For every
+block: one pass of the original block over the calibration activations collects each
+linear's ``E[x x^T]`` and the block's reference outputs; the linears are compressed by the
+chosen initialiser; optionally the block's continuous parameters are fine-tuned to match the
+reference outputs; a last pass produces the inputs of the next block. Activations live in
+one ``[N, L, hidden]`` buffer (plus the reference outputs): memory stays bounded and no
+per-layer copy of the model is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pvtune.init.registry import get_init
+from pvtune.llm.data import CalibrationConfig
+from pvtune.llm.model import BlockStructure, find_blocks
+from pvtune.nn.quantize import _set_submodule
+from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockFinetuneConfig:
+    """Adam on a block's continuous parameters (scales, codebooks, norms, biases) to match
+    the uncompressed block's outputs: ``epochs`` passes over the calibration sequences in
+    mini-batches of :attr:`CompressConfig.batch_size` sequences."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_int(self, "epochs", self.epochs)
+        check_range(self, "epochs", self.epochs, 0, None)
+        check_range(self, "lr", self.lr, 0.0, None)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to compress with and how.
+
+    ``method`` names a registered initialiser (``rtn``, ``gptq``, ``aqlm``) and
+    ``method_config`` its settings (its defaults when None); ``representation`` is the
+    weight format of every linear layer inside the decoder blocks. ``dense_storage`` says how
+    the parameters left uncompressed (embeddings, norms, head) are stored: ``float16`` rounds
+    them to float16 values, ``float32`` keeps them.
+    """
+
+    method: str
+    representation: ReprConfig
+    method_config: Any = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    block_finetune: BlockFinetuneConfig | None = None
+    batch_size: int = 8
+    dense_storage: str = "float16"
+
+    def __post_init__(self) -> None:
+        init = get_init(self.method)  # KeyError lists the known methods
+        if not isinstance(self.representation, init.repr_types):
+            allowed = ", ".join(t.__name__ for t in init.repr_types)
+            raise ValueError(
+                f"CompressConfig.representation: method {self.method!r} works with {allowed}, "
+                f"got {type(self.representation).__name__}"
+            )
+        if self.method_config is None:
+            object.__setattr__(self, "method_config", init.config_cls())
+        elif not isinstance(self.method_config, init.config_cls):
+            raise ValueError(
+                f"CompressConfig.method_config must be a {init.config_cls.__name__} for "
+                f"method {self.method!r}, got {type(self.method_config).__name__}"
+            )
+        check_range(self, "batch_size", self.batch_size, 1, None)
+        if self.dense_storage not in ("float16", "float32"):
+            raise ValueError(
+                f"CompressConfig.dense_storage must be 'float16' or 'float32', "
+                f"got {self.dense_storage!r}"
+            )
+
+
+@dataclass
+class LayerReport:
+    """One compressed linear layer."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bits_per_param: float
+    output_error: float | None  # tr(dW H dW^T) / tr(W H W^T) on calibration inputs
+    seconds: float
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress_model` did."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    block_losses: list[tuple[float, float]] = field(default_factory=list)  # before/after FT
+    seconds: float = 0.0
+
+
+class _Stop(Exception):
+    """Raised by a recorder to end a forward pass early."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` and records the arguments it is called with."""
+
+    def __init__(self, index: int, sink: dict, stop_at: int) -> None:
+        super().__init__()
+        self.index, self.sink, self.stop_at = index, sink, stop_at
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.index] = (hidden_states, args, kwargs)
+        if self.index >= self.stop_at:
+            raise _Stop
+        return hidden_states
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def capture_block_inputs(
+    model: nn.Module, structure: BlockStructure, ids: Tensor, batch_size: int
+) -> tuple[Tensor, list[tuple[tuple, dict]]]:
+    """Inputs of block 0 for every sequence (``[N, L, hidden]``) and, for each block, the
+    extra arguments the model passes it for a mini-batch of ``batch_size`` sequences."""
+    blocks = structure.blocks
+    originals = list(blocks)
+    sink: dict[int, tuple] = {}
+    hidden = []
+    try:
+        for s in range(0, ids.shape[0], batch_size):
+            stop_at = len(blocks) - 1 if s == 0 else 0
+            for i in range(len(blocks)):
+                blocks[i] = _Recorder(i, sink, stop_at)
+            with torch.no_grad():
+                try:
+                    model(input_ids=ids[s : s + batch_size], use_cache=False)
+                except _Stop:
+                    pass
+            hidden.append(sink[0][0].detach())
+            if s == 0:
+                extras = [(sink[i][1], sink[i][2]) for i in range(len(blocks))]
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return torch.cat(hidden), extras
+
+
+def run_block(block: nn.Module, x: Tensor, extra: tuple[tuple, dict]) -> Tensor:
+    """Apply a decoder block to hidden states ``x`` with the recorded extra arguments."""
+    args, kwargs = extra
+    out = block(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class XTXCollector:
+    """Accumulates ``sum x x^T`` of every linear layer's inputs inside a module.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one product per forward call.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._cache: dict[tuple, Tensor] = {}
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(name))
+            for name, m in module.named_modules() if isinstance(m, nn.Linear)
+        ]
+
+    def _hook(self, name: str):
+        def hook(module, inputs):
+            x = inputs[0].detach()
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if key not in self._cache:
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                self._cache[key] = flat.T @ flat
+            prod = self._cache[key]
+            self.sums[name] = self.sums[name] + prod if name in self.sums else prod.clone()
+            self.counts[name] = self.counts.get(name, 0) + x.numel() // x.shape[-1]
+
+        return hook
+
+    def new_call(self) -> None:
+        """Forget shared products (call before each forward pass)."""
+        self._cache.clear()
+
+    def xtx(self, name: str) -> Tensor:
+        """``E[x x^T]`` of layer ``name``."""
+        return self.sums[name] / max(1, self.counts[name])
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for h in self._handles:
+            h.remove()
+
+
+def _minibatches(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, s + size)
+
+
+def check_layers_fit(model: nn.Module, structure: BlockStructure, config: CompressConfig) -> None:
+    """Fail before any work when the representation cannot fit a layer's shape."""
+    for i, block in enumerate(structure.blocks):
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Linear):
+                try:
+                    config.representation.check_shape(m.out_features, m.in_features)
+                except ValueError as err:
+                    full = f"{structure.path}.{i}.{name}"
+                    raise ValueError(
+                        f"cannot compress layer {full!r} ({m.out_features}x{m.in_features}): {err}"
+                    ) from None
+
+
+def compress_model(
+    model: nn.Module, calibration_ids: Tensor | None, config: CompressConfig,
+    progress: bool = True,
+) -> CompressReport:
+    """Compress every linear layer inside ``model``'s decoder blocks in place.
+
+    ``calibration_ids`` (``[N, L]`` token ids) may be None only for methods that need no
+    calibration (``rtn``).
+    """
+    structure = find_blocks(model)
+    check_layers_fit(model, structure, config)
+    init = get_init(config.method)
+    report = CompressReport()
+    start = time.perf_counter()
+    model.eval()
+    if not init.needs_calibration:
+        _compress_without_data(structure, config, report, progress)
+    else:
+        if calibration_ids is None:
+            raise ValueError(f"method {config.method!r} needs calibration token ids")
+        _compress_with_data(model, structure, calibration_ids, config, report, progress)
+    _round_storage(model, config.dense_storage)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _quantize_linear(block, name, xtx, config, prefix) -> LayerReport:
+    init = get_init(config.method)
+    linear = block.get_submodule(name)
+    t0 = time.perf_counter()
+    qweight = init.fn(linear.weight.detach().float(), xtx, config.representation,
+                      config.method_config)
+    _set_submodule(block, name, QuantizedLinear(qweight, linear.bias))
+    err = None
+    if xtx is not None:
+        with torch.no_grad():
+            w = linear.weight.detach().float()
+            dw = qweight() - w
+            err = float(((dw @ xtx) * dw).sum() / ((w @ xtx) * w).sum().clamp(min=1e-30))
+    return LayerReport(f"{prefix}.{name}", linear.out_features, linear.in_features,
+                       qweight.bits_per_param(), err, time.perf_counter() - t0)
+
+
+def _compress_without_data(structure, config, report, progress) -> None:
+    for i, block in enumerate(tqdm(structure.blocks, desc=f"compress ({config.method})",
+                                   disable=not progress, unit="block")):
+        for name in structure.linear_names(i):
+            report.layers.append(
+                _quantize_linear(block, name, None, config, f"{structure.path}.{i}")
+            )
+
+
+def _compress_with_data(model, structure, ids, config, report, progress) -> None:
+    batch = _largest_divisor_at_most(ids.shape[0], config.batch_size)
+    inputs, extras = capture_block_inputs(model, structure, ids, batch)
+    bar = tqdm(total=len(structure.blocks), desc=f"compress ({config.method})",
+               disable=not progress, unit="block")
+    for i, block in enumerate(structure.blocks):
+        prefix = f"{structure.path}.{i}"
+        targets = torch.empty_like(inputs)
+        collector = XTXCollector(block)
+        with torch.no_grad():
+            for sl in _minibatches(inputs.shape[0], batch):
+                collector.new_call()
+                targets[sl] = run_block(block, inputs[sl], extras[i])
+        collector.remove()
+        for name in structure.linear_names(i):
+            report.layers.append(_quantize_linear(block, name, collector.xtx(name), config, prefix))
+        del collector
+        if config.block_finetune is not None and config.block_finetune.epochs > 0:
+            report.block_losses.append(
+                finetune_block(block, inputs, targets, extras[i], config.block_finetune, batch)
+            )
+        with torch.no_grad():
+            for sl in _minibatches(inputs.shape[0], batch):
+                inputs[sl] = run_block(block, inputs[sl], extras[i])
+        errs = [r.output_error for r in report.layers if r.name.startswith(prefix + ".")]
+        bar.set_postfix(block=i, mean_err=f"{sum(errs) / len(errs):.4f}")
+        bar.update()
+    bar.close()
+
+
+def _block_loss(block, inputs, targets, extra, batch) -> float:
+    total, norm = 0.0, 0.0
+    with torch.no_grad():
+        for sl in _minibatches(inputs.shape[0], batch):
+            out = run_block(block, inputs[sl], extra)
+            total += float((out - targets[sl]).pow(2).sum())
+            norm += float(targets[sl].pow(2).sum())
+    return total / max(norm, 1e-30)
+
+
+def finetune_block(
+    block: nn.Module, inputs: Tensor, targets: Tensor, extra, config: BlockFinetuneConfig,
+    capture_batch: int,
+) -> tuple[float, float]:
+    """Adam on the block's continuous parameters against the reference outputs; returns the
+    relative output error ``||out - ref||^2 / ||ref||^2`` before and after."""
+    before = _block_loss(block, inputs, targets, extra, capture_batch)
+    params = [p for p in block.parameters() if p.requires_grad]
+    snapshot = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    gen = torch.Generator().manual_seed(0)
+    n = inputs.shape[0]
+    step = capture_batch  # extras were recorded for this batch size
+    norm = targets.pow(2).mean()
+    block.train()
+    for _ in range(config.epochs):
+        for idx in torch.randperm(n, generator=gen).split(step):
+            if idx.numel() != step:
+                continue
+            opt.zero_grad(set_to_none=True)
+            out = run_block(block, inputs[idx], extra)
+            loss = (out - targets[idx]).pow(2).mean() / norm
+            loss.backward()
+            opt.step()
+    block.eval()
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, QuantizedLinear):
+                for p in m.qweight.parameters():
+                    p.copy_(round_to_fp16(p))
+    after = _block_loss(block, inputs, targets, extra, capture_batch)
+    if after > before:  # a too-large learning rate must not make the block worse
+        log.warning("block fine-tuning raised the output error (%.4g -> %.4g); reverted it. "
+                    "Try a smaller learning rate", before, after)
+        with torch.no_grad():
+            for p, saved in zip(params, snapshot, strict=True):
+                p.copy_(saved)
+        after = before
+    return before, after
+
+
+def _round_storage(model: nn.Module, dense_storage: str) -> None:
+    """Round continuous parameters to their stored precision (float16 values)."""
+    with torch.no_grad():
+        quantized = set()
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                for p in m.qweight.parameters():
+                    p.copy_(round_to_fp16(p))
+                    quantized.add(id(p))
+        if dense_storage == "float16":
+            for p in model.parameters():
+                if id(p) not in quantized and p.is_floating_point():
+                    p.copy_(round_to_fp16(p))
