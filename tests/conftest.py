@@ -31,3 +31,7 @@ def gaussian_weight() -> torch.Tensor:
 def heavy_tailed_weight() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.distributions.StudentT(3.0).sample((128, 512))
+
+
+# tiny local LMs for the CLI tests too (defined beside the LLM tests)
+from tests.llm.conftest import llama_dir, text_file  # noqa: E402, F401

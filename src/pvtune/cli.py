@@ -92,9 +92,9 @@ def _compress_config(args: argparse.Namespace, preset):
         seed=args.seed,
     )
     finetune = preset.block_finetune
-    if args.block_finetune_epochs is not None:
-        finetune = BlockFinetuneConfig(epochs=args.block_finetune_epochs,
-                                       lr=finetune.lr if finetune else 1e-4)
+    if args.block_finetune_steps is not None:
+        finetune = BlockFinetuneConfig(steps=args.block_finetune_steps,
+                                       lr=finetune.lr if finetune else 1e-3)
     if args.method == "aqlm":
         representation = AQLMConfig.preset(args.codebooks, seed=args.seed)
         method_config = preset.aqlm
@@ -102,7 +102,7 @@ def _compress_config(args: argparse.Namespace, preset):
         representation = UniformConfig(bits=args.bits, group_size=args.group_size or None,
                                        symmetric=args.symmetric)
         method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
-        if args.block_finetune_epochs is None:
+        if args.block_finetune_steps is None:
             finetune = None  # scalar methods are calibrated without block fine-tuning
     return CompressConfig(method=args.method, representation=representation,
                           method_config=method_config, calibration=calibration,
@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibration split of the offline Wikipedia text")
     p.add_argument("--num-seqs", type=int, help="calibration sequences (preset)")
     p.add_argument("--seq-len", type=int, help="calibration sequence length (preset)")
-    p.add_argument("--block-finetune-epochs", type=int,
-                   help="epochs of block fine-tuning (preset; 0 disables)")
+    p.add_argument("--block-finetune-steps", type=int,
+                   help="steps of block fine-tuning (preset; 0 disables)")
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
     p.add_argument("--prompt", default=SAMPLE_PROMPT, help="prompt for the generation sample")

@@ -71,22 +71,41 @@ def output_error(rep: AdditiveWeight, weight: Tensor, xtx: Tensor) -> float:
 
 
 def update_codebooks(rep: AdditiveWeight, weight: Tensor, xtx: Tensor, steps: int, lr: float):
-    """Adam on codebooks and scales minimising ``tr(dW H dW^T)`` with codes fixed; the
-    result is rounded to float16 values (the stored precision)."""
+    """Adam on codebooks and scales minimising ``tr(dW H dW^T)`` with codes fixed.
+
+    Keeps the best iterate (rounded to float16 values, the stored precision), so the
+    objective never ends above where it started, whatever the learning rate.
+    """
     if steps == 0:
         return
+    params = [rep.codebooks, rep.scales]
     norm = ((weight @ xtx) * weight).sum().clamp(min=1e-12)
-    opt = torch.optim.Adam([rep.codebooks, rep.scales], lr=lr)
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def objective() -> float:
+        with torch.no_grad():
+            dw = rep() - weight
+            return float(((dw @ xtx) * dw).sum() / norm)
+
+    best, best_params = objective(), [p.detach().clone() for p in params]
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         wq = rep()
+        dw = wq.detach() - weight
         # d/dW tr(dW H dW^T) = 2 dW H: one matmul instead of autograd's three
-        grad = (wq.detach() - weight) @ xtx
+        grad = dw @ xtx
+        value = float((grad * dw).sum() / norm)  # objective at the current iterate
+        if value < best:
+            best, best_params = value, [p.detach().clone() for p in params]
         wq.backward(grad * (2.0 / norm))
         opt.step()
     with torch.no_grad():
-        rep.codebooks.copy_(round_to_fp16(rep.codebooks))
-        rep.scales.copy_(round_to_fp16(rep.scales))
+        for p in params:
+            p.copy_(round_to_fp16(p))
+    if objective() > best:
+        with torch.no_grad():
+            for p, saved in zip(params, best_params, strict=True):
+                p.copy_(round_to_fp16(saved))
 
 
 def sweep_codes(rep: AdditiveWeight, weight: Tensor, xtx: Tensor, beam_size: int) -> None:

@@ -17,6 +17,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 class ModelError(ValueError):
     """The model cannot be loaded or is not a decoder-only causal LM pvtune supports."""
 
@@ -96,6 +99,15 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot read the model config at {source}: {err}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (
+        architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures)
+    ):
+        kind = ", ".join(architectures) or "encoder-decoder"
+        raise ModelError(
+            f"{source} is a {config.model_type!r} model ({kind}), not a causal language model; "
+            "pvtune compresses decoder-only causal LMs"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except ValueError as err:

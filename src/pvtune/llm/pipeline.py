@@ -34,15 +34,18 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BlockFinetuneConfig:
     """Adam on a block's continuous parameters (scales, codebooks, norms, biases) to match
-    the uncompressed block's outputs: ``epochs`` passes over the calibration sequences in
-    mini-batches of :attr:`CompressConfig.batch_size` sequences."""
+    the uncompressed block's outputs: ``steps`` steps on mini-batches of
+    :attr:`CompressConfig.batch_size` calibration sequences (reshuffled every pass).
 
-    epochs: int = 1
-    lr: float = 1e-4
+    The block is reverted if the fine-tuning does not lower its output error.
+    """
+
+    steps: int = 20
+    lr: float = 1e-3
 
     def __post_init__(self) -> None:
-        check_int(self, "epochs", self.epochs)
-        check_range(self, "epochs", self.epochs, 0, None)
+        check_int(self, "steps", self.steps)
+        check_range(self, "steps", self.steps, 0, None)
         check_range(self, "lr", self.lr, 0.0, None)
 
 
@@ -296,7 +299,7 @@ def _compress_with_data(model, structure, ids, config, report, progress) -> None
         for name in structure.linear_names(i):
             report.layers.append(_quantize_linear(block, name, collector.xtx(name), config, prefix))
         del collector
-        if config.block_finetune is not None and config.block_finetune.epochs > 0:
+        if config.block_finetune is not None and config.block_finetune.steps > 0:
             report.block_losses.append(
                 finetune_block(block, inputs, targets, extras[i], config.block_finetune, batch)
             )
@@ -333,16 +336,17 @@ def finetune_block(
     n = inputs.shape[0]
     step = capture_batch  # extras were recorded for this batch size
     norm = targets.pow(2).mean()
+    batches: list[Tensor] = []
     block.train()
-    for _ in range(config.epochs):
-        for idx in torch.randperm(n, generator=gen).split(step):
-            if idx.numel() != step:
-                continue
-            opt.zero_grad(set_to_none=True)
-            out = run_block(block, inputs[idx], extra)
-            loss = (out - targets[idx]).pow(2).mean() / norm
-            loss.backward()
-            opt.step()
+    for _ in range(config.steps):
+        if not batches:
+            batches = list(torch.randperm(n, generator=gen).split(step))[: n // step]
+        idx = batches.pop()
+        opt.zero_grad(set_to_none=True)
+        out = run_block(block, inputs[idx], extra)
+        loss = (out - targets[idx]).pow(2).mean() / norm
+        loss.backward()
+        opt.step()
     block.eval()
     with torch.no_grad():
         for m in block.modules():

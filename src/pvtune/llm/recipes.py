@@ -23,18 +23,18 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
         "about 10 minutes for SmolLM2-135M on 2 CPU cores: 16 calibration sequences, a short "
-        "AQLM search, 32 evaluation windows",
+        "AQLM search, 8 block fine-tuning steps, 32 evaluation windows",
         CalibrationConfig(num_sequences=16, sequence_length=512),
         AQLMInitConfig(max_rounds=1, codebook_steps=20, beam_size=2),
-        BlockFinetuneConfig(epochs=1, lr=1e-4),
+        BlockFinetuneConfig(steps=8, lr=1e-3),
         EvalConfig(window=512, max_windows=32),
     ),
     "standard": Preset(
-        "64 calibration sequences of 512 tokens, full AQLM search, evaluation on the whole "
-        "evaluation split",
-        CalibrationConfig(num_sequences=64, sequence_length=512),
+        "32 calibration sequences of 512 tokens, full AQLM search, 20 block fine-tuning "
+        "steps, evaluation on the whole evaluation split",
+        CalibrationConfig(num_sequences=32, sequence_length=512),
         AQLMInitConfig(),
-        BlockFinetuneConfig(epochs=1, lr=1e-4),
+        BlockFinetuneConfig(steps=20, lr=1e-3),
         EvalConfig(window=512),
     ),
 }

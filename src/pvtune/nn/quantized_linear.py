@@ -23,6 +23,10 @@ class QuantizedLinear(nn.Module):
         self.out_features = qweight.out_features
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self._cache: tuple | None = None
+        # When True, forward keeps the decoded weight with .retain_grad(), so after backward
+        # ``dense_weight.grad`` holds dL/dW for discrete (V) steps.
+        self.track_dense_grad = False
+        self.dense_weight: Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: ReprConfig) -> QuantizedLinear:
@@ -46,7 +50,13 @@ class QuantizedLinear(nn.Module):
         unchanged (in-place updates bump each tensor's version counter)."""
         if torch.is_grad_enabled():
             self._cache = None
-            return self.qweight()
+            w = self.qweight()
+            if self.track_dense_grad:
+                if not w.requires_grad:  # no continuous parameter needs grad: make W a leaf
+                    w = w.detach().requires_grad_(True)
+                w.retain_grad()
+                self.dense_weight = w
+            return w
         tensors = [*self.qweight.parameters(), *self.qweight.buffers()]
         key = tuple((id(t), t._version) for t in tensors)
         if self._cache is None or self._cache[0] != key:

@@ -123,10 +123,14 @@ class QuantizedWeight(nn.Module):
         """Shape of the ``groups`` mask accepted by :meth:`encode`."""
         return self.out_features, self.in_features // self.code_group_size
 
-    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+    def encode(
+        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
+    ) -> None:
         """Re-fit codes of the selected groups (all if None) to ``target``, theta fixed.
 
         Never increases the reconstruction error ``||forward() - target||`` of any group.
+        ``beam_size`` sets the search width of codebook representations (None: the config's);
+        representations with an exact nearest-code rule ignore it.
         """
         raise NotImplementedError
 

@@ -79,7 +79,9 @@ class _ScaledLevels(QuantizedWeight):
         """Nearest level index for ``x`` in units of the scale."""
         raise NotImplementedError
 
-    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+    def encode(
+        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
+    ) -> None:
         target, groups = self._check_target(target), self._check_groups(groups)
         with torch.no_grad():
             x = self._grouped(target) / self.scale.unsqueeze(-1)  # a negative scale flips x

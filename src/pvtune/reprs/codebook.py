@@ -105,7 +105,9 @@ class VQWeight(QuantizedWeight):
     def forward(self) -> Tensor:
         return self.codebook[self.codes.long()].reshape(self.out_features, self.in_features)
 
-    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+    def encode(
+        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
+    ) -> None:
         target, groups = self._check_target(target), self._check_groups(groups)
         with torch.no_grad():
             vectors = self._vectors(target)

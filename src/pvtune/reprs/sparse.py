@@ -65,7 +65,9 @@ class NMSparseWeight(QuantizedWeight):
     def forward(self) -> Tensor:
         return self.values * self.mask.to(self.values.dtype)
 
-    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+    def encode(
+        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
+    ) -> None:
         """Optimal mask for fixed values: keep the ``n`` entries of each block with the largest
         ``t^2 - (v - t)^2`` (the error saved by keeping ``v`` instead of 0)."""
         target, groups = self._check_target(target), self._check_groups(groups)

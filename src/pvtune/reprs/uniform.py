@@ -153,7 +153,9 @@ class UniformWeight(QuantizedWeight):
         z = self.zero.to(self.scale.dtype).unsqueeze(-1)
         return (self.scale.unsqueeze(-1) * (q - z)).reshape(self.out_features, self.in_features)
 
-    def encode(self, target: Tensor, groups: Tensor | None = None) -> None:
+    def encode(
+        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
+    ) -> None:
         target, groups = self._check_target(target), self._check_groups(groups)
         with torch.no_grad():
             s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)

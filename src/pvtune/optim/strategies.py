@@ -1,0 +1,204 @@
+"""Discrete (V) step strategies: how the codes of one compressed weight move each step.
+
+Every strategy sees the weight's representation, the dense gradient ``g = dL/dW`` and a
+per-weight state; it may keep a dense buffer ``y`` (straight-through variants). The dense
+direction is Adam's with ``beta1 = 0`` (the published PV recipe's betas (0, 0.95)):
+``d = g / (sqrt(v_hat) + eps)``, ``v`` an exponential average of ``g^2``.
+
+| name | codes |
+|---|---|
+| ``frozen`` | never change (continuous-only fine-tuning) |
+| ``ste`` | buffer ``y -= lr d``; every group re-encoded to ``y`` every step |
+| ``stochastic_rounding`` | buffer ``y -= lr d``; every group randomly rounded to a neighbour |
+| ``linearized_v`` | ``y = W - lr d``; every group projected (re-encoded) |
+| ``subspace_v`` | ``y = W - lr d``; only the ``tau`` fraction of groups with the largest update |
+| ``subspace_v_ste`` | buffer ``y -= lr d``; only the ``tau`` fraction where ``y`` and ``W`` differ most |
+
+Selection is deterministic (ties broken by index), so data-parallel ranks that see the same
+reduced gradients make identical discrete updates; the stochastic strategy draws from a
+generator seeded per weight and step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pvtune.registry import Registry
+from pvtune.reprs.base import QuantizedWeight, check_range
+
+
+@dataclass(frozen=True)
+class VStepConfig:
+    """Settings of the discrete step.
+
+    ``lr``: step size of the dense direction (weight units per step for a unit-RMS
+    direction); ``beta2``, ``eps``: its second-moment average; ``tau``: fraction of each
+    matrix's groups re-encoded per step by the subspace strategies; ``trust_ratio``: if set,
+    the largest code changes are rolled back until ``||dW|| <= trust_ratio * ||W||``;
+    ``beam_size``: codebook search width; ``seed``: stochastic rounding.
+    """
+
+    strategy: str = "subspace_v_ste"
+    lr: float = 1e-3
+    beta2: float = 0.95
+    eps: float = 1e-8
+    tau: float = 0.01
+    trust_ratio: float | None = None
+    beam_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        STRATEGIES.get(self.strategy)  # KeyError lists the known strategies
+        check_range(self, "lr", self.lr, 0.0, None)
+        check_range(self, "beta2", self.beta2, 0.0, 1.0)
+        check_range(self, "tau", self.tau, 0.0, 1.0)
+        check_range(self, "beam_size", self.beam_size, 1, 64)
+        if self.trust_ratio is not None:
+            check_range(self, "trust_ratio", self.trust_ratio, 0.0, None)
+
+
+class WeightState:
+    """Per-weight state of the discrete step: second moment, optional buffer, step count."""
+
+    def __init__(self, rep: QuantizedWeight, needs_buffer: bool) -> None:
+        with torch.no_grad():
+            w = rep().detach()
+        self.sq_avg = torch.zeros_like(w)
+        self.buffer = w.clone() if needs_buffer else None
+        self.step = 0
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Tensors to checkpoint (safetensors-ready)."""
+        out = {"sq_avg": self.sq_avg, "step": torch.tensor(self.step)}
+        if self.buffer is not None:
+            out["buffer"] = self.buffer
+        return out
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`tensors`."""
+        self.sq_avg.copy_(tensors["sq_avg"])
+        self.step = int(tensors["step"])
+        if self.buffer is not None:
+            self.buffer.copy_(tensors["buffer"])
+
+
+def dense_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Tensor:
+    """Adam direction with ``beta1 = 0``: ``g / (sqrt(v / (1 - beta2^t)) + eps)``."""
+    state.step += 1
+    state.sq_avg.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
+    bias = 1 - config.beta2 ** state.step
+    return grad / ((state.sq_avg / bias).sqrt() + config.eps)
+
+
+def top_groups(score: Tensor, fraction: float) -> Tensor:
+    """Bool mask of the ``ceil(fraction * n)`` groups with the largest positive score."""
+    flat = score.reshape(-1)
+    k = min(int((flat > 0).sum()), math.ceil(fraction * flat.numel()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        # stable: sort by score descending, ties by index, identical on every rank
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        mask[order] = True
+    return mask.view_as(score)
+
+
+def group_sq_norm(rep: QuantizedWeight, x: Tensor) -> Tensor:
+    """Squared norm of ``x`` per encode group of ``rep``."""
+    return x.reshape(*rep.groups_shape, rep.code_group_size).pow(2).sum(-1)
+
+
+def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, Tensor],
+                      trust_ratio: float) -> None:
+    """Roll back the largest group changes until ``||W_new - W_old|| <= trust * ||W_old||``."""
+    with torch.no_grad():
+        change = group_sq_norm(rep, rep() - w_old).reshape(-1)
+        budget = (trust_ratio * float(w_old.norm())) ** 2
+        if float(change.sum()) <= budget:
+            return
+        order = torch.argsort(change, stable=True)  # smallest changes kept first
+        keep_sorted = torch.cumsum(change[order], 0) <= budget
+        rollback = torch.ones_like(change, dtype=torch.bool)
+        rollback[order[keep_sorted]] = False
+        rollback = rollback.view(rep.groups_shape)
+        for name, old in codes_old.items():
+            buf = getattr(rep, name)
+            mask = rollback.view(*rollback.shape, *([1] * (buf.dim() - 2)))
+            if buf.shape[1] != rollback.shape[1]:  # per-weight codes: expand groups
+                mask = rollback.repeat_interleave(rep.code_group_size, dim=1)
+            buf.copy_(torch.where(mask, old, buf))
+
+
+class Strategy(Protocol):
+    """A discrete step: updates ``rep``'s codes in place from the dense gradient."""
+
+    needs_buffer: bool
+
+    def __call__(self, rep: QuantizedWeight, grad: Tensor, state: WeightState,
+                 config: VStepConfig, generator: torch.Generator) -> None: ...
+
+
+STRATEGIES: Registry[str, Strategy] = Registry("discrete step strategy")
+
+
+def register_strategy(name: str, needs_buffer: bool):
+    """Decorator registering a strategy function under ``name``."""
+
+    def wrap(fn):
+        fn.needs_buffer = needs_buffer
+        return STRATEGIES.register(name, fn)
+
+    return wrap
+
+
+@register_strategy("frozen", needs_buffer=False)
+def frozen(rep, grad, state, config, generator) -> None:
+    """Codes never change."""
+
+
+@register_strategy("ste", needs_buffer=True)
+def straight_through(rep, grad, state, config, generator) -> None:
+    """Dense buffer updated with the dense gradient; every group re-encoded every step."""
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    rep.encode(state.buffer, None, beam_size=config.beam_size)
+
+
+@register_strategy("stochastic_rounding", needs_buffer=True)
+def stochastic_rounding(rep, grad, state, config, generator) -> None:
+    """Dense buffer step, then unbiased random rounding of every group to a neighbour."""
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    if not hasattr(rep, "stochastic_encode"):
+        raise ValueError(f"stochastic rounding is not defined for {type(rep).__name__}")
+    rep.stochastic_encode(state.buffer, generator=generator)
+
+
+@register_strategy("linearized_v", needs_buffer=False)
+def linearized_v(rep, grad, state, config, generator) -> None:
+    """Project ``W - lr d`` onto the representable set, all groups (naive linearized V)."""
+    with torch.no_grad():
+        y = rep() - config.lr * dense_direction(state, grad, config)
+    rep.encode(y, None, beam_size=config.beam_size)
+
+
+@register_strategy("subspace_v", needs_buffer=False)
+def subspace_v(rep, grad, state, config, generator) -> None:
+    """Linearized V restricted to the ``tau`` fraction of groups with the largest update."""
+    direction = dense_direction(state, grad, config)
+    with torch.no_grad():
+        y = rep() - config.lr * direction
+    groups = top_groups(group_sq_norm(rep, direction), config.tau)
+    rep.encode(y, groups, beam_size=config.beam_size)
+
+
+@register_strategy("subspace_v_ste", needs_buffer=True)
+def subspace_v_ste(rep, grad, state, config, generator) -> None:
+    """Dense buffer (STE) with re-encoding limited to the ``tau`` fraction of groups where
+    the buffer and the decoded weight differ most."""
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    with torch.no_grad():
+        gap = group_sq_norm(rep, state.buffer - rep())
+    rep.encode(state.buffer, top_groups(gap, config.tau), beam_size=config.beam_size)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pvtune.llm.data import (
+    CalibrationConfig,
+    DataError,
+    EvalConfig,
+    calibration_batch,
+    eval_windows,
+    read_texts,
+)
+
+
+def test_read_jsonl_and_txt(tmp_path):
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_texts(j) == ["one", "two"]
+    t = tmp_path / "b.txt"
+    t.write_text("plain text")
+    assert read_texts(t) == ["plain text"]
+
+
+def test_bad_jsonl_names_line(tmp_path):
+    j = tmp_path / "bad.jsonl"
+    j.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
+        read_texts(j)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_texts(tmp_path / "none.txt")
+
+
+def test_calibration_batch_deterministic_windows():
+    stream = torch.arange(1000)
+    cfg = CalibrationConfig(num_sequences=5, sequence_length=20, seed=3)
+    a, b = calibration_batch(stream, cfg), calibration_batch(stream, cfg)
+    assert a.shape == (5, 20) and torch.equal(a, b)
+    assert ((a[:, 1:] - a[:, :-1]) == 1).all()  # contiguous windows of the stream
+
+
+def test_text_too_short():
+    with pytest.raises(DataError, match="fewer than one sequence of 64"):
+        calibration_batch(torch.arange(10), CalibrationConfig(num_sequences=1, sequence_length=64))
+    with pytest.raises(DataError, match="fewer than one window of 512"):
+        eval_windows(torch.arange(100), EvalConfig(window=512))
+
+
+def test_eval_windows_all_and_spread():
+    stream = torch.arange(1050)
+    all_w = eval_windows(stream, EvalConfig(window=100))
+    assert all_w.shape == (10, 100) and all_w[3, 0] == 300
+    few = eval_windows(stream, EvalConfig(window=100, max_windows=3))
+    assert few[:, 0].tolist() == [0, 400, 900]  # windows 0, round(4.5) = 4, 9
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: CalibrationConfig(num_sequences=0), lambda: CalibrationConfig(sequence_length=1),
+    lambda: EvalConfig(window=1), lambda: EvalConfig(max_windows=0),
+])
+def test_bad_configs(factory):
+    with pytest.raises(ValueError, match="must be"):
+        factory()
