@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pvtune reprs
+	$(VENV)/bin/pvtune compress --preset demo --output compressed-demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -33,16 +33,18 @@ RUNS = {
 def single(name: str, eval_windows: int | None, out: Path) -> None:
     """One run in this process; writes a JSON row to ``out``."""
     import torch
-
     from common import peak_rss_gib
-    from pvtune.init import AQLMInitConfig, GPTQConfig, RTNConfig
+
+    from pvtune.init import GPTQConfig, RTNConfig
     from pvtune.llm.checkpoint import bits_report
     from pvtune.llm.data import (
         EvalConfig,
         calibration_batch,
         default_texts,
-        eval_windows as make_windows,
         tokenize_stream,
+    )
+    from pvtune.llm.data import (
+        eval_windows as make_windows,
     )
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.model import load_causal_lm

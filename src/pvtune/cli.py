@@ -4,6 +4,7 @@ and calls the library.
     pvtune compress                      # AQLM 2x8g8 on the offline default model and text
     pvtune compress --preset demo        # the same, sized to finish in about 10 minutes
     pvtune compress MODEL_DIR --method gptq --bits 3 --output out/
+    pvtune finetune out/ --strategy subspace_v_ste --steps 50   # PV-Tuning
     pvtune eval out/                     # perplexity, tokens/s, a generation sample
     pvtune generate out/ --prompt "..."  # free prompts
     pvtune reprs                         # every representation on one random layer
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -194,6 +196,86 @@ def _jsonable(obj):
     return obj
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pvtune.llm.checkpoint import read_meta, save_compressed
+    from pvtune.llm.data import (
+        CalibrationConfig,
+        EvalConfig,
+        calibration_batch,
+        eval_windows,
+        tokenize_stream,
+    )
+    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+    from pvtune.llm.model import ModelError, is_pvtune_checkpoint, load_causal_lm
+    from pvtune.optim.strategies import VStepConfig
+    from pvtune.report import format_table
+
+    source = Path(args.checkpoint)
+    if not is_pvtune_checkpoint(source):
+        raise ModelError(f"{source} is not a pvtune checkpoint; run `pvtune compress` first")
+    output = Path(args.output or f"{source}-finetuned-{args.strategy}")
+    resume = output / "resume"
+    if output.exists() and any(output.iterdir()) and not (resume / "resume_state.json").is_file() \
+            and not args.overwrite:
+        raise ValueError(f"output directory {output} is not empty and holds no resume state; "
+                         "pass --overwrite or choose another --output")
+    meta = read_meta(source)
+    teacher_src = args.teacher
+    if teacher_src is None:
+        src = meta.get("source_model", "")
+        teacher_src = None if src.startswith("default:") or not src else src
+    student, tokenizer = load_causal_lm(source)
+    teacher, _ = load_causal_lm(teacher_src)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    calib = CalibrationConfig(num_sequences=args.num_seqs, sequence_length=args.seq_len,
+                              seed=args.seed)
+    ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
+                                                                   "calibration")), calib)
+    windows = None
+    if not args.no_eval:
+        windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
+                                                                      "evaluation")),
+                               _eval_config(args, EvalConfig(max_windows=32)))
+    vstep = VStepConfig(strategy=args.strategy, lr=args.code_lr, tau=args.tau,
+                        trust_ratio=args.trust_ratio, beam_size=args.beam_size, seed=args.seed)
+    config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
+                            warmup_steps=args.warmup_steps, vstep=vstep,
+                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                            seed=args.seed)
+    teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
+                                   if args.cache_teacher else None)
+    record = {"source_checkpoint": str(source), "source_model": meta.get("source_model"),
+              "finetune_config": _jsonable(config)}
+
+    def save_best(model) -> None:
+        save_compressed(model, tokenizer, output, record)
+
+    result = finetune(student, teacher_logits, ids, config, windows,
+                      checkpoint_dir=resume if args.checkpoint_every else None,
+                      save_best=save_best if windows is not None else None)
+    if windows is None:
+        save_compressed(student, tokenizer, output, record)
+    record["result"] = dataclasses.asdict(result)
+    meta_path = output / "pvtune_meta.json"
+    saved = json.loads(meta_path.read_text())
+    saved["finetune_result"] = record["result"]
+    meta_path.write_text(json.dumps(saved, indent=1, default=str))
+    fb, dv = result.seconds_forward_backward, result.seconds_discrete
+    rows = [["strategy", args.strategy], ["steps", len(result.losses)],
+            ["KL first -> last", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+             if result.losses else "-"],
+            ["discrete step time / forward+backward", f"{dv / fb:.1%}" if fb else "-"],
+            ["checkpoint (best)", str(output)]]
+    if result.evals:
+        rows.append(["perplexity by step", ", ".join(f"{s}: {p:.2f}" for s, p in result.evals)])
+        rows.append(["best perplexity", f"{result.best_perplexity:.3f} (step {result.best_step})"])
+    print(format_table(["finetune", "value"], rows))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pvtune.llm.checkpoint import bits_report
     from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
@@ -273,6 +355,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_compress)
+
+    from pvtune.optim.strategies import STRATEGIES
+
+    p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint through its codes",
+                       description="Global KL(teacher || student) distillation of a compressed "
+                                   "model: Adam on continuous parameters, a discrete step on "
+                                   "the codes (PV-Tuning or an STE variant).")
+    p.add_argument("checkpoint", help="a pvtune checkpoint (from `pvtune compress`)")
+    p.add_argument("--teacher", help="uncompressed model (default: the checkpoint's source)")
+    p.add_argument("--strategy", choices=STRATEGIES.names(), default="subspace_v_ste")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4, help="continuous learning rate")
+    p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--code-lr", type=float, default=1e-3, help="discrete step size")
+    p.add_argument("--tau", type=float, default=0.01, help="fraction of groups per V step")
+    p.add_argument("--trust-ratio", type=float, default=None)
+    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--calib-text")
+    p.add_argument("--num-seqs", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    _add_eval_args(p)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: end)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write resume state every N steps (0: never)")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="cache the teacher's logits on disk (float16)")
+    p.add_argument("--output", help="output checkpoint (default CHECKPOINT-finetuned-STRATEGY)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_finetune)
 
     p = sub.add_parser("eval", help="perplexity, tokens/s and a sample of a model or checkpoint")
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "

@@ -38,7 +38,7 @@ def test_not_a_causal_lm(tmp_path):
 
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match=r"'bert' model \(BertModel\), not a causal language model"):
+    with pytest.raises(ModelError, match=r"'bert' model \(BertModel\), not a causal"):
         load_causal_lm(tmp_path)
 
 

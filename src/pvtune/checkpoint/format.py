@@ -107,6 +107,29 @@ def read_layout(directory: str | Path) -> dict[str, Any]:
     return layout
 
 
+def unpack_state(state: dict[str, Tensor], layout: dict[str, Any],
+                 source: str = "checkpoint") -> dict[str, Tensor]:
+    """Inverse of :func:`pack_state`: unpack codes, restore dtypes and tied aliases."""
+    state = dict(state)
+    for key, spec in layout["packed"].items():
+        if key not in state:
+            raise CheckpointError(f"{source} lacks tensor {key!r}: corrupted checkpoint")
+        numel = 1
+        for d in spec["shape"]:
+            numel *= d
+        try:
+            codes = codec_from_dict(spec).unpack(state[key], numel)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: tensor {key!r}: {err}") from None
+        state[key] = codes.reshape(spec["shape"]).to(getattr(torch, spec["dtype"]))
+    for key, dtype in layout["dtypes"].items():
+        if key in state:
+            state[key] = state[key].to(getattr(torch, dtype))
+    for key, alias_of in layout.get("aliases", {}).items():
+        state[key] = state[alias_of]
+    return state
+
+
 def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized` into ``model`` (in place).
 
@@ -132,22 +155,7 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
         except (KeyError, AttributeError, TypeError, ValueError) as err:
             raise CheckpointError(f"{directory}: layer {name!r} does not fit the model: {err}") \
                 from None
-    for key, spec in layout["packed"].items():
-        if key not in state:
-            raise CheckpointError(f"{weights} lacks tensor {key!r}: corrupted checkpoint")
-        numel = 1
-        for d in spec["shape"]:
-            numel *= d
-        try:
-            codes = codec_from_dict(spec).unpack(state[key], numel)
-        except ValueError as err:
-            raise CheckpointError(f"{weights}: tensor {key!r}: {err}") from None
-        state[key] = codes.reshape(spec["shape"]).to(getattr(torch, spec["dtype"]))
-    for key, dtype in layout["dtypes"].items():
-        if key in state:
-            state[key] = state[key].to(getattr(torch, dtype))
-    for key, source in layout.get("aliases", {}).items():
-        state[key] = state[source]
+    state = unpack_state(state, layout, source=str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

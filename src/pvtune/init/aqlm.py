@@ -114,7 +114,7 @@ def sweep_codes(rep: AdditiveWeight, weight: Tensor, xtx: Tensor, beam_size: int
     A group keeps its codes unless the search lowers the objective, so the objective
     never increases.
     """
-    g, m = rep.config.in_group_size, rep.config.num_codebooks
+    g = rep.config.in_group_size
     with torch.no_grad():
         books = rep._books().detach()
         scale = rep.scales.detach().view(-1, 1)

@@ -32,7 +32,7 @@ class BlockStructure:
     blocks: nn.ModuleList
 
     def linear_names(self, index: int) -> list[str]:
-        """Qualified names (relative to the block) of the ``nn.Linear`` layers of block ``index``."""
+        """Names (relative to block ``index``) of its ``nn.Linear`` layers."""
         return [n for n, m in self.blocks[index].named_modules() if isinstance(m, nn.Linear)]
 
 

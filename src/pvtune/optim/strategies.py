@@ -1,20 +1,22 @@
 """Discrete (V) step strategies: how the codes of one compressed weight move each step.
 
 Every strategy sees the weight's representation, the dense gradient ``g = dL/dW`` and a
-per-weight state; it may keep a dense buffer ``y`` (straight-through variants). The dense
-direction is Adam's with ``beta1 = 0`` (the published PV recipe's betas (0, 0.95)):
-``d = g / (sqrt(v_hat) + eps)``, ``v`` an exponential average of ``g^2``.
+per-weight state; it may keep a dense buffer ``y`` (straight-through variants). Buffers move
+along Adam's direction with ``beta1 = 0`` (the published PV recipe's betas (0, 0.95)),
+``d = g / (sqrt(v_hat) + eps)`` per entry. The buffer-free linearized V steps move along
+``d' = g / rms(g)`` with one running RMS per matrix, which keeps the relative sizes of the
+gradient entries (per-entry normalisation would make every group look alike).
 
-| name | codes |
-|---|---|
-| ``frozen`` | never change (continuous-only fine-tuning) |
-| ``ste`` | buffer ``y -= lr d``; every group re-encoded to ``y`` every step |
-| ``stochastic_rounding`` | buffer ``y -= lr d``; every group randomly rounded to a neighbour |
-| ``linearized_v`` | ``y = W - lr d``; every group projected (re-encoded) |
-| ``subspace_v`` | ``y = W - lr d``; only the ``tau`` fraction of groups with the largest update |
-| ``subspace_v_ste`` | buffer ``y -= lr d``; only the ``tau`` fraction where ``y`` and ``W`` differ most |
+* ``frozen``: codes never change (continuous-only fine-tuning).
+* ``ste``: buffer ``y -= lr d``; every group re-encoded to ``y`` every step.
+* ``stochastic_rounding``: buffer ``y -= lr d``; every group randomly rounded to a neighbour.
+* ``linearized_v``: ``y = W - lr d'``; every group projected (re-encoded).
+* ``subspace_v``: ``y = W - lr d'``; only the ``tau`` fraction of groups whose projection
+  promises the largest decrease of the local quadratic model.
+* ``subspace_v_ste``: buffer ``y -= lr d``; only the ``tau`` fraction of groups where ``y``
+  and ``W`` differ most (PV-Tuning as its authors run it).
 
-Selection is deterministic (ties broken by index), so data-parallel ranks that see the same
+Selection is a deterministic function of the scores, so data-parallel ranks that see the same
 reduced gradients make identical discrete updates; the stochastic strategy draws from a
 generator seeded per weight and step.
 """
@@ -95,15 +97,28 @@ def dense_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Te
     return grad / ((state.sq_avg / bias).sqrt() + config.eps)
 
 
+def matrix_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Tensor:
+    """The gradient over the largest RMS this matrix's gradient has had so far.
+
+    A plain gradient step ``W - grad / L`` with a step size fixed in units of that first
+    (largest) gradient scale: the local model ``<g, dW> + L/2 ||dW||^2`` keeps a fixed
+    curvature ``L = max_rms / lr``, so a small enough ``lr`` gives descent (a running
+    average would shrink ``L`` as gradients shrink and lose that guarantee).
+    """
+    state.step += 1
+    rms = grad.pow(2).mean().sqrt()
+    state.sq_avg.copy_(torch.maximum(state.sq_avg, rms.expand_as(state.sq_avg)))
+    return grad / (state.sq_avg.reshape(-1)[0] + config.eps)
+
+
 def top_groups(score: Tensor, fraction: float) -> Tensor:
     """Bool mask of the ``ceil(fraction * n)`` groups with the largest positive score."""
     flat = score.reshape(-1)
     k = min(int((flat > 0).sum()), math.ceil(fraction * flat.numel()))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        # stable: sort by score descending, ties by index, identical on every rank
-        order = torch.sort(flat, descending=True, stable=True).indices[:k]
-        mask[order] = True
+        # a deterministic function of the scores: ranks that see the same gradients agree
+        mask[torch.topk(flat, k, sorted=False).indices] = True
     return mask.view_as(score)
 
 
@@ -114,23 +129,21 @@ def group_sq_norm(rep: QuantizedWeight, x: Tensor) -> Tensor:
 
 def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, Tensor],
                       trust_ratio: float) -> None:
-    """Roll back the largest group changes until ``||W_new - W_old|| <= trust * ||W_old||``."""
+    """Roll back the largest group changes until ``||W_new - W_old|| <= trust * ||W_old||``
+    (the smallest changes are kept first, so the step stays proximal)."""
     with torch.no_grad():
         change = group_sq_norm(rep, rep() - w_old).reshape(-1)
         budget = (trust_ratio * float(w_old.norm())) ** 2
         if float(change.sum()) <= budget:
             return
-        order = torch.argsort(change, stable=True)  # smallest changes kept first
+        order = torch.argsort(change, stable=True)
         keep_sorted = torch.cumsum(change[order], 0) <= budget
         rollback = torch.ones_like(change, dtype=torch.bool)
         rollback[order[keep_sorted]] = False
         rollback = rollback.view(rep.groups_shape)
         for name, old in codes_old.items():
             buf = getattr(rep, name)
-            mask = rollback.view(*rollback.shape, *([1] * (buf.dim() - 2)))
-            if buf.shape[1] != rollback.shape[1]:  # per-weight codes: expand groups
-                mask = rollback.repeat_interleave(rep.code_group_size, dim=1)
-            buf.copy_(torch.where(mask, old, buf))
+            buf.copy_(torch.where(rep.expand_groups(rollback, buf), old, buf))
 
 
 class Strategy(Protocol):
@@ -171,8 +184,6 @@ def straight_through(rep, grad, state, config, generator) -> None:
 def stochastic_rounding(rep, grad, state, config, generator) -> None:
     """Dense buffer step, then unbiased random rounding of every group to a neighbour."""
     state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
-    if not hasattr(rep, "stochastic_encode"):
-        raise ValueError(f"stochastic rounding is not defined for {type(rep).__name__}")
     rep.stochastic_encode(state.buffer, generator=generator)
 
 
@@ -180,18 +191,39 @@ def stochastic_rounding(rep, grad, state, config, generator) -> None:
 def linearized_v(rep, grad, state, config, generator) -> None:
     """Project ``W - lr d`` onto the representable set, all groups (naive linearized V)."""
     with torch.no_grad():
-        y = rep() - config.lr * dense_direction(state, grad, config)
+        y = rep() - config.lr * matrix_direction(state, grad, config)
     rep.encode(y, None, beam_size=config.beam_size)
+
+
+PRESELECT = 4  # subspace_v searches codes for PRESELECT * tau of the groups, keeps tau
 
 
 @register_strategy("subspace_v", needs_buffer=False)
 def subspace_v(rep, grad, state, config, generator) -> None:
-    """Linearized V restricted to the ``tau`` fraction of groups with the largest update."""
-    direction = dense_direction(state, grad, config)
+    """Linearized V restricted to the ``tau`` fraction of groups whose projected update
+    promises the largest decrease of the local model ``<g, dW> + ||dW||^2 / (2 lr_eff)``
+    (groups whose projection would not lower it keep their codes).
+
+    Candidates are the ``PRESELECT * tau`` groups with the largest gradient norm; their codes
+    are projected, then only the best ``tau`` fraction keeps its new codes.
+    """
+    direction = matrix_direction(state, grad, config)
     with torch.no_grad():
-        y = rep() - config.lr * direction
-    groups = top_groups(group_sq_norm(rep, direction), config.tau)
-    rep.encode(y, groups, beam_size=config.beam_size)
+        w = rep()
+        step = config.lr * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
+        lr_eff = float(step.norm() / grad.norm().clamp(min=1e-30))
+        candidates = top_groups(group_sq_norm(rep, direction), PRESELECT * config.tau)
+        old = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+        rep.encode(w - step, candidates, beam_size=config.beam_size)
+        delta = rep() - w
+        # decrease of the local model <g, dW> + ||dW||^2 / (2 lr_eff), per group
+        shape = (*rep.groups_shape, rep.code_group_size)
+        gain = -(grad * delta).reshape(shape).sum(-1) \
+            - delta.pow(2).reshape(shape).sum(-1) / (2 * max(lr_eff, 1e-30))
+        keep = top_groups(torch.where(candidates, gain, torch.zeros_like(gain)), config.tau)
+        for n, before in old.items():
+            buf = getattr(rep, n)
+            buf.copy_(torch.where(rep.expand_groups(keep, buf), buf, before))
 
 
 @register_strategy("subspace_v_ste", needs_buffer=True)

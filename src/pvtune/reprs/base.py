@@ -134,6 +134,29 @@ class QuantizedWeight(nn.Module):
         """
         raise NotImplementedError
 
+    def stochastic_encode(
+        self, target: Tensor, generator: torch.Generator | None = None,
+        groups: Tensor | None = None,
+    ) -> None:
+        """Random rounding: each selected group moves to the codes nearest ``target`` with
+        probability ``e_old / (e_old + e_new)`` (``e`` = distance of each candidate to the
+        target), else keeps its current codes. Scalar grids override this with exact
+        unbiased rounding between neighbouring levels."""
+        target, groups = self._check_target(target), self._check_groups(groups)
+        with torch.no_grad():
+            old = {n: getattr(self, n).clone() for n in self.code_buffers}
+            w_old = self().detach()
+            self.encode(target, groups)
+            w_new = self().detach()
+            shape = (*self.groups_shape, self.code_group_size)
+            e_old = (w_old - target).reshape(shape).norm(dim=-1)
+            e_new = (w_new - target).reshape(shape).norm(dim=-1)
+            p_move = e_old / (e_old + e_new).clamp(min=1e-30)
+            move = torch.rand(p_move.shape, generator=generator) < p_move
+            for n, before in old.items():
+                buf = getattr(self, n)
+                buf.copy_(torch.where(self.expand_groups(move, buf), buf, before))
+
     def bits_per_param(self) -> float:
         """Exact storage cost in bits per weight of the packed format (codes + theta)."""
         raise NotImplementedError
@@ -141,6 +164,18 @@ class QuantizedWeight(nn.Module):
     def integer_codecs(self) -> dict[str, IntCodec]:
         """How each integer buffer is packed on disk (buffer name -> codec)."""
         return {}
+
+    @property
+    def code_buffers(self) -> tuple[str, ...]:
+        """Names of the buffers a discrete step changes: shape ``[out, ...]`` with either one
+        entry per encode group or one per weight along dim 1."""
+        return ("codes",)
+
+    def expand_groups(self, groups: Tensor, buffer: Tensor) -> Tensor:
+        """Broadcast a ``groups`` mask to the shape of a code buffer."""
+        if buffer.shape[1] == groups.shape[1]:
+            return groups.view(*groups.shape, *([1] * (buffer.dim() - 2))).expand_as(buffer)
+        return groups.repeat_interleave(self.code_group_size, dim=1).view_as(buffer)
 
     # -- helpers for subclasses ---------------------------------------------------------
     def _check_target(self, target: Tensor) -> Tensor:

@@ -86,3 +86,7 @@ class NMSparseWeight(QuantizedWeight):
 
     def integer_codecs(self) -> dict[str, IntCodec]:
         return {"mask": BitCodec(1)}
+
+    @property
+    def code_buffers(self) -> tuple[str, ...]:
+        return ("mask",)

@@ -1,0 +1,222 @@
+"""Question: at the same data, step budget and seed, which way of fine-tuning through the
+discrete weights gives the lowest perplexity on SmolLM2-135M at about 2 bits: calibration
+only, continuous only, STE, stochastic rounding, naive linearized V, subspace linearized V,
+or subspace linearized V + STE (PV-Tuning)? And how does torchao's QAT compare?
+
+Starting points (made once, cached under benchmarks/.work/): AQLM 2x8g8 (the 'standard'
+compress preset) and 2-bit asymmetric uniform g64 by GPTQ. Every strategy then runs the same
+steps on the same calibration sequences (teacher logits cached on disk, float16) and is
+evaluated on the same evaluation windows. The peer: torchao 0.18 QAT (its STE fake
+quantization, int2 symmetric g64 - the only 2-bit route it converts on CPU) from the FP32
+model with the same loss, data, steps and learning rate.
+
+    python benchmarks/finetune_strategies.py                       # everything
+    python benchmarks/finetune_strategies.py --reprs gptq2 --strategies ste subspace_v_ste
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WORK = Path(__file__).resolve().parent / ".work"
+STRATEGIES = ["calibration_only", "frozen", "ste", "stochastic_rounding", "linearized_v",
+              "subspace_v", "subspace_v_ste"]
+# code step sizes: Adam-normalised for buffer strategies, gradient/max-RMS for linearized V
+CODE_LR = {"ste": 1e-3, "stochastic_rounding": 1e-3, "subspace_v_ste": 3e-3,
+           "linearized_v": 0.05, "subspace_v": 0.2, "frozen": 0.0}
+
+
+def starting_point(name: str) -> Path:
+    """Compress the starting checkpoint once (cached)."""
+    from pvtune.cli import main
+
+    out = WORK / f"start-{name}"
+    if (out / "pvtune_meta.json").is_file():
+        return out
+    args = ["compress", "--no-eval", "--output", str(out), "--overwrite"]
+    args += ["--method", "aqlm", "--codebooks", "2x8g8"] if name == "aqlm2x8g8" else \
+        ["--method", "gptq", "--bits", "2", "--group-size", "64"]
+    assert main(args) == 0
+    return out
+
+
+def calibration(tok, args):
+    from pvtune.llm.data import CalibrationConfig, calibration_batch, default_texts, tokenize_stream
+
+    return calibration_batch(tokenize_stream(tok, default_texts("calibration")),
+                             CalibrationConfig(num_sequences=args.num_seqs,
+                                               sequence_length=args.seq_len, seed=1))
+
+
+def windows(tok, args):
+    from pvtune.llm.data import EvalConfig, default_texts, eval_windows, tokenize_stream
+
+    return eval_windows(tokenize_stream(tok, default_texts("evaluation")),
+                        EvalConfig(max_windows=args.eval_windows))
+
+
+def run_pvtune(rep: str, strategy: str, args) -> dict:
+    import torch
+
+    from pvtune.llm.checkpoint import bits_report
+    from pvtune.llm.evaluate import perplexity
+    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+    from pvtune.llm.model import load_causal_lm
+    from pvtune.optim import VStepConfig
+
+    torch.manual_seed(0)
+    student, tok = load_causal_lm(starting_point(rep))
+    teacher, _ = load_causal_lm(None)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ids, evw = calibration(tok, args), windows(tok, args)
+    row = {"representation": rep, "strategy": strategy,
+           "linear_bits": bits_report(student)["linear_bits_per_param"]}
+    if strategy == "calibration_only":
+        row.update(perplexity=perplexity(student, evw, progress=False).perplexity, losses=[])
+        return row
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         vstep=VStepConfig(strategy=strategy, lr=CODE_LR[strategy],
+                                           tau=args.tau, seed=0), seed=0)
+    cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
+    start = time.perf_counter()
+    result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
+    row.update(
+        perplexity=perplexity(student, evw, progress=False).perplexity,
+        losses=result.losses, fraction_changed=result.fraction_changed,
+        minutes=(time.perf_counter() - start) / 60,
+        discrete_over_fwd_bwd=result.seconds_discrete / result.seconds_forward_backward,
+        fwd_bwd_s_per_step=result.seconds_forward_backward / len(result.losses),
+        discrete_s_per_step=result.seconds_discrete / len(result.losses),
+    )
+    return row
+
+
+def run_torchao(args) -> dict:
+    """torchao QAT peer: fake-quantized int2 g64 weights trained with STE, then converted."""
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
+
+    from pvtune.llm.evaluate import perplexity
+    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, batch_indices, kl_loss
+    from pvtune.llm.model import find_blocks, load_causal_lm
+
+    torch.manual_seed(0)
+    model, tok = load_causal_lm(None)
+    teacher, _ = load_causal_lm(None)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ids, evw = calibration(tok, args), windows(tok, args)
+    blocks = find_blocks(model).path
+    base = IntxWeightOnlyConfig(weight_dtype=torch.int2, granularity=PerGroup(64))
+    in_blocks = lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn.startswith(blocks + ".")  # noqa: E731
+    quantize_(model, QATConfig(base, step="prepare"), filter_fn=in_blocks)
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                           betas=cfg.betas)
+    teacher_logits = TeacherLogits(teacher, ids, WORK / f"teacher-{args.num_seqs}x{args.seq_len}")
+    losses = []
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        index = batch_indices(cfg, step, 0, ids.shape[0])
+        loss = kl_loss(model(input_ids=ids[index], use_cache=False).logits,
+                       teacher_logits(index))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    model.eval()
+    quantize_(model, QATConfig(base, step="convert"),
+              filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
+    return {"representation": "torchao-int2-sym-g64", "strategy": "torchao_qat",
+            "linear_bits": 2 + 16 / 64, "perplexity": perplexity(model, evw,
+                                                                progress=False).perplexity,
+            "losses": losses, "minutes": (time.perf_counter() - start) / 60}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reps = sorted({r["representation"] for r in rows if r.get("losses")})
+    fig, axes = plt.subplots(1, len(reps), figsize=(6 * len(reps), 4), squeeze=False)
+    for ax, rep in zip(axes[0], reps, strict=True):
+        for r in rows:
+            if r["representation"] == rep and r.get("losses"):
+                ax.plot(r["losses"], label=f"{r['strategy']} (ppl {r['perplexity']:.1f})")
+        ax.set_title(rep)
+        ax.set_xlabel("step")
+        ax.set_ylabel("KL(teacher || student)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fine-tuning strategies at ~2 bits")
+    parser.add_argument("--reprs", nargs="+", default=["aqlm2x8g8", "gptq2"])
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--tau", type=float, default=0.01)
+    parser.add_argument("--num-seqs", type=int, default=80)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        rep, strategy = args.single
+        row = run_torchao(args) if strategy == "torchao_qat" else run_pvtune(rep, strategy, args)
+        Path(args.out).write_text(json.dumps(row))
+        return
+    from common import RESULTS, write_results
+
+    WORK.mkdir(exist_ok=True)
+    jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
+    if not args.no_peer:
+        jobs.append(("fp32", "torchao_qat"))
+    rows = []
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
+                            "eval_windows")]
+    for rep, strategy in jobs:
+        out = WORK / f"row-{rep}-{strategy}.json"
+        print(f"== {rep} {strategy}", flush=True)
+        subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
+                        *passthrough], check=True)
+        rows.append(json.loads(out.read_text()))
+        print({k: v for k, v in rows[-1].items() if k not in ("losses", "fraction_changed")},
+              flush=True)
+    table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
+             for r in rows]
+    write_results(
+        "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
+        ["representation", "strategy", "linear_bits", "perplexity", "minutes",
+         "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
+        notes=f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, continuous "
+              f"lr {args.lr}, tau {args.tau}, code lr per strategy {CODE_LR}; perplexity on "
+              f"{args.eval_windows} evaluation windows of 512 tokens.",
+        extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
+                          for r in rows}, "settings": vars(args)},
+    )
+    plot(rows, RESULTS / "finetune_strategies.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""``PVOptimizer``: a continuous (P) step by any torch optimizer, then a discrete (V) step on
+the codes of every compressed weight.
+
+    base = torch.optim.Adam(continuous_params, lr=3e-4, betas=(0.9, 0.95))
+    opt = PVOptimizer(model, base, VStepConfig(strategy="subspace_v_ste", lr=1e-3))
+    loss.backward(); stats = opt.step(); opt.zero_grad()
+
+``step()`` reads as the algorithm: :meth:`p_step` then :meth:`v_step`. The dense gradient
+``dL/dW`` of each compressed weight is captured by its :class:`QuantizedLinear` during the
+forward pass (``track_dense_grad``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pvtune.nn.quantize import quantized_layers
+from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.optim.strategies import STRATEGIES, VStepConfig, WeightState, apply_trust_ratio
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one discrete step did: the fraction of encode groups whose codes changed."""
+
+    groups_changed: int
+    groups_total: int
+
+    @property
+    def fraction_changed(self) -> float:
+        """Changed groups / all groups."""
+        return self.groups_changed / max(1, self.groups_total)
+
+
+def continuous_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter: scales, codebooks, norms, biases, uncompressed weights."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class PVOptimizer:
+    """Wraps ``base`` (which owns the continuous parameters) and adds the discrete step."""
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, config: VStepConfig):
+        self.config = config
+        self.base = base
+        self.strategy = STRATEGIES.get(config.strategy)
+        self.layers: dict[str, QuantizedLinear] = quantized_layers(model)
+        if not self.layers and config.strategy != "frozen":
+            raise ValueError("the model has no QuantizedLinear layers: quantize it first")
+        self.states: dict[str, WeightState] = {}
+        for name, layer in self.layers.items():
+            layer.track_dense_grad = True
+            self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        """Clear continuous gradients and the captured dense weight gradients."""
+        self.base.zero_grad(set_to_none=True)
+        for layer in self.layers.values():
+            layer.dense_weight = None
+
+    def p_step(self) -> None:
+        """Continuous step: the base optimizer on scales, codebooks and dense parameters."""
+        self.base.step()
+
+    def v_step(self) -> StepStats:
+        """Discrete step on every compressed weight; deterministic given the gradients."""
+        changed = total = 0
+        for index, (name, layer) in enumerate(self.layers.items()):
+            if layer.dense_weight is None or layer.dense_weight.grad is None:
+                raise RuntimeError(
+                    f"no dense gradient for {name!r}: run forward and backward (in training "
+                    "mode, with gradients enabled) before step()"
+                )
+            rep = layer.qweight
+            grad = layer.dense_weight.grad.detach().to(torch.float32)
+            codes_before = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+            with torch.no_grad():
+                w_before = rep().detach() if self.config.trust_ratio is not None else None
+            gen = torch.Generator().manual_seed(
+                (self.config.seed * 1_000_003 + index * 7_919 + self.steps) % 2**63
+            )
+            self.strategy(rep, grad, self.states[name], self.config, gen)
+            if w_before is not None:
+                apply_trust_ratio(rep, w_before, codes_before, self.config.trust_ratio)
+            changed += _groups_changed(rep, codes_before)
+            total += rep.groups_shape[0] * rep.groups_shape[1]
+        return StepStats(changed, total)
+
+    def step(self) -> StepStats:
+        """One PV step: P (continuous) then V (discrete)."""
+        self.p_step()
+        stats = self.v_step()
+        self.steps += 1
+        return stats
+
+    # -- checkpointing (tensors only: safetensors, never pickle) ----------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The discrete-step state as a flat dict of tensors."""
+        out = {"pv.steps": torch.tensor(self.steps)}
+        for name, state in self.states.items():
+            for key, t in state.tensors().items():
+                out[f"pv.{name}.{key}"] = t
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`."""
+        self.steps = int(tensors["pv.steps"])
+        for name, state in self.states.items():
+            prefix = f"pv.{name}."
+            state.load({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def _groups_changed(rep, codes_before: dict[str, Tensor]) -> int:
+    changed = torch.zeros(rep.groups_shape, dtype=torch.bool)
+    for name, old in codes_before.items():
+        diff = getattr(rep, name) != old
+        changed |= diff.reshape(rep.groups_shape[0], rep.groups_shape[1], -1).any(-1)
+    return int(changed.sum())
