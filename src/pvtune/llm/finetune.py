@@ -203,8 +203,8 @@ def finetune(
         result.losses.append(total)
         result.fraction_changed.append(stats.fraction_changed)
         bar.set_postfix(kl=f"{total:.4f}", changed=f"{stats.fraction_changed:.2e}")
-        log.debug("step %d kl %.5f changed %.3e", step, total, stats.fraction_changed)
         done = step + 1
+        log.info("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
         if eval_windows is not None and ((config.eval_every and done % config.eval_every == 0)
                                          or done == config.steps):
             _evaluate(student, eval_windows, done, result, save_best)
