@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+WORK = Path(__file__).resolve().parent / ".work"
 RUNS = {
     "fp32": None,
     "rtn-4": ("rtn", 4), "rtn-3": ("rtn", 3), "rtn-2": ("rtn", 2),
@@ -36,7 +37,7 @@ def single(name: str, eval_windows: int | None, out: Path) -> None:
     from common import peak_rss_gib
 
     from pvtune.init import GPTQConfig, RTNConfig
-    from pvtune.llm.checkpoint import bits_report
+    from pvtune.llm.checkpoint import bits_report, save_compressed
     from pvtune.llm.data import (
         EvalConfig,
         calibration_batch,
@@ -77,6 +78,8 @@ def single(name: str, eval_windows: int | None, out: Path) -> None:
         bits = bits_report(model)
         row.update(linear_bits=bits["linear_bits_per_param"],
                    overall_bits=bits["overall_bits_per_param"])
+        # keep the checkpoint: benchmarks/finetune_strategies.py starts from these
+        save_compressed(model, tok, WORK / f"compress-{name}", {"compress_config": str(config)})
     else:
         row.update(linear_bits=32.0, overall_bits=32.0)
     result = perplexity(model, windows)

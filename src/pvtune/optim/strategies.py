@@ -184,7 +184,7 @@ def straight_through(rep, grad, state, config, generator) -> None:
 def stochastic_rounding(rep, grad, state, config, generator) -> None:
     """Dense buffer step, then unbiased random rounding of every group to a neighbour."""
     state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
-    rep.stochastic_encode(state.buffer, generator=generator)
+    rep.stochastic_encode(state.buffer, generator=generator, beam_size=config.beam_size)
 
 
 @register_strategy("linearized_v", needs_buffer=False)

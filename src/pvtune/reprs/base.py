@@ -136,7 +136,7 @@ class QuantizedWeight(nn.Module):
 
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
-        groups: Tensor | None = None,
+        groups: Tensor | None = None, beam_size: int | None = None,
     ) -> None:
         """Random rounding: each selected group moves to the codes nearest ``target`` with
         probability ``e_old / (e_old + e_new)`` (``e`` = distance of each candidate to the
@@ -146,7 +146,7 @@ class QuantizedWeight(nn.Module):
         with torch.no_grad():
             old = {n: getattr(self, n).clone() for n in self.code_buffers}
             w_old = self().detach()
-            self.encode(target, groups)
+            self.encode(target, groups, beam_size=beam_size)
             w_new = self().detach()
             shape = (*self.groups_shape, self.code_group_size)
             e_old = (w_old - target).reshape(shape).norm(dim=-1)

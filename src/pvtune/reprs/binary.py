@@ -90,7 +90,7 @@ class _ScaledLevels(QuantizedWeight):
 
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
-        groups: Tensor | None = None,
+        groups: Tensor | None = None, beam_size: int | None = None,
     ) -> None:
         """Random rounding between the two levels around ``target / scale`` (unbiased inside
         the level range, clamped outside)."""

@@ -168,7 +168,7 @@ class UniformWeight(QuantizedWeight):
 
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
-        groups: Tensor | None = None,
+        groups: Tensor | None = None, beam_size: int | None = None,
     ) -> None:
         """Unbiased random rounding of ``target`` to one of its two neighbouring codes."""
         target, groups = self._check_target(target), self._check_groups(groups)

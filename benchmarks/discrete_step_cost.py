@@ -1,0 +1,71 @@
+"""Question: what does the discrete (V) step cost next to one student forward+backward on
+the same batch (4 x 512 tokens of SmolLM2-135M, the batch the reference timings used)?
+
+Starts from the checkpoints benchmarks/compress_methods.py keeps in benchmarks/.work/.
+Per representation and strategy: one warm-up step, then the mean of 3 timed steps of the
+student's forward+backward (next-token cross-entropy: the same cost as the KL loss without
+the teacher) and of the V step.
+
+    python benchmarks/discrete_step_cost.py
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WORK = Path(__file__).resolve().parent / ".work"
+STARTS = {"aqlm-2x8g8": "compress-aqlm-2x8g8", "uniform-2bit-gptq": "compress-gptq-2"}
+STRATEGIES = {"subspace_v_ste": 3e-3, "subspace_v": 0.2, "ste": 1e-3}
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+    from common import write_results
+
+    from pvtune.llm.data import CalibrationConfig, calibration_batch, default_texts, tokenize_stream
+    from pvtune.llm.model import load_causal_lm
+    from pvtune.optim import PVOptimizer, VStepConfig, continuous_parameters
+
+    rows = []
+    for rep, directory in STARTS.items():
+        for strategy, lr in STRATEGIES.items():
+            model, tok = load_causal_lm(WORK / directory)
+            ids = calibration_batch(tokenize_stream(tok, default_texts("calibration")[:20]),
+                                    CalibrationConfig(num_sequences=4, sequence_length=512))
+            opt = PVOptimizer(model, torch.optim.Adam(continuous_parameters(model), lr=1e-5),
+                              VStepConfig(strategy=strategy, lr=lr))
+            model.train()
+            fb, vs = [], []
+            for step in range(4):
+                t0 = time.perf_counter()
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) \
+                    .backward()
+                t1 = time.perf_counter()
+                opt.p_step()
+                t2 = time.perf_counter()
+                opt.v_step()
+                t3 = time.perf_counter()
+                opt.zero_grad()
+                if step:  # the first step warms up allocations and state
+                    fb.append(t1 - t0)
+                    vs.append(t3 - t2)
+            row = {"representation": rep, "strategy": strategy,
+                   "forward_backward_s": sum(fb) / len(fb), "discrete_step_s": sum(vs) / len(vs)}
+            row["ratio"] = row["discrete_step_s"] / row["forward_backward_s"]
+            print(row, flush=True)
+            rows.append(row)
+    write_results("discrete_step_cost", __doc__.split("\n\n")[0].removeprefix("Question: "),
+                  rows, ["representation", "strategy", "forward_backward_s",
+                         "discrete_step_s", "ratio"],
+                  notes="ratio = discrete step / forward+backward of 4 x 512 tokens; target for "
+                        "the PV strategies: at most 0.25.")
+
+
+if __name__ == "__main__":
+    main()
