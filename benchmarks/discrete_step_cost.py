@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(__file__).resolve().parent / ".work"
 STARTS = {"aqlm-2x8g8": "compress-aqlm-2x8g8", "uniform-2bit-gptq": "compress-gptq-2"}
-STRATEGIES = {"subspace_v_ste": 3e-3, "subspace_v": 0.2, "ste": 1e-3}
+STRATEGIES = ["subspace_v_ste", "subspace_v", "ste"]
 
 
 def main() -> None:
@@ -33,12 +33,12 @@ def main() -> None:
 
     rows = []
     for rep, directory in STARTS.items():
-        for strategy, lr in STRATEGIES.items():
+        for strategy in STRATEGIES:
             model, tok = load_causal_lm(WORK / directory)
             ids = calibration_batch(tokenize_stream(tok, default_texts("calibration")[:20]),
                                     CalibrationConfig(num_sequences=4, sequence_length=512))
             opt = PVOptimizer(model, torch.optim.Adam(continuous_parameters(model), lr=1e-5),
-                              VStepConfig(strategy=strategy, lr=lr))
+                              VStepConfig(strategy=strategy))
             model.train()
             fb, vs = [], []
             for step in range(4):

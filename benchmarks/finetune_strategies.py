@@ -28,9 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 WORK = Path(__file__).resolve().parent / ".work"
 STRATEGIES = ["calibration_only", "frozen", "ste", "stochastic_rounding", "linearized_v",
               "subspace_v", "subspace_v_ste"]
-# code step sizes: Adam-normalised for buffer strategies, gradient/max-RMS for linearized V
-CODE_LR = {"ste": 1e-3, "stochastic_rounding": 1e-3, "subspace_v_ste": 3e-3,
-           "linearized_v": 0.05, "subspace_v": 0.2, "frozen": 0.0}
 
 
 def starting_point(name: str) -> Path:
@@ -87,8 +84,7 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
         row.update(perplexity=perplexity(student, evw, progress=False).perplexity, losses=[])
         return row
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         vstep=VStepConfig(strategy=strategy, lr=CODE_LR[strategy],
-                                           tau=args.tau, seed=0), seed=0)
+                         vstep=VStepConfig(strategy=strategy, tau=args.tau, seed=0), seed=0)
     cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
     start = time.perf_counter()
     result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
@@ -191,6 +187,8 @@ def main() -> None:
         return
     from common import RESULTS, write_results
 
+    from pvtune.optim.strategies import DEFAULT_LR
+
     WORK.mkdir(exist_ok=True)
     jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
     if not args.no_peer:
@@ -214,7 +212,7 @@ def main() -> None:
         ["representation", "strategy", "linear_bits", "perplexity", "minutes",
          "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
         notes=f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, continuous "
-              f"lr {args.lr}, tau {args.tau}, code lr per strategy {CODE_LR}; perplexity on "
+              f"lr {args.lr}, tau {args.tau}, code lr per strategy {DEFAULT_LR}; perplexity on "
               f"{args.eval_windows} evaluation windows of 512 tokens.",
         extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
                           for r in rows}, "settings": vars(args)},

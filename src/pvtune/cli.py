@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4, help="continuous learning rate")
     p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--code-lr", type=float, default=1e-3, help="discrete step size")
+    p.add_argument("--code-lr", type=float, default=None,
+                   help="discrete step size (default: the strategy's, see DEFAULT_LR)")
     p.add_argument("--tau", type=float, default=0.01, help="fraction of groups per V step")
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--beam-size", type=int, default=1)

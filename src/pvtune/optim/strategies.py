@@ -38,15 +38,16 @@ from pvtune.reprs.base import QuantizedWeight, check_range
 class VStepConfig:
     """Settings of the discrete step.
 
-    ``lr``: step size of the dense direction (weight units per step for a unit-RMS
-    direction); ``beta2``, ``eps``: its second-moment average; ``tau``: fraction of each
-    matrix's groups re-encoded per step by the subspace strategies; ``trust_ratio``: if set,
+    ``lr``: step size of the dense direction (None: the strategy's default,
+    :data:`DEFAULT_LR`); ``beta2``, ``eps``: the buffer's second-moment average; ``tau``:
+    fraction of each matrix's groups re-encoded per step by the subspace strategies;
+    ``trust_ratio``: if set,
     the largest code changes are rolled back until ``||dW|| <= trust_ratio * ||W||``;
     ``beam_size``: codebook search width; ``seed``: stochastic rounding.
     """
 
     strategy: str = "subspace_v_ste"
-    lr: float = 1e-3
+    lr: float | None = None
     beta2: float = 0.95
     eps: float = 1e-8
     tau: float = 0.01
@@ -56,12 +57,26 @@ class VStepConfig:
 
     def __post_init__(self) -> None:
         STRATEGIES.get(self.strategy)  # KeyError lists the known strategies
-        check_range(self, "lr", self.lr, 0.0, None)
+        if self.lr is not None:
+            check_range(self, "lr", self.lr, 0.0, None)
         check_range(self, "beta2", self.beta2, 0.0, 1.0)
         check_range(self, "tau", self.tau, 0.0, 1.0)
         check_range(self, "beam_size", self.beam_size, 1, 64)
         if self.trust_ratio is not None:
             check_range(self, "trust_ratio", self.trust_ratio, 0.0, None)
+
+
+    @property
+    def step_size(self) -> float:
+        """``lr``, or the strategy's default step size."""
+        return DEFAULT_LR.get(self.strategy, 1e-3) if self.lr is None else self.lr
+
+
+# Default step sizes: buffer strategies move by lr per step along an Adam direction (weight
+# units); the buffer-free linearized V steps move by lr * g / max-rms(g). Chosen on
+# SmolLM2-135M at 2 bits so that codes start changing within a few steps.
+DEFAULT_LR = {"ste": 1e-3, "stochastic_rounding": 1e-3, "subspace_v_ste": 3e-3,
+              "linearized_v": 0.05, "subspace_v": 0.2, "frozen": 0.0}
 
 
 class WeightState:
@@ -176,14 +191,14 @@ def frozen(rep, grad, state, config, generator) -> None:
 @register_strategy("ste", needs_buffer=True)
 def straight_through(rep, grad, state, config, generator) -> None:
     """Dense buffer updated with the dense gradient; every group re-encoded every step."""
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
     rep.encode(state.buffer, None, beam_size=config.beam_size)
 
 
 @register_strategy("stochastic_rounding", needs_buffer=True)
 def stochastic_rounding(rep, grad, state, config, generator) -> None:
     """Dense buffer step, then unbiased random rounding of every group to a neighbour."""
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
     rep.stochastic_encode(state.buffer, generator=generator, beam_size=config.beam_size)
 
 
@@ -191,7 +206,7 @@ def stochastic_rounding(rep, grad, state, config, generator) -> None:
 def linearized_v(rep, grad, state, config, generator) -> None:
     """Project ``W - lr d`` onto the representable set, all groups (naive linearized V)."""
     with torch.no_grad():
-        y = rep() - config.lr * matrix_direction(state, grad, config)
+        y = rep() - config.step_size * matrix_direction(state, grad, config)
     rep.encode(y, None, beam_size=config.beam_size)
 
 
@@ -210,7 +225,7 @@ def subspace_v(rep, grad, state, config, generator) -> None:
     direction = matrix_direction(state, grad, config)
     with torch.no_grad():
         w = rep()
-        step = config.lr * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
+        step = config.step_size * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
         lr_eff = float(step.norm() / grad.norm().clamp(min=1e-30))
         candidates = top_groups(group_sq_norm(rep, direction), PRESELECT * config.tau)
         old = {n: getattr(rep, n).clone() for n in rep.code_buffers}
@@ -230,7 +245,7 @@ def subspace_v(rep, grad, state, config, generator) -> None:
 def subspace_v_ste(rep, grad, state, config, generator) -> None:
     """Dense buffer (STE) with re-encoding limited to the ``tau`` fraction of groups where
     the buffer and the decoded weight differ most."""
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.lr)
+    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
     with torch.no_grad():
         gap = group_sq_norm(rep, state.buffer - rep())
     rep.encode(state.buffer, top_groups(gap, config.tau), beam_size=config.beam_size)
