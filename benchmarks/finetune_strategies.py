@@ -167,10 +167,10 @@ def plot(rows, path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="fine-tuning strategies at ~2 bits")
-    parser.add_argument("--reprs", nargs="+", default=["aqlm2x8g8", "gptq2"])
+    parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"])
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tau", type=float, default=0.01)
@@ -205,20 +205,24 @@ def main() -> None:
         rows.append(json.loads(out.read_text()))
         print({k: v for k, v in rows[-1].items() if k not in ("losses", "fraction_changed")},
               flush=True)
-    table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
-             for r in rows]
-    write_results(
-        "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
-        ["representation", "strategy", "linear_bits", "perplexity", "minutes",
-         "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
-        notes=f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, continuous "
-              f"lr {args.lr}, tau {args.tau}, code lr per strategy {DEFAULT_LR}; perplexity on "
-              f"{args.eval_windows} evaluation windows of 512 tokens.",
-        extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
-                          for r in rows}, "settings": vars(args)},
-    )
-    plot(rows, RESULTS / "finetune_strategies.png")
-
+        # rewrite the results after every run, so a stopped benchmark still leaves its rows
+        table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
+                 for r in rows]
+        write_results(
+            "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
+            ["representation", "strategy", "linear_bits", "perplexity", "minutes",
+             "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
+            notes=f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, continuous "
+                  f"lr {args.lr}, tau {args.tau}, code lr per strategy {DEFAULT_LR}; "
+                  f"perplexity on {args.eval_windows} evaluation windows of 512 tokens. "
+                  f"{len(rows)} of {len(jobs)} runs done.",
+            extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
+                              for r in rows},
+                   "fraction_changed": {f"{r['representation']}/{r['strategy']}":
+                                        r.get("fraction_changed") for r in rows},
+                   "settings": vars(args)},
+        )
+        plot(rows, RESULTS / "finetune_strategies.png")
 
 if __name__ == "__main__":
     main()

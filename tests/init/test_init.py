@@ -24,12 +24,13 @@ def rel_out_err(rep, w, h):
     return float(((dw @ h) * dw).sum() / ((w @ h) * w).sum())
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gptq_beats_rtn_on_correlated_inputs(bits):
+def test_gptq_beats_rtn_on_correlated_inputs(bits, act_order):
     w, h = correlated_problem()
     cfg = UniformConfig(bits=bits, group_size=16)
     rtn = rel_out_err(rtn_init(w, h, cfg, RTNConfig()), w, h)
-    gptq = rel_out_err(gptq_init(w, h, cfg, GPTQConfig()), w, h)
+    gptq = rel_out_err(gptq_init(w, h, cfg, GPTQConfig(act_order=act_order)), w, h)
     assert gptq < 0.9 * rtn
 
 

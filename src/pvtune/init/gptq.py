@@ -22,10 +22,12 @@ from pvtune.reprs.uniform import (
 @dataclass(frozen=True)
 class GPTQConfig:
     """``damp``: fraction of mean(diag H) added to the diagonal; ``block_size``: columns per
-    lazy-update block (rounded to a multiple of the quantization group)."""
+    lazy-update block; ``act_order``: process columns by decreasing ``diag(H)`` (with static
+    per-group grids)."""
 
     damp: float = 0.01
     block_size: int = 128
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         check_range(self, "damp", self.damp, 0.0, 1.0)
@@ -46,34 +48,44 @@ def inverse_hessian_cholesky(xtx: Tensor, damp: float) -> Tensor:
 def gptq_init(
     weight: Tensor, xtx: Tensor | None, repr_config: UniformConfig, method_config: GPTQConfig
 ) -> UniformWeight:
-    """Quantize ``weight`` with GPTQ; per-group grids are fitted to the error-updated weights
-    as each group is reached (with the representation's scale search, if enabled)."""
+    """Quantize ``weight`` with GPTQ.
+
+    Without ``act_order`` the per-group grids are fitted to the error-updated weights as each
+    group is reached; with it, columns are processed by decreasing ``diag(H)`` and the grids
+    are fitted to the original weights first ("static groups"), so every group keeps one grid.
+    """
     if xtx is None:
         raise ValueError("GPTQ needs the layer's input statistics (xtx); use 'rtn' without data")
     out_f, in_f = weight.shape
     rep = UniformWeight(out_f, in_f, repr_config)
     g = rep.group
-    block = max(g, (method_config.block_size // g) * g)
-    w = weight.detach().to(torch.float32).clone()
-    w[:, torch.diag(xtx) == 0] = 0
-    hinv = inverse_hessian_cholesky(xtx, method_config.damp)
     fit = search_grid_params if repr_config.scale_search else grid_params
     maxq = repr_config.maxq
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    w = weight.detach().to(torch.float32).clone()
+    w[:, torch.diag(xtx) == 0] = 0
     scales = torch.zeros(out_f, in_f // g)
     zeros = torch.zeros(out_f, in_f // g)
-    scale = zero = None
+    if method_config.act_order:
+        scales, zeros = fit(w.reshape(out_f, -1, g), repr_config)
+        perm = torch.argsort(torch.diag(xtx), descending=True, stable=True)
+        block = method_config.block_size
+    else:
+        perm = torch.arange(in_f)
+        block = max(g, (method_config.block_size // g) * g)
+    w = w[:, perm]
+    hinv = inverse_hessian_cholesky(xtx[perm][:, perm], method_config.damp)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
+            col = int(perm[i1 + i])
+            if not method_config.act_order and col % g == 0:
                 # blocks are whole groups, so the group's error-updated columns are in w1
-                scale, zero = fit(w1[:, i : i + g], repr_config)
-                scales[:, col // g], zeros[:, col // g] = scale, zero
+                scales[:, col // g], zeros[:, col // g] = fit(w1[:, i : i + g], repr_config)
+            scale, zero = scales[:, col // g], zeros[:, col // g]
             q = quantize_to_grid(w1[:, i], scale, zero, maxq)
             codes[:, col] = q.to(torch.uint8)
             err = (w1[:, i] - scale * (q - zero)) / h1[i, i]
