@@ -16,7 +16,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -127,17 +126,18 @@ def main() -> None:
         return
     from common import RESULTS, write_results
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs:
-            out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, __file__, "--single", name, "--out", str(out)]
-            if args.eval_windows:
-                cmd += ["--eval-windows", str(args.eval_windows)]
-            print(f"== {name}", flush=True)
-            subprocess.run(cmd, check=True)
-            rows.append(json.loads(out.read_text()))
-            print(rows[-1], flush=True)
+    WORK.mkdir(exist_ok=True)
+    for name in args.runs:
+        out = WORK / f"compress-row-{name}.json"
+        cmd = [sys.executable, __file__, "--single", name, "--out", str(out)]
+        if args.eval_windows:
+            cmd += ["--eval-windows", str(args.eval_windows)]
+        print(f"== {name}", flush=True)
+        subprocess.run(cmd, check=True)
+        print(out.read_text(), flush=True)
+    # the table holds every run measured so far (a rerun of some runs replaces their rows)
+    rows = [json.loads((WORK / f"compress-row-{n}.json").read_text()) for n in RUNS
+            if (WORK / f"compress-row-{n}.json").is_file()]
     fp32 = next((r["perplexity"] for r in rows if r["run"] == "fp32"), None)
     for r in rows:
         r["ppl_ratio_vs_fp32"] = r["perplexity"] / fp32 if fp32 else None

@@ -7,8 +7,9 @@ Starting points (made once, cached under benchmarks/.work/): AQLM 2x8g8 (the 'st
 compress preset) and 2-bit asymmetric uniform g64 by GPTQ. Every strategy then runs the same
 steps on the same calibration sequences (teacher logits cached on disk, float16) and is
 evaluated on the same evaluation windows. The peer: torchao 0.18 QAT (its STE fake
-quantization, int2 symmetric g64 - the only 2-bit route it converts on CPU) from the FP32
-model with the same loss, data, steps and learning rate.
+quantization, int2 symmetric g64 with a float32 scale per group, about 2.5 bits - the only
+2-bit route it converts on CPU) from the FP32 model with the same loss, data, steps and
+learning rate.
 
     python benchmarks/finetune_strategies.py                       # everything
     python benchmarks/finetune_strategies.py --reprs gptq2 --strategies ste subspace_v_ste
@@ -139,7 +140,7 @@ def run_torchao(args) -> dict:
     quantize_(model, QATConfig(base, step="convert"),
               filter_fn=lambda m, fqn: isinstance(m, FakeQuantizedLinear))
     return {"representation": "torchao-int2-sym-g64", "strategy": "torchao_qat",
-            "linear_bits": 2 + 16 / 64, "perplexity": perplexity(model, evw,
+            "linear_bits": 2 + 32 / 64, "perplexity": perplexity(model, evw,
                                                                 progress=False).perplexity,
             "losses": losses, "minutes": (time.perf_counter() - start) / 60}
 
