@@ -2,9 +2,9 @@
 evaluation perplexity, wall time and peak memory?
 
 Runs FP32; RTN and GPTQ at 4, 3, 2 bits (asymmetric, group 64); AQLM 2x8g8 and 1x8g8 (the
-'standard' preset: 64 calibration sequences of 512 tokens, block fine-tuning). Each run is a
-separate process (so peak memory is its own); perplexity is on the whole evaluation split of
-the offline Wikipedia text (512-token windows).
+'standard' preset: 32 calibration sequences of 512 tokens, two AQLM rounds, block
+fine-tuning). Each run is a separate process (so peak memory is its own); perplexity is on
+the whole evaluation split of the offline Wikipedia text (512-token windows).
 
     python benchmarks/compress_methods.py                 # everything (about 2 hours here)
     python benchmarks/compress_methods.py --runs fp32 gptq-2 --eval-windows 16   # a subset
@@ -116,8 +116,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS),
+                        help="runs to (re)measure; none: only rebuild the table and plot")
     parser.add_argument("--eval-windows", type=int, default=None)
+    parser.add_argument("--note", default="", help="free text added to the results table")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,7 +149,7 @@ def main() -> None:
          "compress_minutes", "peak_rss_gib", "eval_tokens"],
         notes="linear_bits: bits/param of the compressed linear layers; overall_bits: whole "
               "model, embeddings (tied head) stored as float16. Perplexity on the evaluation "
-              "split (every 10th article of the offline Wikipedia text).",
+              "split (every 10th article of the offline Wikipedia text). " + args.note,
     )
     plot(rows, RESULTS / "compress_methods.png")
 

@@ -186,15 +186,12 @@ def main() -> None:
         row = run_torchao(args) if strategy == "torchao_qat" else run_pvtune(rep, strategy, args)
         Path(args.out).write_text(json.dumps(row))
         return
-    from common import RESULTS, write_results
-
     from pvtune.optim.strategies import DEFAULT_LR
 
     WORK.mkdir(exist_ok=True)
     jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
     if not args.no_peer:
         jobs.append(("fp32", "torchao_qat"))
-    rows = []
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
                             "eval_windows")]
@@ -203,27 +200,41 @@ def main() -> None:
         print(f"== {rep} {strategy}", flush=True)
         subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
                         *passthrough], check=True)
-        rows.append(json.loads(out.read_text()))
-        print({k: v for k, v in rows[-1].items() if k not in ("losses", "fraction_changed")},
+        row = json.loads(out.read_text())
+        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}")
+        out.write_text(json.dumps(row))
+        print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
-        # rewrite the results after every run, so a stopped benchmark still leaves its rows
-        table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
-                 for r in rows]
-        write_results(
-            "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
-            ["representation", "strategy", "linear_bits", "perplexity", "minutes",
-             "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
-            notes=f"{args.steps} steps of {args.batch_size} x {args.seq_len} tokens, continuous "
-                  f"lr {args.lr}, tau {args.tau}, code lr per strategy {DEFAULT_LR}; "
-                  f"perplexity on {args.eval_windows} evaluation windows of 512 tokens. "
-                  f"{len(rows)} of {len(jobs)} runs done.",
-            extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
-                              for r in rows},
-                   "fraction_changed": {f"{r['representation']}/{r['strategy']}":
-                                        r.get("fraction_changed") for r in rows},
-                   "settings": vars(args)},
-        )
-        plot(rows, RESULTS / "finetune_strategies.png")
+        # rebuild the results from every row kept so far, so that representations run in
+        # separate invocations (or a stopped benchmark) still share one table
+        write_table(args, DEFAULT_LR)
+
+
+def write_table(args, default_lr) -> None:
+    """Results table, JSON and loss-curve plot from the rows in benchmarks/.work/."""
+    from common import RESULTS, write_results
+
+    order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
+    rows = [json.loads(p.read_text()) for p in WORK.glob("row-*.json")]
+    rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99)))
+    table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
+             for r in rows]
+    write_results(
+        "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
+        ["representation", "strategy", "linear_bits", "steps", "batch", "perplexity",
+         "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
+        notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
+              f"sequences; continuous lr {args.lr}, tau {args.tau}, code step size per "
+              f"strategy {default_lr}; perplexity on {args.eval_windows} evaluation windows "
+              f"of 512 tokens. minutes: fine-tuning wall time (teacher logits cached).",
+        extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
+                          for r in rows},
+               "fraction_changed": {f"{r['representation']}/{r['strategy']}":
+                                    r.get("fraction_changed") for r in rows},
+               "settings": vars(args)},
+    )
+    plot(rows, RESULTS / "finetune_strategies.png")
+
 
 if __name__ == "__main__":
     main()
