@@ -84,8 +84,9 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     if strategy == "calibration_only":
         row.update(perplexity=perplexity(student, evw, progress=False).perplexity, losses=[])
         return row
-    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         vstep=VStepConfig(strategy=strategy, tau=args.tau, seed=0), seed=0)
+    vstep = VStepConfig(strategy=strategy, lr=args.code_lr, tau=args.tau, seed=0)
+    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
+                         seed=0)
     cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
     start = time.perf_counter()
     result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
@@ -152,6 +153,8 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     reps = sorted({r["representation"] for r in rows if r.get("losses")})
+    if not reps:
+        return
     fig, axes = plt.subplots(1, len(reps), figsize=(6 * len(reps), 4), squeeze=False)
     for ax, rep in zip(axes[0], reps, strict=True):
         for r in rows:
@@ -171,10 +174,15 @@ def main() -> None:
     parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"])
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="skip runs whose row (same step count) is already in .work/")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--tau", type=float, default=0.01)
+    parser.add_argument("--code-lr", type=float, default=None,
+                        help="discrete step size for every strategy run (default: each "
+                             "strategy's DEFAULT_LR)")
     parser.add_argument("--num-seqs", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -186,7 +194,7 @@ def main() -> None:
         row = run_torchao(args) if strategy == "torchao_qat" else run_pvtune(rep, strategy, args)
         Path(args.out).write_text(json.dumps(row))
         return
-    from pvtune.optim.strategies import DEFAULT_LR
+    from pvtune.optim.strategies import DEFAULT_LR as default_lr
 
     WORK.mkdir(exist_ok=True)
     jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
@@ -194,20 +202,25 @@ def main() -> None:
         jobs.append(("fp32", "torchao_qat"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
-                            "eval_windows")]
+                            "eval_windows") or (k == "code_lr" and v is not None)]
     for rep, strategy in jobs:
         out = WORK / f"row-{rep}-{strategy}.json"
+        if args.keep and out.is_file() and json.loads(out.read_text()).get("steps") == args.steps:
+            print(f"== {rep} {strategy}: kept from an earlier run", flush=True)
+            continue
         print(f"== {rep} {strategy}", flush=True)
         subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
                         *passthrough], check=True)
         row = json.loads(out.read_text())
         row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}")
+        if strategy not in ("calibration_only", "frozen", "torchao_qat"):
+            row["code_lr"] = args.code_lr or default_lr[strategy]
         out.write_text(json.dumps(row))
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
         # rebuild the results from every row kept so far, so that representations run in
         # separate invocations (or a stopped benchmark) still share one table
-        write_table(args, DEFAULT_LR)
+        write_table(args, default_lr)
 
 
 def write_table(args, default_lr) -> None:
@@ -221,11 +234,11 @@ def write_table(args, default_lr) -> None:
              for r in rows]
     write_results(
         "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
-        ["representation", "strategy", "linear_bits", "steps", "batch", "perplexity",
+        ["representation", "strategy", "linear_bits", "steps", "batch", "code_lr", "perplexity",
          "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
-              f"sequences; continuous lr {args.lr}, tau {args.tau}, code step size per "
-              f"strategy {default_lr}; perplexity on {args.eval_windows} evaluation windows "
+              f"sequences; continuous lr {args.lr}, tau {args.tau}; code_lr: the discrete step "
+              f"size (defaults {default_lr}); perplexity on {args.eval_windows} evaluation windows "
               f"of 512 tokens. minutes: fine-tuning wall time (teacher logits cached).",
         extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
                           for r in rows},
