@@ -88,6 +88,8 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
                          seed=0)
     cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
+    if strategy != "frozen":
+        row["code_lr"] = vstep.step_size
     start = time.perf_counter()
     result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
     row.update(
@@ -213,8 +215,6 @@ def main() -> None:
                         *passthrough], check=True)
         row = json.loads(out.read_text())
         row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}")
-        if strategy not in ("calibration_only", "frozen", "torchao_qat"):
-            row["code_lr"] = args.code_lr or default_lr[strategy]
         out.write_text(json.dumps(row))
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
