@@ -13,6 +13,9 @@ learning rate.
 
     python benchmarks/finetune_strategies.py                       # everything
     python benchmarks/finetune_strategies.py --reprs gptq2 --strategies ste subspace_v_ste
+    # a step-size sweep or a longer budget goes to its own table (rows kept apart):
+    python benchmarks/finetune_strategies.py --results finetune_code_lr --code-lr 1e-2 \
+        --reprs gptq2 --strategies ste subspace_v_ste --no-peer
 """
 
 from __future__ import annotations
@@ -161,7 +164,8 @@ def plot(rows, path):
     for ax, rep in zip(axes[0], reps, strict=True):
         for r in rows:
             if r["representation"] == rep and r.get("losses"):
-                ax.plot(r["losses"], label=f"{r['strategy']} (ppl {r['perplexity']:.1f})")
+                code = f" code {r['code_lr']:g}" if r.get("code_lr") else ""
+                ax.plot(r["losses"], label=f"{r['strategy']}{code} (ppl {r['perplexity']:.1f})")
         ax.set_title(rep)
         ax.set_xlabel("step")
         ax.set_ylabel("KL(teacher || student)")
@@ -185,6 +189,9 @@ def main() -> None:
     parser.add_argument("--code-lr", type=float, default=None,
                         help="discrete step size for every strategy run (default: each "
                              "strategy's DEFAULT_LR)")
+    parser.add_argument("--results", default="finetune_strategies",
+                        help="results name: benchmarks/results/NAME.{json,md,png}; rows of "
+                             "other names are kept apart from the main table's")
     parser.add_argument("--num-seqs", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -205,8 +212,12 @@ def main() -> None:
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
                             "eval_windows") or (k == "code_lr" and v is not None)]
+    rows_dir = rows_folder(args)
+    rows_dir.mkdir(exist_ok=True)
+    tag = ("" if args.code_lr is None else f"-code{args.code_lr:g}") + \
+        ("" if args.lr == 1e-4 else f"-lr{args.lr:g}")
     for rep, strategy in jobs:
-        out = WORK / f"row-{rep}-{strategy}.json"
+        out = rows_dir / f"row-{rep}-{strategy}{tag}.json"
         if args.keep and out.is_file() and json.loads(out.read_text()).get("steps") == args.steps:
             print(f"== {rep} {strategy}: kept from an earlier run", flush=True)
             continue
@@ -214,7 +225,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
                         *passthrough], check=True)
         row = json.loads(out.read_text())
-        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}")
+        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr)
         out.write_text(json.dumps(row))
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
@@ -223,30 +234,53 @@ def main() -> None:
         write_table(args, default_lr)
 
 
+# questions of the side tables (a sweep or a longer budget); the main table's is the docstring's
+QUESTIONS = {
+    "finetune_code_lr": "how does the code step size change the comparison: does a larger "
+                        "step, where the dense strategies change many codes per step, favour "
+                        "the subspace (top-tau) strategies over STE and naive linearized V?",
+    "finetune_long": "does the comparison hold with a longer budget and the published "
+                     "continuous learning rate (3e-4)?",
+}
+
+
+def run_key(row: dict) -> str:
+    """``representation/strategy[@code_lr][/lr]``: unique per row of one table."""
+    key = f"{row['representation']}/{row['strategy']}"
+    key += f"@{row['code_lr']:g}" if row.get("code_lr") else ""
+    return key + (f"/lr{row['lr']:g}" if row.get("lr", 1e-4) != 1e-4 else "")
+
+
+def rows_folder(args) -> Path:
+    """Where this results table keeps its rows (the main table: benchmarks/.work/)."""
+    return WORK if args.results == "finetune_strategies" else WORK / args.results
+
+
 def write_table(args, default_lr) -> None:
-    """Results table, JSON and loss-curve plot from the rows in benchmarks/.work/."""
+    """Results table, JSON and loss-curve plot from the rows kept for ``args.results``."""
     from common import RESULTS, write_results
 
     order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
-    rows = [json.loads(p.read_text()) for p in WORK.glob("row-*.json")]
-    rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99)))
+    rows = [json.loads(p.read_text()) for p in rows_folder(args).glob("row-*.json")]
+    rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99),
+                             r.get("code_lr") or 0.0))
     table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
              for r in rows]
     write_results(
-        "finetune_strategies", __doc__.split("\n\n")[0].removeprefix("Question: "), table,
-        ["representation", "strategy", "linear_bits", "steps", "batch", "code_lr", "perplexity",
+        args.results,
+        QUESTIONS.get(args.results, __doc__.split("\n\n")[0].removeprefix("Question: ")), table,
+        ["representation", "strategy", "linear_bits", "steps", "batch", "lr", "code_lr",
+         "perplexity",
          "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
-              f"sequences; continuous lr {args.lr}, tau {args.tau}; code_lr: the discrete step "
-              f"size (defaults {default_lr}); perplexity on {args.eval_windows} evaluation windows "
-              f"of 512 tokens. minutes: fine-tuning wall time (teacher logits cached).",
-        extra={"curves": {f"{r['representation']}/{r['strategy']}": r.get("losses")
-                          for r in rows},
-               "fraction_changed": {f"{r['representation']}/{r['strategy']}":
-                                    r.get("fraction_changed") for r in rows},
+              f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the discrete "
+              f"step size (defaults {default_lr}); perplexity on {args.eval_windows} evaluation "
+              f"windows of 512 tokens. minutes: fine-tuning wall time (teacher logits cached).",
+        extra={"curves": {run_key(r): r.get("losses") for r in rows},
+               "fraction_changed": {run_key(r): r.get("fraction_changed") for r in rows},
                "settings": vars(args)},
     )
-    plot(rows, RESULTS / "finetune_strategies.png")
+    plot(rows, RESULTS / f"{args.results}.png")
 
 
 if __name__ == "__main__":
