@@ -22,7 +22,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "demo": Preset(
-        "about 10 minutes for SmolLM2-135M on 2 CPU cores: 16 calibration sequences, a short "
+        "about 13 minutes for SmolLM2-135M on 2 CPU cores: 16 calibration sequences, a short "
         "AQLM search, 8 block fine-tuning steps, 32 evaluation windows",
         CalibrationConfig(num_sequences=16, sequence_length=512),
         AQLMInitConfig(max_rounds=1, codebook_steps=20, beam_size=2),
