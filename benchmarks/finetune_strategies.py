@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(__file__).resolve().parent / ".work"
+BASE_LR = 1e-4  # continuous lr of the main table; other values are named in row files/keys
 STRATEGIES = ["calibration_only", "frozen", "ste", "stochastic_rounding", "linearized_v",
               "subspace_v", "subspace_v_ste"]
 
@@ -184,7 +185,7 @@ def main() -> None:
                         help="skip runs whose row (same step count) is already in .work/")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=BASE_LR)
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--code-lr", type=float, default=None,
                         help="discrete step size for every strategy run (default: each "
@@ -215,7 +216,7 @@ def main() -> None:
     rows_dir = rows_folder(args)
     rows_dir.mkdir(exist_ok=True)
     tag = ("" if args.code_lr is None else f"-code{args.code_lr:g}") + \
-        ("" if args.lr == 1e-4 else f"-lr{args.lr:g}")
+        ("" if args.lr == BASE_LR else f"-lr{args.lr:g}")
     for rep, strategy in jobs:
         out = rows_dir / f"row-{rep}-{strategy}{tag}.json"
         if args.keep and out.is_file() and json.loads(out.read_text()).get("steps") == args.steps:
@@ -248,7 +249,7 @@ def run_key(row: dict) -> str:
     """``representation/strategy[@code_lr][/lr]``: unique per row of one table."""
     key = f"{row['representation']}/{row['strategy']}"
     key += f"@{row['code_lr']:g}" if row.get("code_lr") else ""
-    return key + (f"/lr{row['lr']:g}" if row.get("lr", 1e-4) != 1e-4 else "")
+    return key + (f"/lr{row['lr']:g}" if row.get("lr", BASE_LR) != BASE_LR else "")
 
 
 def rows_folder(args) -> Path:
