@@ -104,6 +104,42 @@ def test_subspace_changes_at_most_tau_of_groups():
         assert stats.groups_total == 256
 
 
+def _two_gap_setup():
+    """A 2-bit weight whose buffer is far beyond the top level at ``a`` (the widest gap,
+    but re-encoding cannot move it) and nearer the next level up at ``b``."""
+    from pvtune.optim.strategies import WeightState
+
+    model, _, _ = toy(0, UniformConfig(bits=2, group_size=16), inp=16)
+    rep = model[0].qweight
+    state = WeightState(rep, needs_buffer=True)
+    a = tuple(int(i) for i in (rep.codes == int(rep.codes.max())).nonzero()[0])
+    b = tuple(int(i) for i in (rep.codes == 0).nonzero()[0])
+    scale = float(rep.scale.detach()[b[0], 0])
+    state.buffer[a] += 10 * scale
+    state.buffer[b] += 0.8 * scale
+    return rep, state, b
+
+
+def test_subspace_ste_picks_groups_whose_re_encoding_helps():
+    """PV+STE spends its one group on the entry whose code does move closer to the buffer."""
+    rep, state, b = _two_gap_setup()
+    codes = rep.codes.clone()
+    config = VStepConfig(strategy="subspace_v_ste", lr=0.0, tau=1 / 64)  # one group of 64
+    grad = rep().detach() - state.buffer  # the loss falls toward the buffer
+    STRATEGIES.get("subspace_v_ste")(rep, grad, state, config, None)
+    assert (rep.codes != codes).nonzero().tolist() == [list(b)]
+    assert int(rep.codes[b]) == 1
+
+
+def test_subspace_ste_skips_changes_the_gradient_disagrees_with():
+    rep, state, _ = _two_gap_setup()
+    codes = rep.codes.clone()
+    config = VStepConfig(strategy="subspace_v_ste", lr=0.0, tau=1 / 64)
+    grad = state.buffer - rep().detach()  # the loss rises toward the buffer
+    STRATEGIES.get("subspace_v_ste")(rep, grad, state, config, None)
+    assert torch.equal(rep.codes, codes)
+
+
 def test_frozen_equals_the_base_optimizer_exactly():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -13,8 +13,9 @@ gradient entries (per-entry normalisation would make every group look alike).
 * ``linearized_v``: ``y = W - lr d'``; every group projected (re-encoded).
 * ``subspace_v``: ``y = W - lr d'``; only the ``tau`` fraction of groups whose projection
   promises the largest decrease of the local quadratic model.
-* ``subspace_v_ste``: buffer ``y -= lr d``; only the ``tau`` fraction of groups where ``y``
-  and ``W`` differ most (PV-Tuning as its authors run it).
+* ``subspace_v_ste``: buffer ``y -= lr d``; only the ``tau`` fraction of groups whose
+  re-encoding brings ``W`` closest to ``y``, among changes that lower the loss to first
+  order (PV-Tuning with its authors' STE buffer).
 
 Selection is a deterministic function of the scores, so data-parallel ranks that see the same
 reduced gradients make identical discrete updates; the stochastic strategy draws from a
@@ -146,6 +147,13 @@ def group_sq_norm(rep: QuantizedWeight, x: Tensor) -> Tensor:
     return x.reshape(*rep.groups_shape, rep.code_group_size).pow(2).sum(-1)
 
 
+def restore_codes(rep: QuantizedWeight, old: dict[str, Tensor], keep: Tensor) -> None:
+    """Put back the ``old`` codes of every group outside the ``keep`` mask."""
+    for name, before in old.items():
+        buf = getattr(rep, name)
+        buf.copy_(torch.where(rep.expand_groups(keep, buf), buf, before))
+
+
 def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, Tensor],
                       trust_ratio: float) -> None:
     """Roll back the largest group changes until ``||W_new - W_old|| <= trust * ||W_old||``
@@ -157,12 +165,9 @@ def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, 
             return
         order = torch.argsort(change, stable=True)
         keep_sorted = torch.cumsum(change[order], 0) <= budget
-        rollback = torch.ones_like(change, dtype=torch.bool)
-        rollback[order[keep_sorted]] = False
-        rollback = rollback.view(rep.groups_shape)
-        for name, old in codes_old.items():
-            buf = getattr(rep, name)
-            buf.copy_(torch.where(rep.expand_groups(rollback, buf), old, buf))
+        keep = torch.zeros_like(change, dtype=torch.bool)
+        keep[order[keep_sorted]] = True
+        restore_codes(rep, codes_old, keep=keep.view(rep.groups_shape))
 
 
 class Strategy(Protocol):
@@ -214,7 +219,7 @@ def linearized_v(rep, grad, state, config, generator) -> None:
     rep.encode(y, None, beam_size=config.beam_size)
 
 
-PRESELECT = 4  # subspace_v searches codes for PRESELECT * tau of the groups, keeps tau
+PRESELECT = 4  # subspace strategies search codes for PRESELECT * tau of the groups, keep tau
 
 
 @register_strategy("subspace_v", needs_buffer=False)
@@ -240,16 +245,36 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         gain = -(grad * delta).reshape(shape).sum(-1) \
             - delta.pow(2).reshape(shape).sum(-1) / (2 * max(lr_eff, 1e-30))
         keep = top_groups(torch.where(candidates, gain, torch.zeros_like(gain)), config.tau)
-        for n, before in old.items():
-            buf = getattr(rep, n)
-            buf.copy_(torch.where(rep.expand_groups(keep, buf), buf, before))
+        restore_codes(rep, old, keep=keep)
 
 
 @register_strategy("subspace_v_ste", needs_buffer=True)
 def subspace_v_ste(rep, grad, state, config, generator) -> None:
-    """Dense buffer (STE) with re-encoding limited to the ``tau`` fraction of groups where
-    the buffer and the decoded weight differ most."""
+    """Dense buffer (STE) with re-encoding limited to the ``tau`` fraction of groups whose
+    new codes bring the decoded weight closest to the buffer.
+
+    Candidates are the ``PRESELECT * tau`` groups where the buffer and the decoded weight
+    differ most relative to the row's mean square weight; their codes are re-encoded to the
+    buffer. A new code is kept only where the current gradient agrees with the change
+    (``<g, W_new - W> < 0``), and of those only the ``tau`` fraction with the largest
+    decrease of ``||y - W||^2`` (a wide gap alone often sits inside one code's cell, where
+    re-encoding changes nothing).
+    """
     state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
     with torch.no_grad():
-        gap = group_sq_norm(rep, state.buffer - rep())
-    rep.encode(state.buffer, top_groups(gap, config.tau), beam_size=config.beam_size)
+        w = rep()
+        gap = group_sq_norm(rep, state.buffer - w)
+        # the buffer moves by about lr per entry whatever the row's magnitude, while code
+        # cells scale with it: rank candidates by the gap relative to the row's mean square
+        row_ms = w.pow(2).mean(-1, keepdim=True).clamp(min=1e-30)
+        candidates = top_groups(gap / row_ms, PRESELECT * config.tau)
+        old = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+        rep.encode(state.buffer, candidates, beam_size=config.beam_size)
+        w_new = rep()
+        decrease = gap - group_sq_norm(rep, state.buffer - w_new)
+        # first-order change of the loss: changes the current gradient disagrees with stay out
+        shape = (*rep.groups_shape, rep.code_group_size)
+        descent = -(grad * (w_new - w)).reshape(shape).sum(-1) > 0
+        keep = top_groups(torch.where(candidates & descent, decrease,
+                                      torch.zeros_like(decrease)), config.tau)
+        restore_codes(rep, old, keep=keep)
