@@ -115,7 +115,8 @@ class PVOptimizer:
 
 
 def _groups_changed(rep, codes_before: dict[str, Tensor]) -> int:
-    changed = torch.zeros(rep.groups_shape, dtype=torch.bool)
+    device = next(iter(codes_before.values())).device
+    changed = torch.zeros(rep.groups_shape, dtype=torch.bool, device=device)
     for name, old in codes_before.items():
         diff = getattr(rep, name) != old
         changed |= diff.reshape(rep.groups_shape[0], rep.groups_shape[1], -1).any(-1)

@@ -79,6 +79,12 @@ def check_group_divides(config: ReprConfig, field: str, group: int, in_features:
         )
 
 
+def uniform_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform ``[0, 1)`` noise shaped like ``like``, drawn on the CPU (``generator`` is a CPU
+    generator) and moved to ``like``'s device: the same numbers on every device."""
+    return torch.rand(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
 class QuantizedWeight(nn.Module):
     """Base class of weight representations (see the module docstring for the contract)."""
 
@@ -152,7 +158,7 @@ class QuantizedWeight(nn.Module):
             e_old = (w_old - target).reshape(shape).norm(dim=-1)
             e_new = (w_new - target).reshape(shape).norm(dim=-1)
             p_move = e_old / (e_old + e_new).clamp(min=1e-30)
-            move = torch.rand(p_move.shape, generator=generator) < p_move
+            move = uniform_noise(p_move, generator) < p_move
             for n, before in old.items():
                 buf = getattr(self, n)
                 buf.copy_(torch.where(self.expand_groups(move, buf), buf, before))

@@ -16,6 +16,7 @@ from pvtune.reprs.base import (
     check_range,
     register_representation,
     round_to_fp16,
+    uniform_noise,
 )
 from pvtune.reprs.uniform import FP16_TINY
 
@@ -100,7 +101,7 @@ class _ScaledLevels(QuantizedWeight):
             x = (self._grouped(target) / self.scale.unsqueeze(-1)).clamp(lv[0], lv[-1])
             lo = (torch.bucketize(x, lv, right=True) - 1).clamp(0, len(lv) - 2)
             frac = (x - lv[lo]) / (lv[lo + 1] - lv[lo])
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+            noise = uniform_noise(x, generator)
             q = (lo + (noise < frac).long()).reshape(self.codes.shape).to(torch.uint8)
             self.codes.copy_(q if groups is None else torch.where(groups, q, self.codes))
 

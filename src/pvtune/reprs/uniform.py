@@ -16,6 +16,7 @@ from pvtune.reprs.base import (
     check_range,
     register_representation,
     round_to_fp16,
+    uniform_noise,
 )
 
 FP16_TINY = 2.0**-14  # smallest normal float16: scales never go below it
@@ -175,7 +176,7 @@ class UniformWeight(QuantizedWeight):
         with torch.no_grad():
             s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
             x = self._grouped(target) / s + z
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+            noise = uniform_noise(x, generator)
             q = torch.clamp(torch.floor(x + noise), 0, self.config.maxq)
             q = q.reshape(self.codes.shape).to(torch.uint8)
             self.codes.copy_(q if groups is None else torch.where(groups, q, self.codes))
