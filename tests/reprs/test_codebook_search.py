@@ -20,6 +20,19 @@ def _err(t, books, codes):
     return (additive_decode(books, codes) - t).pow(2).sum(-1)
 
 
+def test_additive_decode_is_the_sum_of_codewords_with_codebook_gradients():
+    gen = torch.Generator().manual_seed(0)
+    books = torch.randn(3, 16, 4, generator=gen, requires_grad=True)
+    codes = torch.randint(0, 16, (5, 7, 3), generator=gen, dtype=torch.int64)
+    out = additive_decode(books, codes.to(torch.uint8))
+    ref = sum(books[m][codes[..., m]] for m in range(3))
+    assert out.shape == (5, 7, 4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), books)
+    (grad_ref,) = torch.autograd.grad(ref.pow(2).sum(), books)
+    torch.testing.assert_close(grad, grad_ref)
+
+
 def test_nearest_matches_brute_force():
     gen = torch.Generator().manual_seed(0)
     x, book = torch.randn(300, 5, generator=gen), torch.randn(17, 5, generator=gen)

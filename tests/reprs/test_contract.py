@@ -169,3 +169,13 @@ def test_aqlm_any_shape(out, ngroups, g, m, b):
     assert int(rep.codes.max()) < (1 << b)
     assert rep.codebooks.shape == (m, 1 << b, 1, g)
     assert rep.scales.shape == (out, 1, 1, 1)
+
+
+def test_uniform_noise_draws_on_the_cpu_generator_in_the_target_dtype():
+    from pvtune.reprs.base import uniform_noise
+
+    like = torch.zeros(3, 4, dtype=torch.float64)
+    a = uniform_noise(like, torch.Generator().manual_seed(7))
+    b = torch.rand(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert a.dtype == like.dtype and a.device == like.device
+    assert torch.equal(a, b)
