@@ -75,6 +75,7 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
     from pvtune.llm.model import load_causal_lm
+    from pvtune.nn.quantize import quantized_layers
     from pvtune.optim import VStepConfig
 
     torch.manual_seed(0)
@@ -92,8 +93,9 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
                          seed=0)
     cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
-    if strategy != "frozen":
-        row["code_lr"] = vstep.step_size
+    if strategy != "frozen":  # the step the optimizer resolves for this representation
+        first = next(iter(quantized_layers(student).values()))
+        row["code_lr"] = vstep.for_weight(first.qweight).step_size
     start = time.perf_counter()
     result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
     row.update(
@@ -189,7 +191,7 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--code-lr", type=float, default=None,
                         help="discrete step size for every strategy run (default: each "
-                             "strategy's DEFAULT_LR)")
+                             "strategy's, pvtune.optim.strategies.default_step_size)")
     parser.add_argument("--results", default="finetune_strategies",
                         help="results name: benchmarks/results/NAME.{json,md,png}; rows of "
                              "other names are kept apart from the main table's")
@@ -261,6 +263,8 @@ def write_table(args, default_lr) -> None:
     """Results table, JSON and loss-curve plot from the rows kept for ``args.results``."""
     from common import RESULTS, write_results
 
+    from pvtune.optim.strategies import WIDE_CELL_LR
+
     order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
     rows = [json.loads(p.read_text()) for p in rows_folder(args).glob("row-*.json")]
     rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99),
@@ -274,9 +278,12 @@ def write_table(args, default_lr) -> None:
          "perplexity",
          "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
-              f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the discrete "
-              f"step size (defaults {default_lr}); perplexity on {args.eval_windows} evaluation "
-              f"windows of 512 tokens. minutes: fine-tuning wall time (teacher logits cached).",
+              f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the "
+              f"discrete step size each row ran with (current defaults {default_lr}, and "
+              f"{WIDE_CELL_LR:g} for ste and subspace_v_ste on uniform grids of at most 2 "
+              f"bits); perplexity on "
+              f"{args.eval_windows} evaluation windows of 512 tokens. minutes: fine-tuning "
+              f"wall time (teacher logits cached).",
         extra={"curves": {run_key(r): r.get("losses") for r in rows},
                "fraction_changed": {run_key(r): r.get("fraction_changed") for r in rows},
                "settings": vars(args)},

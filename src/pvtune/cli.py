@@ -372,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--code-lr", type=float, default=None,
-                   help="discrete step size (default: the strategy's, see DEFAULT_LR; for "
-                        "2-bit uniform grids 1e-2 did better with ste / subspace_v_ste, "
-                        "see benchmarks/results/finetune_code_lr.md)")
+                   help="discrete step size (default: the strategy's, 1e-2 for ste and "
+                        "subspace_v_ste on uniform grids of at most 2 bits; see "
+                        "benchmarks/results/finetune_code_lr.md)")
     p.add_argument("--tau", type=float, default=0.01, help="fraction of groups per V step")
     p.add_argument("--trust-ratio", type=float, default=None)
     p.add_argument("--beam-size", type=int, default=1)

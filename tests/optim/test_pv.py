@@ -140,6 +140,36 @@ def test_subspace_ste_skips_changes_the_gradient_disagrees_with():
     assert torch.equal(rep.codes, codes)
 
 
+@pytest.mark.parametrize(("config", "strategy", "expected"), [
+    (UniformConfig(bits=2, group_size=16), "ste", 1e-2),
+    (UniformConfig(bits=2, group_size=16), "subspace_v_ste", 1e-2),
+    (UniformConfig(bits=2, group_size=16), "stochastic_rounding", 1e-3),
+    (UniformConfig(bits=3, group_size=16), "subspace_v_ste", 3e-3),
+    (AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2),
+     "subspace_v_ste", 3e-3),
+], ids=str)
+def test_default_code_step_depends_on_the_representation(config, strategy, expected):
+    model, _, _ = toy(0, config, inp=16)
+    base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    opt = PVOptimizer(model, base, VStepConfig(strategy=strategy))
+    assert opt.weight_configs["0"].step_size == expected
+    explicit = PVOptimizer(model, base, VStepConfig(strategy=strategy, lr=5e-4))
+    assert explicit.weight_configs["0"].step_size == 5e-4
+
+
+def test_wide_cell_step_moves_the_buffer_by_it():
+    """One STE step on 2-bit uniform weights moves the buffer by 1e-2 per entry (the Adam
+    direction with beta1 = 0 is +-1 on the first step)."""
+    model, w_true, x = toy(0, UniformConfig(bits=2, group_size=16), inp=16)
+    base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    opt = PVOptimizer(model, base, VStepConfig(strategy="ste"))
+    before = opt.states["0"].buffer.clone()
+    loss_of(model, w_true, x).backward()
+    opt.step()
+    moved = (opt.states["0"].buffer - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 1e-2), rtol=1e-4, atol=1e-7)
+
+
 def test_frozen_equals_the_base_optimizer_exactly():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -51,9 +51,11 @@ class PVOptimizer:
         if not self.layers and config.strategy != "frozen":
             raise ValueError("the model has no QuantizedLinear layers: quantize it first")
         self.states: dict[str, WeightState] = {}
+        self.weight_configs: dict[str, VStepConfig] = {}  # lr resolved per representation
         for name, layer in self.layers.items():
             layer.track_dense_grad = True
             self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
+            self.weight_configs[name] = config.for_weight(layer.qweight)
         self.steps = 0
 
     def zero_grad(self) -> None:
@@ -83,7 +85,7 @@ class PVOptimizer:
             gen = torch.Generator().manual_seed(
                 (self.config.seed * 1_000_003 + index * 7_919 + self.steps) % 2**63
             )
-            self.strategy(rep, grad, self.states[name], self.config, gen)
+            self.strategy(rep, grad, self.states[name], self.weight_configs[name], gen)
             if w_before is not None:
                 apply_trust_ratio(rep, w_before, codes_before, self.config.trust_ratio)
             changed += _groups_changed(rep, codes_before)

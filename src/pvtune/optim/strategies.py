@@ -24,6 +24,7 @@ generator seeded per weight and step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -72,6 +73,13 @@ class VStepConfig:
         """``lr``, or the strategy's default step size."""
         return DEFAULT_LR.get(self.strategy, 1e-3) if self.lr is None else self.lr
 
+    def for_weight(self, rep: QuantizedWeight) -> VStepConfig:
+        """This config with ``lr`` resolved for ``rep``: an explicit ``lr`` wins, else the
+        representation's measured default (:func:`default_step_size`)."""
+        if self.lr is not None:
+            return self
+        return dataclasses.replace(self, lr=default_step_size(self.strategy, rep.config))
+
 
 # Default step sizes, chosen on SmolLM2-135M at about 2 bits (20 steps of 2 x 256 tokens).
 # Buffer strategies move by lr per step along an Adam direction (weight units): at 1e-3 dense
@@ -82,6 +90,21 @@ class VStepConfig:
 # 2-bit uniform) while 3x that raised it 3-10x.
 DEFAULT_LR = {"ste": 3e-3, "stochastic_rounding": 1e-3, "subspace_v_ste": 3e-3,
               "linearized_v": 3e-4, "subspace_v": 3e-4, "frozen": 0.0}
+
+# 2-bit uniform grids have few, wide cells: a 3e-3 buffer step rarely crosses one in 20 steps.
+# At 1e-2 STE went 983.2 -> 369.0 and subspace V + STE 978.3 -> 345.4 on SmolLM2-135M (GPTQ
+# start, benchmarks/results/finetune_code_lr.md); on AQLM 2x8g8 1e-2 hurt (83.58 -> 223.1).
+WIDE_CELL_LR = 1e-2
+
+
+def default_step_size(strategy: str, config) -> float:
+    """Default discrete step size of ``strategy`` on a weight with representation ``config``:
+    :data:`WIDE_CELL_LR` for the buffer strategies on uniform grids of at most 2 bits,
+    else :data:`DEFAULT_LR`."""
+    if strategy in ("ste", "subspace_v_ste") and config.type_name == "uniform" \
+            and config.bits <= 2:
+        return WIDE_CELL_LR
+    return DEFAULT_LR.get(strategy, 1e-3)
 
 
 class WeightState:
