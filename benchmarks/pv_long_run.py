@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ def main() -> None:
     command = finetune_command(args)
     minutes = None
     if not args.reuse:
+        shutil.rmtree(OUTPUT, ignore_errors=True)  # a fresh run, not a resume of the last one
         start = time.perf_counter()
         subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]],
                        check=True)

@@ -85,6 +85,25 @@ def test_resume_reaches_the_same_result(llama_dir, tmp_path):
     assert raw[8:9] == b"{"  # a safetensors header, not a pickle
 
 
+def test_resume_with_other_settings_is_a_clear_error(llama_dir, tmp_path):
+    cfg = FinetuneConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, schedule="cosine",
+                         vstep=VStepConfig(strategy="subspace_v_ste"))
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+    finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+             progress=False, stop_at=2)
+    other = FinetuneConfig(steps=4, batch_size=2, lr=2e-3, checkpoint_every=2,
+                           schedule="cosine", vstep=VStepConfig(strategy="subspace_v_ste"))
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 -> 0.002\)"):
+        finetune(student, TeacherLogits(teacher, ids), ids, other, checkpoint_dir=tmp_path,
+                 progress=False)
+    # evaluation and checkpoint cadence do not change the trajectory: resuming is fine
+    same = FinetuneConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=1, eval_every=0,
+                          schedule="cosine", vstep=VStepConfig(strategy="subspace_v_ste"))
+    resumed = finetune(student, TeacherLogits(teacher, ids), ids, same,
+                       checkpoint_dir=tmp_path, progress=False)
+    assert len(resumed.losses) == 4
+
+
 def test_teacher_cache_matches_on_the_fly(llama_dir, tmp_path):
     _, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
     live = TeacherLogits(teacher, ids)(torch.tensor([1, 3]))

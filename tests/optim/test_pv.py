@@ -170,6 +170,23 @@ def test_wide_cell_step_moves_the_buffer_by_it():
     torch.testing.assert_close(moved, torch.full_like(moved, 1e-2), rtol=1e-4, atol=1e-7)
 
 
+def test_v_step_lr_scale_scales_the_buffer_move():
+    moves = []
+    for scale in (1.0, 0.25, 0.0):
+        model, w_true, x = toy(0, UniformConfig(bits=2, group_size=16), inp=16)
+        base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        opt = PVOptimizer(model, base, VStepConfig(strategy="ste", lr=0.1))
+        before = opt.states["0"].buffer.clone()
+        loss_of(model, w_true, x).backward()
+        opt.v_step(lr_scale=scale)
+        moves.append(float((opt.states["0"].buffer - before).abs().max()))
+    assert moves[0] == pytest.approx(0.1, rel=1e-4)
+    assert moves[1] == pytest.approx(0.025, rel=1e-4)
+    assert moves[2] == 0.0
+    with pytest.raises(ValueError, match="lr_scale"):
+        opt.v_step(lr_scale=-1.0)
+
+
 def test_frozen_equals_the_base_optimizer_exactly():
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))

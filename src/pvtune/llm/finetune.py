@@ -42,7 +42,8 @@ class FinetuneConfig:
     ``steps`` optimizer steps, each over ``grad_accum`` micro-batches of ``batch_size``
     sequences drawn (seeded by step) from the calibration pool; ``lr`` with ``betas`` for
     the continuous parameters under a ``schedule`` (``constant``, ``cosine`` or ``linear``
-    decay) with ``warmup_steps``; ``vstep`` for the codes; ``eval_every`` (0: only at the
+    decay) with ``warmup_steps``; ``vstep`` for the codes, whose step size follows the same
+    schedule; ``eval_every`` (0: only at the
     end) with keep-best; ``checkpoint_every`` (0: never) for resuming.
     """
 
@@ -173,14 +174,15 @@ def finetune(
     result = FinetuneResult()
     start = 0
     if checkpoint_dir is not None and (checkpoint_dir / RESUME_META).is_file():
-        start = _load_resume(checkpoint_dir, student, base, opt, result)
+        start = _load_resume(checkpoint_dir, student, base, opt, result, config)
         log.info("resumed from %s at step %d", checkpoint_dir, start)
     student.train()
     bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
                disable=not progress, unit="step", initial=start, total=config.steps)
     for step in bar:
+        factor = lr_factor(config, step)  # scales the continuous and the code step alike
         for group in base.param_groups:
-            group["lr"] = config.lr * lr_factor(config, step)
+            group["lr"] = config.lr * factor
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(config.grad_accum):
@@ -193,7 +195,7 @@ def finetune(
         t1 = time.perf_counter()
         opt.p_step()
         t2 = time.perf_counter()
-        stats = opt.v_step()
+        stats = opt.v_step(lr_scale=factor)
         opt.steps += 1
         opt.zero_grad()
         t3 = time.perf_counter()
@@ -210,7 +212,7 @@ def finetune(
             _evaluate(student, eval_windows, done, result, save_best)
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
-            _save_resume(checkpoint_dir, student, base, opt, result, done)
+            _save_resume(checkpoint_dir, student, base, opt, result, done, config)
         if stop_at is not None and done >= stop_at:
             break
     student.eval()
@@ -228,7 +230,18 @@ def _evaluate(student, windows, step, result: FinetuneResult, save_best) -> None
             save_best(student)
 
 
-def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step: int) -> None:
+# settings that do not change the training trajectory: a resumed run may change them
+_RESUME_FREE = ("eval_every", "checkpoint_every")
+
+
+def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
+    """The config as JSON values, without the fields a resumed run may change."""
+    settings = json.loads(json.dumps(asdict(config)))
+    return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
+
+
+def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step: int,
+                 config: FinetuneConfig) -> None:
     from pvtune.checkpoint.format import pack_state
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -237,16 +250,27 @@ def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step:
     tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **adam_tensors,
                **opt.state_tensors()}
     save_file(tensors, str(directory / RESUME_TENSORS))
-    meta = {"step": step, "layout": layout, "adam": adam_meta, "result": asdict(result)}
+    meta = {"step": step, "layout": layout, "adam": adam_meta, "result": asdict(result),
+            "settings": _trajectory_settings(config)}
     tmp = directory / (RESUME_META + ".tmp")
     tmp.write_text(json.dumps(meta))
     tmp.replace(directory / RESUME_META)  # the JSON names a complete tensor file
 
 
-def _load_resume(directory: Path, student, base, opt: PVOptimizer, result) -> int:
+def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
+                 config: FinetuneConfig) -> int:
     from pvtune.checkpoint.format import unpack_state
 
     meta: dict[str, Any] = json.loads((directory / RESUME_META).read_text())
+    saved, now = meta.get("settings"), _trajectory_settings(config)
+    if saved is not None and saved != now:
+        changed = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+        raise ValueError(
+            f"{directory} holds the resume state of a run with other settings ({changed}); "
+            "run with the same settings to continue it, or delete that folder (or choose "
+            "another --output) to start afresh"
+        )
     tensors = load_file(str(directory / RESUME_TENSORS))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     student.load_state_dict(unpack_state(model_state, meta["layout"]), strict=True)

@@ -12,6 +12,7 @@ forward pass (``track_dense_grad``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +69,13 @@ class PVOptimizer:
         """Continuous step: the base optimizer on scales, codebooks and dense parameters."""
         self.base.step()
 
-    def v_step(self) -> StepStats:
-        """Discrete step on every compressed weight; deterministic given the gradients."""
+    def v_step(self, lr_scale: float = 1.0) -> StepStats:
+        """Discrete step on every compressed weight; deterministic given the gradients.
+
+        ``lr_scale`` multiplies each weight's step size (a learning-rate schedule's factor).
+        """
+        if lr_scale < 0:
+            raise ValueError(f"lr_scale must be >= 0, got {lr_scale}")
         changed = total = 0
         for index, (name, layer) in enumerate(self.layers.items()):
             if layer.dense_weight is None or layer.dense_weight.grad is None:
@@ -85,7 +91,10 @@ class PVOptimizer:
             gen = torch.Generator().manual_seed(
                 (self.config.seed * 1_000_003 + index * 7_919 + self.steps) % 2**63
             )
-            self.strategy(rep, grad, self.states[name], self.weight_configs[name], gen)
+            config = self.weight_configs[name]
+            if lr_scale != 1.0:
+                config = dataclasses.replace(config, lr=config.step_size * lr_scale)
+            self.strategy(rep, grad, self.states[name], config, gen)
             if w_before is not None:
                 apply_trust_ratio(rep, w_before, codes_before, self.config.trust_ratio)
             changed += _groups_changed(rep, codes_before)
