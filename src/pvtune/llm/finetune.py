@@ -43,8 +43,8 @@ class FinetuneConfig:
     sequences drawn (seeded by step) from the calibration pool; ``lr`` with ``betas`` for
     the continuous parameters under a ``schedule`` (``constant``, ``cosine`` or ``linear``
     decay) with ``warmup_steps``; ``vstep`` for the codes, whose step size follows the same
-    schedule; ``eval_every`` (0: only at the
-    end) with keep-best; ``checkpoint_every`` (0: never) for resuming.
+    schedule; ``eval_every`` (0: only at the end) with keep-best; ``checkpoint_every``
+    (0: never) for resuming.
     """
 
     steps: int = 50

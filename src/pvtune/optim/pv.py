@@ -85,7 +85,7 @@ class PVOptimizer:
                 )
             rep = layer.qweight
             grad = layer.dense_weight.grad.detach().to(torch.float32)
-            codes_before = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+            codes_before = rep.snapshot_codes()
             with torch.no_grad():
                 w_before = rep().detach() if self.config.trust_ratio is not None else None
             gen = torch.Generator().manual_seed(

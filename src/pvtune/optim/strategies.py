@@ -99,8 +99,8 @@ WIDE_CELL_LR = 1e-2
 
 def default_step_size(strategy: str, config) -> float:
     """Default discrete step size of ``strategy`` on a weight with representation ``config``:
-    :data:`WIDE_CELL_LR` for the buffer strategies on uniform grids of at most 2 bits,
-    else :data:`DEFAULT_LR`."""
+    :data:`WIDE_CELL_LR` for ``ste`` and ``subspace_v_ste`` on uniform grids of at most
+    2 bits, else :data:`DEFAULT_LR`."""
     if strategy in ("ste", "subspace_v_ste") and config.type_name == "uniform" \
             and config.bits <= 2:
         return WIDE_CELL_LR
@@ -165,16 +165,14 @@ def top_groups(score: Tensor, fraction: float) -> Tensor:
     return mask.view_as(score)
 
 
+def group_sum(rep: QuantizedWeight, x: Tensor) -> Tensor:
+    """Sum of ``x`` (weight-shaped) over each encode group of ``rep``."""
+    return x.reshape(*rep.groups_shape, rep.code_group_size).sum(-1)
+
+
 def group_sq_norm(rep: QuantizedWeight, x: Tensor) -> Tensor:
     """Squared norm of ``x`` per encode group of ``rep``."""
-    return x.reshape(*rep.groups_shape, rep.code_group_size).pow(2).sum(-1)
-
-
-def restore_codes(rep: QuantizedWeight, old: dict[str, Tensor], keep: Tensor) -> None:
-    """Put back the ``old`` codes of every group outside the ``keep`` mask."""
-    for name, before in old.items():
-        buf = getattr(rep, name)
-        buf.copy_(torch.where(rep.expand_groups(keep, buf), buf, before))
+    return group_sum(rep, x.pow(2))
 
 
 def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, Tensor],
@@ -190,7 +188,7 @@ def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, 
         keep_sorted = torch.cumsum(change[order], 0) <= budget
         keep = torch.zeros_like(change, dtype=torch.bool)
         keep[order[keep_sorted]] = True
-        restore_codes(rep, codes_old, keep=keep.view(rep.groups_shape))
+        rep.restore_codes(codes_old, keep=keep.view(rep.groups_shape))
 
 
 class Strategy(Protocol):
@@ -260,15 +258,13 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         step = config.step_size * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
         lr_eff = float(step.norm() / grad.norm().clamp(min=1e-30))
         candidates = top_groups(group_sq_norm(rep, direction), PRESELECT * config.tau)
-        old = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+        old = rep.snapshot_codes()
         rep.encode(w - step, candidates, beam_size=config.beam_size)
         delta = rep() - w
         # decrease of the local model <g, dW> + ||dW||^2 / (2 lr_eff), per group
-        shape = (*rep.groups_shape, rep.code_group_size)
-        gain = -(grad * delta).reshape(shape).sum(-1) \
-            - delta.pow(2).reshape(shape).sum(-1) / (2 * max(lr_eff, 1e-30))
+        gain = -group_sum(rep, grad * delta) - group_sq_norm(rep, delta) / (2 * max(lr_eff, 1e-30))
         keep = top_groups(torch.where(candidates, gain, torch.zeros_like(gain)), config.tau)
-        restore_codes(rep, old, keep=keep)
+        rep.restore_codes(old, keep=keep)
 
 
 @register_strategy("subspace_v_ste", needs_buffer=True)
@@ -291,13 +287,12 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
         # cells scale with it: rank candidates by the gap relative to the row's mean square
         row_ms = w.pow(2).mean(-1, keepdim=True).clamp(min=1e-30)
         candidates = top_groups(gap / row_ms, PRESELECT * config.tau)
-        old = {n: getattr(rep, n).clone() for n in rep.code_buffers}
+        old = rep.snapshot_codes()
         rep.encode(state.buffer, candidates, beam_size=config.beam_size)
         w_new = rep()
         decrease = gap - group_sq_norm(rep, state.buffer - w_new)
         # first-order change of the loss: changes the current gradient disagrees with stay out
-        shape = (*rep.groups_shape, rep.code_group_size)
-        descent = -(grad * (w_new - w)).reshape(shape).sum(-1) > 0
+        descent = group_sum(rep, grad * (w_new - w)) < 0
         keep = top_groups(torch.where(candidates & descent, decrease,
                                       torch.zeros_like(decrease)), config.tau)
-        restore_codes(rep, old, keep=keep)
+        rep.restore_codes(old, keep=keep)

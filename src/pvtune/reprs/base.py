@@ -150,7 +150,7 @@ class QuantizedWeight(nn.Module):
         unbiased rounding between neighbouring levels."""
         target, groups = self._check_target(target), self._check_groups(groups)
         with torch.no_grad():
-            old = {n: getattr(self, n).clone() for n in self.code_buffers}
+            old = self.snapshot_codes()
             w_old = self().detach()
             self.encode(target, groups, beam_size=beam_size)
             w_new = self().detach()
@@ -158,10 +158,7 @@ class QuantizedWeight(nn.Module):
             e_old = (w_old - target).reshape(shape).norm(dim=-1)
             e_new = (w_new - target).reshape(shape).norm(dim=-1)
             p_move = e_old / (e_old + e_new).clamp(min=1e-30)
-            move = uniform_noise(p_move, generator) < p_move
-            for n, before in old.items():
-                buf = getattr(self, n)
-                buf.copy_(torch.where(self.expand_groups(move, buf), buf, before))
+            self.restore_codes(old, keep=uniform_noise(p_move, generator) < p_move)
 
     def bits_per_param(self) -> float:
         """Exact storage cost in bits per weight of the packed format (codes + theta)."""
@@ -176,6 +173,17 @@ class QuantizedWeight(nn.Module):
         """Names of the buffers a discrete step changes: shape ``[out, ...]`` with either one
         entry per encode group or one per weight along dim 1."""
         return ("codes",)
+
+    def snapshot_codes(self) -> dict[str, Tensor]:
+        """Copies of the code buffers, for :meth:`restore_codes`."""
+        return {name: getattr(self, name).clone() for name in self.code_buffers}
+
+    def restore_codes(self, snapshot: dict[str, Tensor], keep: Tensor) -> None:
+        """Put back the ``snapshot`` codes of every group outside the ``keep`` groups mask."""
+        with torch.no_grad():
+            for name, before in snapshot.items():
+                buf = getattr(self, name)
+                buf.copy_(torch.where(self.expand_groups(keep, buf), buf, before))
 
     def expand_groups(self, groups: Tensor, buffer: Tensor) -> Tensor:
         """Broadcast a ``groups`` mask to the shape of a code buffer."""
