@@ -16,6 +16,8 @@ learning rate.
     # a step-size sweep or a longer budget goes to its own table (rows kept apart):
     python benchmarks/finetune_strategies.py --results finetune_code_lr --code-lr 1e-2 \
         --reprs gptq2 --strategies ste subspace_v_ste --no-peer
+    python benchmarks/finetune_strategies.py --results finetune_seeds --seed 1 \
+        --reprs aqlm2x8g8 --strategies frozen ste subspace_v_ste --no-peer
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     from pvtune.nn.quantize import quantized_layers
     from pvtune.optim import VStepConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     student, tok = load_causal_lm(starting_point(rep))
     teacher, _ = load_causal_lm(None)
     for p in teacher.parameters():
@@ -89,9 +91,9 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     if strategy == "calibration_only":
         row.update(perplexity=perplexity(student, evw, progress=False).perplexity, losses=[])
         return row
-    vstep = VStepConfig(strategy=strategy, lr=args.code_lr, tau=args.tau, seed=0)
+    vstep = VStepConfig(strategy=strategy, lr=args.code_lr, tau=args.tau, seed=args.seed)
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
-                         seed=0)
+                         seed=args.seed)
     cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
     if strategy != "frozen":  # the step the optimizer resolves for this representation
         first = next(iter(quantized_layers(student).values()))
@@ -198,6 +200,8 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="order of the calibration batches and stochastic-rounding draws")
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -214,11 +218,12 @@ def main() -> None:
         jobs.append(("fp32", "torchao_qat"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
-                            "eval_windows") or (k == "code_lr" and v is not None)]
+                            "eval_windows", "seed") or (k == "code_lr" and v is not None)]
     rows_dir = rows_folder(args)
     rows_dir.mkdir(exist_ok=True)
     tag = ("" if args.code_lr is None else f"-code{args.code_lr:g}") + \
-        ("" if args.lr == BASE_LR else f"-lr{args.lr:g}")
+        ("" if args.lr == BASE_LR else f"-lr{args.lr:g}") + \
+        ("" if args.seed == 0 else f"-seed{args.seed}")
     for rep, strategy in jobs:
         out = rows_dir / f"row-{rep}-{strategy}{tag}.json"
         if args.keep and out.is_file() and json.loads(out.read_text()).get("steps") == args.steps:
@@ -228,7 +233,8 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
                         *passthrough], check=True)
         row = json.loads(out.read_text())
-        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr)
+        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr,
+                   seed=args.seed)
         out.write_text(json.dumps(row))
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
@@ -244,6 +250,8 @@ QUESTIONS = {
                         "the subspace (top-tau) strategies over STE and naive linearized V?",
     "finetune_long": "does the comparison hold with a longer budget and the published "
                      "continuous learning rate (3e-4)?",
+    "finetune_seeds": "how far do the rows move with the seed (the order of the calibration "
+                      "batches), next to the gaps between strategies?",
 }
 
 
@@ -251,7 +259,8 @@ def run_key(row: dict) -> str:
     """``representation/strategy[@code_lr][/lr]``: unique per row of one table."""
     key = f"{row['representation']}/{row['strategy']}"
     key += f"@{row['code_lr']:g}" if row.get("code_lr") else ""
-    return key + (f"/lr{row['lr']:g}" if row.get("lr", BASE_LR) != BASE_LR else "")
+    key += f"/lr{row['lr']:g}" if row.get("lr", BASE_LR) != BASE_LR else ""
+    return key + (f"#seed{row['seed']}" if row.get("seed") else "")
 
 
 def rows_folder(args) -> Path:
@@ -268,14 +277,14 @@ def write_table(args, default_lr) -> None:
     order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
     rows = [json.loads(p.read_text()) for p in rows_folder(args).glob("row-*.json")]
     rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99),
-                             r.get("code_lr") or 0.0))
+                             r.get("code_lr") or 0.0, r.get("seed", 0)))
     table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
              for r in rows]
     write_results(
         args.results,
         QUESTIONS.get(args.results, __doc__.split("\n\n")[0].removeprefix("Question: ")), table,
-        ["representation", "strategy", "linear_bits", "steps", "batch", "lr", "code_lr",
-         "perplexity",
+        ["representation", "strategy", "seed", "linear_bits", "steps", "batch", "lr",
+         "code_lr", "perplexity",
          "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
               f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the "

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from pvtune.reprs import AQLMConfig, representation_for
 from pvtune.reprs.codebook_search import (
+    _beam_chunk,
+    _greedy_chunk,
     additive_decode,
     beam_search,
     kmeans,
@@ -66,6 +68,17 @@ def test_beam_never_worse_than_greedy(seed, beam, m):
     greedy = _err(t, books, beam_search(t, books, 1))
     wide = _err(t, books, beam_search(t, books, beam))
     assert (wide <= greedy + 1e-5).all()
+
+
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 3))
+def test_greedy_path_equals_the_beam_path_of_width_one(seed, m):
+    """``beam_size=1`` takes a shorter path (one matrix product per codebook); it must pick
+    the same codes as the general beam search of width one."""
+    gen = torch.Generator().manual_seed(seed)
+    books = torch.randn(m, 16, 4, generator=gen)
+    t = torch.randn(200, 4, generator=gen)
+    cnorm = books.pow(2).sum(-1)
+    assert torch.equal(_greedy_chunk(t, books, cnorm, 1), _beam_chunk(t, books, cnorm, 1))
 
 
 def test_full_beam_is_exhaustive_optimum():

@@ -106,6 +106,18 @@ def test_gradcheck_continuous_path(config, weight):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_decode_groups_equals_the_full_decoding(config, weight):
+    """Bit-equal to the same groups of ``forward()``: the discrete step compares them."""
+    rep = make(config, weight)
+    with torch.no_grad():
+        full = rep().reshape(-1, rep.code_group_size)
+    n = full.shape[0]
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: n // 3]
+    assert torch.equal(rep.decode_groups(index), full[index])
+    assert rep.decode_groups(index[:0]).shape == (0, rep.code_group_size)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_bad_groups_mask_rejected(config, weight):
     rep = make(config, weight)
     with pytest.raises(ValueError, match="bool mask of shape"):

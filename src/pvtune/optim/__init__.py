@@ -7,6 +7,7 @@ from pvtune.optim.strategies import (
     WeightState,
     register_strategy,
     top_groups,
+    top_indices,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "continuous_parameters",
     "register_strategy",
     "top_groups",
+    "top_indices",
 ]

@@ -137,7 +137,8 @@ def dense_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Te
     state.step += 1
     state.sq_avg.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
     bias = 1 - config.beta2 ** state.step
-    return grad / ((state.sq_avg / bias).sqrt() + config.eps)
+    denom = state.sq_avg.div(bias).sqrt_().add_(config.eps)  # in place: no temporaries
+    return torch.div(grad, denom, out=denom)
 
 
 def matrix_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Tensor:
@@ -157,12 +158,42 @@ def matrix_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> T
 def top_groups(score: Tensor, fraction: float) -> Tensor:
     """Bool mask of the ``ceil(fraction * n)`` groups with the largest positive score."""
     flat = score.reshape(-1)
-    k = min(int((flat > 0).sum()), math.ceil(fraction * flat.numel()))
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        # a deterministic function of the scores: ranks that see the same gradients agree
-        mask[torch.topk(flat, k, sorted=False).indices] = True
+    mask[top_indices(flat, math.ceil(fraction * flat.numel()))] = True
     return mask.view_as(score)
+
+
+_PREFILTER_MIN = 1 << 16  # below this many scores a plain top-k is as fast
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices (ascending) of the ``k`` largest positive entries of the 1-D ``scores``, or of
+    all positive entries when fewer; among equal scores the lower index wins.
+
+    A deterministic function of the scores on any device, so ranks that see the same
+    gradients agree. On large inputs a threshold from a strided sample first discards most
+    entries (a full top-k of a few percent of a million scores is slow on CPUs); the result
+    is exact: when at least ``k`` scores exceed the threshold, the ``k`` largest are all
+    among them.
+    """
+    positive = scores > 0
+    k = min(k, int(positive.sum()))
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    n, pool = scores.numel(), None
+    if n >= _PREFILTER_MIN and 8 * k <= n:
+        sample = scores[:: n // 8192]
+        above = (scores > torch.quantile(sample, 1.0 - 2.0 * k / n)).nonzero().squeeze(1)
+        if above.numel() >= k:
+            pool = above
+    if pool is None:
+        pool = positive.nonzero().squeeze(1)
+    values = scores[pool]
+    kth = torch.topk(values, k, sorted=False).values.min()
+    # everything above the k-th value, then the lowest-index ties to fill k
+    above_kth, tied = values > kth, (values == kth).nonzero().squeeze(1)
+    picked = torch.cat([pool[above_kth], pool[tied[: k - int(above_kth.sum())]]])
+    return picked.sort().values
 
 
 def group_sum(rep: QuantizedWeight, x: Tensor) -> Tensor:
@@ -257,14 +288,17 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         w = rep()
         step = config.step_size * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
         lr_eff = float(step.norm() / grad.norm().clamp(min=1e-30))
-        candidates = top_groups(group_sq_norm(rep, direction), PRESELECT * config.tau)
+        candidates = top_indices(group_sq_norm(rep, direction).reshape(-1),
+                                 math.ceil(PRESELECT * config.tau * group_count(rep)))
+        if candidates.numel() == 0:
+            return
         old = rep.snapshot_codes()
-        rep.encode(w - step, candidates, beam_size=config.beam_size)
-        delta = rep() - w
-        # decrease of the local model <g, dW> + ||dW||^2 / (2 lr_eff), per group
-        gain = -group_sum(rep, grad * delta) - group_sq_norm(rep, delta) / (2 * max(lr_eff, 1e-30))
-        keep = top_groups(torch.where(candidates, gain, torch.zeros_like(gain)), config.tau)
-        rep.restore_codes(old, keep=keep)
+        rep.encode(w - step, groups_mask(rep, candidates), beam_size=config.beam_size)
+        delta = rep.decode_groups(candidates) - in_groups(rep, w, candidates)
+        # decrease of the local model <g, dW> + ||dW||^2 / (2 lr_eff), per candidate group
+        gain = -(in_groups(rep, grad, candidates) * delta).sum(-1) \
+            - delta.pow(2).sum(-1) / (2 * max(lr_eff, 1e-30))
+        keep_among(rep, old, candidates, gain, config.tau)
 
 
 @register_strategy("subspace_v_ste", needs_buffer=True)
@@ -286,13 +320,42 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
         # the buffer moves by about lr per entry whatever the row's magnitude, while code
         # cells scale with it: rank candidates by the gap relative to the row's mean square
         row_ms = w.pow(2).mean(-1, keepdim=True).clamp(min=1e-30)
-        candidates = top_groups(gap / row_ms, PRESELECT * config.tau)
+        candidates = top_indices((gap / row_ms).reshape(-1),
+                                 math.ceil(PRESELECT * config.tau * group_count(rep)))
+        if candidates.numel() == 0:
+            return
         old = rep.snapshot_codes()
-        rep.encode(state.buffer, candidates, beam_size=config.beam_size)
-        w_new = rep()
-        decrease = gap - group_sq_norm(rep, state.buffer - w_new)
+        rep.encode(state.buffer, groups_mask(rep, candidates), beam_size=config.beam_size)
+        w_new = rep.decode_groups(candidates)
+        y = in_groups(rep, state.buffer, candidates)
+        decrease = gap.reshape(-1)[candidates] - (y - w_new).pow(2).sum(-1)
         # first-order change of the loss: changes the current gradient disagrees with stay out
-        descent = group_sum(rep, grad * (w_new - w)) < 0
-        keep = top_groups(torch.where(candidates & descent, decrease,
-                                      torch.zeros_like(decrease)), config.tau)
-        rep.restore_codes(old, keep=keep)
+        descent = (in_groups(rep, grad, candidates)
+                   * (w_new - in_groups(rep, w, candidates))).sum(-1) < 0
+        keep_among(rep, old, candidates, torch.where(descent, decrease,
+                                                     torch.zeros_like(decrease)), config.tau)
+
+
+def group_count(rep: QuantizedWeight) -> int:
+    """Number of encode groups of ``rep``."""
+    return rep.groups_shape[0] * rep.groups_shape[1]
+
+
+def groups_mask(rep: QuantizedWeight, index: Tensor) -> Tensor:
+    """The ``groups`` mask of :meth:`QuantizedWeight.encode` selecting flat ``index``."""
+    mask = torch.zeros(group_count(rep), dtype=torch.bool, device=index.device)
+    mask[index] = True
+    return mask.view(rep.groups_shape)
+
+
+def in_groups(rep: QuantizedWeight, x: Tensor, index: Tensor) -> Tensor:
+    """Entries of the weight-shaped ``x`` in the groups at flat ``index``, ``[n, size]``."""
+    return x.reshape(-1, rep.code_group_size)[index]
+
+
+def keep_among(rep: QuantizedWeight, old: dict[str, Tensor], candidates: Tensor,
+               score: Tensor, fraction: float) -> None:
+    """Keep the new codes of the ``ceil(fraction * groups)`` candidates with the largest
+    positive ``score``; every other candidate gets its ``old`` codes back."""
+    keep = candidates[top_indices(score, math.ceil(fraction * group_count(rep)))]
+    rep.restore_codes(old, keep=groups_mask(rep, keep))

@@ -119,6 +119,13 @@ class QuantizedWeight(nn.Module):
         """The dense ``[out, in]`` weight, differentiable w.r.t. the continuous parameters."""
         raise NotImplementedError
 
+    def decode_groups(self, index: Tensor) -> Tensor:
+        """Decoded values of the encode groups at flat ``index`` (into the row-major
+        :attr:`groups_shape`), ``[len(index), code_group_size]``, without gradient; equal to
+        the same entries of :meth:`forward`. Subclasses decode only those groups."""
+        with torch.no_grad():
+            return self().reshape(-1, self.code_group_size)[index]
+
     @property
     def code_group_size(self) -> int:
         """Consecutive input weights whose codes are re-fitted together."""

@@ -242,6 +242,12 @@ class AdditiveWeight(QuantizedWeight):
         dense = additive_decode(self._books(), self.codes)  # [out, in/g, g]
         return (self.scales.view(-1, 1, 1) * dense).reshape(self.out_features, self.in_features)
 
+    def decode_groups(self, index: Tensor) -> Tensor:
+        with torch.no_grad():
+            codes = self.codes.view(-1, self.config.num_codebooks)[index]
+            rows = index // (self.in_features // self.config.in_group_size)
+            return self.scales.detach().view(-1, 1)[rows] * additive_decode(self._books(), codes)
+
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
     ) -> None:
@@ -251,20 +257,23 @@ class AdditiveWeight(QuantizedWeight):
         beam = self.config.beam_size if beam_size is None else beam_size
         with torch.no_grad():
             books = self._books().detach()
-            vectors = self._unit_vectors(target)
-            old = self.codes.reshape(-1, self.config.num_codebooks).long()
-            sel = None if groups is None else groups.reshape(-1)
-            if sel is not None:
-                vectors, old = vectors[sel], old[sel]
+            flat = self.codes.view(-1, self.config.num_codebooks)
+            if groups is None:
+                vectors, old = self._unit_vectors(target), flat.long()
+            else:  # only the selected groups: no full-size work
+                sel = groups.reshape(-1).nonzero().squeeze(1)
+                g = self.config.in_group_size
+                rows = sel // (self.in_features // g)
+                scale = self.scales.detach().reshape(-1, 1)[rows]
+                vectors, old = target.reshape(-1, g)[sel] / scale, flat[sel].long()
             new = refine_codes(vectors, books, beam_search(vectors, books, beam))
             new_err = (additive_decode(books, new) - vectors).pow(2).sum(-1)
             old_err = (additive_decode(books, old) - vectors).pow(2).sum(-1)
-            best = torch.where((new_err < old_err).unsqueeze(-1), new, old)
-            flat = self.codes.view(-1, self.config.num_codebooks)
-            if sel is None:
-                flat.copy_(best.to(flat.dtype))
+            best = torch.where((new_err < old_err).unsqueeze(-1), new, old).to(flat.dtype)
+            if groups is None:
+                flat.copy_(best)
             else:
-                flat[sel] = best.to(flat.dtype)
+                flat[sel] = best
 
     def bits_per_param(self) -> float:
         c = self.config

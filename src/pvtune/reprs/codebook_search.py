@@ -103,9 +103,22 @@ def beam_search(targets: Tensor, codebooks: Tensor, beam_size: int = 1) -> Tenso
     out = torch.empty(targets.shape[0], m, dtype=torch.long, device=targets.device)
     step = _chunk(beam * k)
     cnorm = codebooks.pow(2).sum(-1)  # [M, K]
+    search = _greedy_chunk if beam == 1 else _beam_chunk
     for s in range(0, targets.shape[0], step):
-        out[s : s + step] = _beam_chunk(targets[s : s + step], codebooks, cnorm, beam)
+        out[s : s + step] = search(targets[s : s + step], codebooks, cnorm, beam)
     return out
+
+
+def _greedy_chunk(t: Tensor, codebooks: Tensor, cnorm: Tensor, beam: int) -> Tensor:
+    """``beam_size=1``: the nearest code of each codebook in turn to the remaining residual
+    (``||r - c||^2 - ||r||^2 = ||c||^2 - 2 r.c``: one matrix product per codebook)."""
+    codes = torch.empty(t.shape[0], codebooks.shape[0], dtype=torch.long, device=t.device)
+    resid = t
+    for j in range(codebooks.shape[0]):
+        codes[:, j] = torch.addmm(cnorm[j], resid, codebooks[j].T, alpha=-2.0).argmin(-1)
+        if j + 1 < codebooks.shape[0]:
+            resid = resid - F.embedding(codes[:, j], codebooks[j])
+    return codes
 
 
 def _beam_chunk(t: Tensor, codebooks: Tensor, cnorm: Tensor, beam: int) -> Tensor:

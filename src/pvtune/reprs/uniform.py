@@ -154,6 +154,14 @@ class UniformWeight(QuantizedWeight):
         z = self.zero.to(self.scale.dtype).unsqueeze(-1)
         return (self.scale.unsqueeze(-1) * (q - z)).reshape(self.out_features, self.in_features)
 
+    def decode_groups(self, index: Tensor) -> Tensor:
+        with torch.no_grad():
+            grid = (index // self.in_features) * (self.in_features // self.group) \
+                + (index % self.in_features) // self.group
+            q = self.codes.view(-1)[index].to(self.scale.dtype)
+            z = self.zero.view(-1)[grid].to(self.scale.dtype)
+            return (self.scale.detach().view(-1)[grid] * (q - z)).unsqueeze(-1)
+
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
     ) -> None:
