@@ -1,16 +1,19 @@
 """Question: what does the discrete (V) step cost next to one student forward+backward on
-the same batch (4 x 512 tokens of SmolLM2-135M, the batch the reference timings used)?
+the same batch of SmolLM2-135M, at `pvtune finetune`'s default batch (2 x 256 tokens) and at
+4 x 512 tokens?
 
 Starts from the checkpoints benchmarks/compress_methods.py keeps in benchmarks/.work/.
-Per representation and strategy: one warm-up step, then the mean of 3 timed steps of the
-student's forward+backward (next-token cross-entropy: the same cost as the KL loss without
-the teacher) and of the V step.
+Per batch, representation and strategy: one warm-up step, then the mean of 3 timed steps of
+the student's forward+backward (next-token cross-entropy: the same cost as the KL loss
+without the teacher) and of the V step. The V step's cost does not depend on the batch.
 
     python benchmarks/discrete_step_cost.py
+    python benchmarks/discrete_step_cost.py --batches 2x256
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,10 @@ STRATEGIES = {"aqlm-2x8g8": ["subspace_v_ste", "subspace_v"],
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", nargs="+", default=["2x256", "4x512"],
+                        help="sequences x tokens per batch")
+    args = parser.parse_args()
     import torch
     import torch.nn.functional as F
     from common import write_results
@@ -35,39 +42,43 @@ def main() -> None:
     from pvtune.optim import PVOptimizer, VStepConfig, continuous_parameters
 
     rows = []
-    for rep, directory in STARTS.items():
-        for strategy in STRATEGIES[rep]:
-            model, tok = load_causal_lm(WORK / directory)
-            ids = calibration_batch(tokenize_stream(tok, default_texts("calibration")[:20]),
-                                    CalibrationConfig(num_sequences=4, sequence_length=512))
-            opt = PVOptimizer(model, torch.optim.Adam(continuous_parameters(model), lr=1e-5),
-                              VStepConfig(strategy=strategy))
-            model.train()
-            fb, vs = [], []
-            for step in range(4):
-                t0 = time.perf_counter()
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)) \
-                    .backward()
-                t1 = time.perf_counter()
-                opt.p_step()
-                t2 = time.perf_counter()
-                opt.v_step()
-                t3 = time.perf_counter()
-                opt.zero_grad()
-                if step:  # the first step warms up allocations and state
-                    fb.append(t1 - t0)
-                    vs.append(t3 - t2)
-            row = {"representation": rep, "strategy": strategy,
-                   "forward_backward_s": sum(fb) / len(fb), "discrete_step_s": sum(vs) / len(vs)}
-            row["ratio"] = row["discrete_step_s"] / row["forward_backward_s"]
-            print(row, flush=True)
-            rows.append(row)
+    for batch in args.batches:
+        seqs, tokens = (int(v) for v in batch.split("x"))
+        for rep, directory in STARTS.items():
+            for strategy in STRATEGIES[rep]:
+                model, tok = load_causal_lm(WORK / directory)
+                ids = calibration_batch(
+                    tokenize_stream(tok, default_texts("calibration")[:20]),
+                    CalibrationConfig(num_sequences=seqs, sequence_length=tokens))
+                opt = PVOptimizer(model, torch.optim.Adam(continuous_parameters(model),
+                                                          lr=1e-5), VStepConfig(strategy=strategy))
+                model.train()
+                fb, vs = [], []
+                for step in range(4):
+                    t0 = time.perf_counter()
+                    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+                    F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                    ids[:, 1:].reshape(-1)).backward()
+                    t1 = time.perf_counter()
+                    opt.p_step()
+                    t2 = time.perf_counter()
+                    opt.v_step()
+                    t3 = time.perf_counter()
+                    opt.zero_grad()
+                    if step:  # the first step warms up allocations and state
+                        fb.append(t1 - t0)
+                        vs.append(t3 - t2)
+                row = {"batch": batch, "representation": rep, "strategy": strategy,
+                       "forward_backward_s": sum(fb) / len(fb),
+                       "discrete_step_s": sum(vs) / len(vs)}
+                row["ratio"] = row["discrete_step_s"] / row["forward_backward_s"]
+                print(row, flush=True)
+                rows.append(row)
     write_results("discrete_step_cost", __doc__.split("\n\n")[0].removeprefix("Question: "),
-                  rows, ["representation", "strategy", "forward_backward_s",
+                  rows, ["batch", "representation", "strategy", "forward_backward_s",
                          "discrete_step_s", "ratio"],
-                  notes="ratio = discrete step / forward+backward of 4 x 512 tokens; target for "
-                        "the PV strategies: at most 0.25.")
+                  notes="batch: sequences x tokens; ratio = discrete step / forward+backward "
+                        "of that batch; target for the PV strategies: at most 0.25.")
 
 
 if __name__ == "__main__":

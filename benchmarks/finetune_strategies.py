@@ -280,12 +280,15 @@ def write_table(args, default_lr) -> None:
                              r.get("code_lr") or 0.0, r.get("seed", 0)))
     table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
              for r in rows]
+    columns = ["representation", "strategy", "seed", "linear_bits", "steps", "batch", "lr",
+               "code_lr", "perplexity", "minutes", "discrete_over_fwd_bwd",
+               "fwd_bwd_s_per_step", "discrete_s_per_step"]
+    if any("source" in r for r in table):  # rows copied from another table's run
+        columns.append("source")
     write_results(
         args.results,
         QUESTIONS.get(args.results, __doc__.split("\n\n")[0].removeprefix("Question: ")), table,
-        ["representation", "strategy", "seed", "linear_bits", "steps", "batch", "lr",
-         "code_lr", "perplexity",
-         "minutes", "discrete_over_fwd_bwd", "fwd_bwd_s_per_step", "discrete_s_per_step"],
+        columns,
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
               f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the "
               f"discrete step size each row ran with (current defaults {default_lr}, and "

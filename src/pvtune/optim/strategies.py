@@ -177,27 +177,34 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     among them.
     """
     positive = scores > 0
-    k = min(k, int(positive.sum()))
+    k = min(k, int(torch.count_nonzero(positive)))
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     n, pool = scores.numel(), None
     if n >= _PREFILTER_MIN and 8 * k <= n:
         sample = scores[:: n // 8192]
-        above = (scores > torch.quantile(sample, 1.0 - 2.0 * k / n)).nonzero().squeeze(1)
+        # about the 2k-th largest of the sample's share: k of n usually lie above it
+        rank = max(1, sample.numel() - math.ceil(2 * k * sample.numel() / n))
+        threshold = torch.kthvalue(sample, rank).values
+        above = (scores > threshold).nonzero().squeeze(1)
         if above.numel() >= k:
             pool = above
     if pool is None:
         pool = positive.nonzero().squeeze(1)
     values = scores[pool]
-    kth = torch.topk(values, k, sorted=False).values.min()
-    # everything above the k-th value, then the lowest-index ties to fill k
-    above_kth, tied = values > kth, (values == kth).nonzero().squeeze(1)
-    picked = torch.cat([pool[above_kth], pool[tied[: k - int(above_kth.sum())]]])
-    return picked.sort().values
+    kth = torch.kthvalue(values, values.numel() - k + 1).values  # the k-th largest
+    # everything above the k-th value, then the lowest-index ties to fill k; pool ascends
+    keep = values > kth
+    tied = (values == kth).nonzero().squeeze(1)
+    keep[tied[: k - int(torch.count_nonzero(keep))]] = True
+    return pool[keep]
 
 
 def group_sum(rep: QuantizedWeight, x: Tensor) -> Tensor:
-    """Sum of ``x`` (weight-shaped) over each encode group of ``rep``."""
+    """Sum of ``x`` (weight-shaped) over each encode group of ``rep`` (``x`` itself, reshaped,
+    for groups of one weight)."""
+    if rep.code_group_size == 1:
+        return x.reshape(rep.groups_shape)
     return x.reshape(*rep.groups_shape, rep.code_group_size).sum(-1)
 
 

@@ -154,10 +154,14 @@ class UniformWeight(QuantizedWeight):
         z = self.zero.to(self.scale.dtype).unsqueeze(-1)
         return (self.scale.unsqueeze(-1) * (q - z)).reshape(self.out_features, self.in_features)
 
+    def _grid_index(self, index: Tensor) -> Tensor:
+        """Flat scale/zero index of each flat weight ``index``."""
+        return (index // self.in_features) * (self.in_features // self.group) \
+            + (index % self.in_features) // self.group
+
     def decode_groups(self, index: Tensor) -> Tensor:
         with torch.no_grad():
-            grid = (index // self.in_features) * (self.in_features // self.group) \
-                + (index % self.in_features) // self.group
+            grid = self._grid_index(index)
             q = self.codes.view(-1)[index].to(self.scale.dtype)
             z = self.zero.view(-1)[grid].to(self.scale.dtype)
             return (self.scale.detach().view(-1)[grid] * (q - z)).unsqueeze(-1)
@@ -167,13 +171,16 @@ class UniformWeight(QuantizedWeight):
     ) -> None:
         target, groups = self._check_target(target), self._check_groups(groups)
         with torch.no_grad():
-            s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
-            q = quantize_to_grid(self._grouped(target), s, z, self.config.maxq)
-            q = q.reshape(self.codes.shape).to(torch.uint8)
             if groups is None:
-                self.codes.copy_(q)
-            else:
-                self.codes.copy_(torch.where(groups, q, self.codes))
+                s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
+                q = quantize_to_grid(self._grouped(target), s, z, self.config.maxq)
+                self.codes.copy_(q.reshape(self.codes.shape).to(torch.uint8))
+            else:  # only the selected weights: no full-size work
+                sel = groups.reshape(-1).nonzero().squeeze(1)
+                grid = self._grid_index(sel)
+                q = quantize_to_grid(target.reshape(-1)[sel], self.scale.detach().view(-1)[grid],
+                                     self.zero.view(-1)[grid].to(target.dtype), self.config.maxq)
+                self.codes.view(-1)[sel] = q.to(torch.uint8)
 
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
