@@ -200,17 +200,12 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     return pool[keep]
 
 
-def group_sum(rep: QuantizedWeight, x: Tensor) -> Tensor:
-    """Sum of ``x`` (weight-shaped) over each encode group of ``rep`` (``x`` itself, reshaped,
-    for groups of one weight)."""
-    if rep.code_group_size == 1:
-        return x.reshape(rep.groups_shape)
-    return x.reshape(*rep.groups_shape, rep.code_group_size).sum(-1)
-
-
 def group_sq_norm(rep: QuantizedWeight, x: Tensor) -> Tensor:
-    """Squared norm of ``x`` per encode group of ``rep``."""
-    return group_sum(rep, x.pow(2))
+    """Squared norm of ``x`` (weight-shaped) per encode group of ``rep``."""
+    sq = x.pow(2)
+    if rep.code_group_size == 1:  # groups of one weight: no sum to take
+        return sq.reshape(rep.groups_shape)
+    return sq.reshape(*rep.groups_shape, rep.code_group_size).sum(-1)
 
 
 def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, Tensor],

@@ -242,11 +242,15 @@ class AdditiveWeight(QuantizedWeight):
         dense = additive_decode(self._books(), self.codes)  # [out, in/g, g]
         return (self.scales.view(-1, 1, 1) * dense).reshape(self.out_features, self.in_features)
 
+    def _group_scales(self, index: Tensor) -> Tensor:
+        """The row scale of each group at flat ``index``, ``[len(index), 1]``."""
+        rows = index // (self.in_features // self.config.in_group_size)
+        return self.scales.detach().view(-1, 1)[rows]
+
     def decode_groups(self, index: Tensor) -> Tensor:
         with torch.no_grad():
             codes = self.codes.view(-1, self.config.num_codebooks)[index]
-            rows = index // (self.in_features // self.config.in_group_size)
-            return self.scales.detach().view(-1, 1)[rows] * additive_decode(self._books(), codes)
+            return self._group_scales(index) * additive_decode(self._books(), codes)
 
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
@@ -262,10 +266,9 @@ class AdditiveWeight(QuantizedWeight):
                 vectors, old = self._unit_vectors(target), flat.long()
             else:  # only the selected groups: no full-size work
                 sel = groups.reshape(-1).nonzero().squeeze(1)
-                g = self.config.in_group_size
-                rows = sel // (self.in_features // g)
-                scale = self.scales.detach().reshape(-1, 1)[rows]
-                vectors, old = target.reshape(-1, g)[sel] / scale, flat[sel].long()
+                vectors = target.reshape(-1, self.config.in_group_size)[sel] \
+                    / self._group_scales(sel)
+                old = flat[sel].long()
             new = refine_codes(vectors, books, beam_search(vectors, books, beam))
             new_err = (additive_decode(books, new) - vectors).pow(2).sum(-1)
             old_err = (additive_decode(books, old) - vectors).pow(2).sum(-1)
