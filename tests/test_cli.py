@@ -62,7 +62,7 @@ def test_errors_are_messages_not_tracebacks(tmp_path, llama_dir, text_file, caps
     (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (bad / "pvtune_layout.json").write_text("{")
     assert main(["eval", str(bad)]) == 2
-    assert "pvtune_model.safetensors is missing" in capsys.readouterr().err
+    assert "pvtune_layout.json is corrupted (not valid JSON" in capsys.readouterr().err
 
 
 def test_output_not_overwritten(compressed, llama_dir, text_file, capsys):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
+from pvtune.errors import UnknownNameError
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -41,9 +43,11 @@ class Registry(Generic[K, V]):
         """Look up ``key``; the error lists what is available."""
         try:
             return self._entries[key]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable key read from a file
             known = ", ".join(sorted(map(_label, self._entries)))
-            raise KeyError(f"unknown {self._what} {_label(key)!r}; known: {known}") from None
+            raise UnknownNameError(
+                f"unknown {self._what} {_label(key)!r}; known: {known}"
+            ) from None
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries

@@ -7,7 +7,7 @@ import torch
 
 from pvtune.checkpoint import CheckpointError
 from pvtune.init import AQLMInitConfig, GPTQConfig
-from pvtune.llm.checkpoint import bits_report, load_compressed, save_compressed
+from pvtune.llm.checkpoint import bits_report, load_compressed, read_meta, save_compressed
 from pvtune.llm.data import CalibrationConfig, calibration_batch, tokenize_stream
 from pvtune.llm.evaluate import perplexity
 from pvtune.llm.model import find_blocks, load_causal_lm
@@ -127,7 +127,8 @@ def test_save_load_same_perplexity_and_bits(model_dir, tmp_path):
     compress_model(model, ids, CompressConfig(method="aqlm", representation=AQLM_TINY,
                                               method_config=AQLMInitConfig(max_rounds=1),
                                               batch_size=2), progress=False)
-    save_compressed(model, tok, tmp_path / "ckpt", meta={"note": "test"})
+    record = save_compressed(model, tok, tmp_path / "ckpt", meta={"note": "test"})
+    assert read_meta(tmp_path / "ckpt") == record and record["note"] == "test"
     loaded, loaded_tok = load_causal_lm(tmp_path / "ckpt")
     assert loaded_tok is not None
     windows = calib(tok, n=3, length=20)
@@ -148,11 +149,12 @@ def test_corrupted_and_truncated_checkpoints(llama_dir, tmp_path):
                                                representation=UniformConfig(bits=4,
                                                                             group_size=16)),
                    progress=False)
-    ckpt = save_compressed(model, tok, tmp_path / "c")
-    weights = ckpt / "pvtune_model.safetensors"
+    ckpt = tmp_path / "c"
+    save_compressed(model, tok, ckpt)
+    weights = next(ckpt.glob("pvtune_model-*.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="damaged"):
         load_compressed(ckpt)
     weights.unlink()
-    with pytest.raises(CheckpointError, match="pvtune_model.safetensors is missing"):
+    with pytest.raises(CheckpointError, match="named by pvtune_layout.json, is missing"):
         load_compressed(ckpt)

@@ -33,7 +33,8 @@ def make(config, weight):
     (BinaryConfig(group_size=128), 1 + 16 / 128),
     (TernaryConfig(), 1.6 + 16 / 512),
     (NMSparseConfig(n=2, m=4), (2 * 16 + math.ceil(math.log2(6))) / 4),
-    (NMSparseConfig(n=1, m=4, value_bits=8), (8 + 2) / 4),
+    (NMSparseConfig(n=1, m=4), (16 + 2) / 4),
+    (NMSparseConfig(n=3, m=8), (3 * 16 + 6) / 8),  # C(8, 3) = 56 patterns: 6 bits
     (VQConfig(num_codewords=256, group_size=8, kmeans_iters=2),
      (128 * 512 / 8 * 8 + 256 * 8 * 16) / (128 * 512)),
     (VQConfig(num_codewords=100, group_size=4, kmeans_iters=2),

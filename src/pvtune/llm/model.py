@@ -14,14 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pvtune.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-
-
-class ModelError(ValueError):
-    """The model cannot be loaded or is not a decoder-only causal LM pvtune supports."""
 
 
 @dataclass
@@ -61,44 +59,87 @@ def find_blocks(model: nn.Module) -> BlockStructure:
 
 
 def is_pvtune_checkpoint(path: Path) -> bool:
-    """True when ``path`` holds a compressed model written by pvtune."""
-    from pvtune.checkpoint.format import LAYOUT_FILE
+    """True when ``path`` holds (or held, before an interrupted save) a pvtune checkpoint."""
+    from pvtune.checkpoint.format import LAYOUT_FILE, WEIGHTS_PREFIX
 
-    return (path / LAYOUT_FILE).is_file()
+    path = Path(path)
+    return (path / LAYOUT_FILE).is_file() or (
+        path.is_dir() and any(path.glob(f"{WEIGHTS_PREFIX}*.safetensors")))
+
+
+_BUILD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError)
+
+
+def looks_local(source: str | Path) -> bool:
+    """Whether ``source`` names a local path rather than a model-hub id (``org/name``).
+
+    Local: it exists, starts with ``.``, ``/`` or ``~``, has other than exactly one ``/``, or
+    its first component is an existing folder (``models/smol`` with a ``models/`` here is a
+    mistyped local path, not a hub id, and must not wait on the network).
+    """
+    text = str(source)
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) \
+            or text.count("/") != 1:
+        return True
+    return Path(text.split("/")[0]).is_dir()
+
+
+def load_tokenizer(source: str | Path):
+    """The tokenizer of a model directory (or hub id), or a :class:`ModelError` saying what
+    is missing."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except _BUILD_ERRORS as err:
+        tokenizer, reason = None, f": {err}"
+    else:
+        reason = ""
+    if tokenizer is None or not callable(tokenizer):
+        raise ModelError(
+            f"{source} has no usable tokenizer{reason}; copy the tokenizer files "
+            "(tokenizer.json, tokenizer_config.json, ...) from the source model into it"
+        )
+    return tokenizer
 
 
 def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a local Hugging Face directory, a pvtune compressed
     checkpoint, or (``None``) the offline default SmolLM2-135M-Instruct.
 
-    A string that is not an existing path is passed to transformers as a hub id.
+    A string that is not a local path (see :func:`looks_local`) is passed to transformers as
+    a hub id.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if source is None:
         from pvtune.llm.assets import default_model_dir
 
         source = default_model_dir()
-    path = Path(source)
-    looks_local = path.exists() or str(source).startswith((".", "/", "~")) or \
-        str(source).count("/") != 1
-    if looks_local:
-        if not path.is_dir():
+    path = Path(source).expanduser()
+    local = looks_local(source)
+    if local:
+        if not path.exists():
             raise ModelError(
                 f"model directory {str(source)!r} does not exist. Pass a local Hugging Face "
                 "model directory (config.json + safetensors), a pvtune checkpoint, or nothing "
                 "for the offline default model"
             )
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
+        if not path.is_dir():
+            raise ModelError(f"{path} is a file, not a model directory (config.json + "
+                             "safetensors, or a pvtune checkpoint)")
         if is_pvtune_checkpoint(path):
             from pvtune.llm.checkpoint import load_compressed
 
             return load_compressed(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
+        source = path
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read the model config at {source}: {err}") from None
+    except _BUILD_ERRORS as err:
+        where = "" if local else " (not a local folder, so it was looked up on the model hub)"
+        raise ModelError(f"cannot read the model config of {source}{where}: {err}") from None
     architectures = getattr(config, "architectures", None) or []
     if getattr(config, "is_encoder_decoder", False) or (
         architectures and not any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures)
@@ -110,16 +151,14 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except ValueError as err:
+    except _BUILD_ERRORS as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelError(
                 f"{source} is a {config.model_type!r} model, not a causal language model; "
                 "pvtune compresses decoder-only causal LMs"
             ) from None
         raise ModelError(f"cannot load the model at {source}: {err}") from None
-    except OSError as err:
-        raise ModelError(f"cannot load the model weights at {source}: {err}") from None
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = load_tokenizer(source)
     model.eval()
     find_blocks(model)  # fail early with a clear message on unsupported architectures
     return model, tokenizer

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.model import BlockStructure, find_blocks
@@ -72,20 +73,20 @@ class CompressConfig:
         init = get_init(self.method)  # KeyError lists the known methods
         if not isinstance(self.representation, init.repr_types):
             allowed = ", ".join(t.__name__ for t in init.repr_types)
-            raise ValueError(
+            raise ConfigError(
                 f"CompressConfig.representation: method {self.method!r} works with {allowed}, "
                 f"got {type(self.representation).__name__}"
             )
         if self.method_config is None:
             object.__setattr__(self, "method_config", init.config_cls())
         elif not isinstance(self.method_config, init.config_cls):
-            raise ValueError(
+            raise ConfigError(
                 f"CompressConfig.method_config must be a {init.config_cls.__name__} for "
                 f"method {self.method!r}, got {type(self.method_config).__name__}"
             )
         check_range(self, "batch_size", self.batch_size, 1, None)
         if self.dense_storage not in ("float16", "float32"):
-            raise ValueError(
+            raise ConfigError(
                 f"CompressConfig.dense_storage must be 'float16' or 'float32', "
                 f"got {self.dense_storage!r}"
             )
@@ -225,7 +226,7 @@ def check_layers_fit(model: nn.Module, structure: BlockStructure, config: Compre
                     config.representation.check_shape(m.out_features, m.in_features)
                 except ValueError as err:
                     full = f"{structure.path}.{i}.{name}"
-                    raise ValueError(
+                    raise ConfigError(
                         f"cannot compress layer {full!r} ({m.out_features}x{m.in_features}): {err}"
                     ) from None
 
@@ -249,7 +250,7 @@ def compress_model(
         _compress_without_data(structure, config, report, progress)
     else:
         if calibration_ids is None:
-            raise ValueError(f"method {config.method!r} needs calibration token ids")
+            raise ConfigError(f"method {config.method!r} needs calibration token ids")
         _compress_with_data(model, structure, calibration_ids, config, report, progress)
     _round_storage(model, config.dense_storage)
     report.seconds = time.perf_counter() - start

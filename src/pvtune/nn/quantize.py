@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 from tqdm.auto import tqdm
 
+from pvtune.errors import ConfigError
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, representation_for
 
@@ -27,25 +28,42 @@ def quantize_(
     *,
     progress: bool = False,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` for which ``filter_fn(module, name)`` is true (all by
-    default) with a :class:`QuantizedLinear` compressed by ``config``; returns ``model``.
+    """Replace every ``nn.Linear`` inside ``model`` for which ``filter_fn(module, name)`` is
+    true (all by default) with a :class:`QuantizedLinear` compressed by ``config``; returns
+    ``model``.
 
-    Raises ValueError naming the layer when ``config`` cannot represent its shape.
+    All or nothing: every layer is compressed before any is swapped in, so a failure leaves
+    ``model`` untouched. Raises :class:`ConfigError` naming the layer when ``config`` cannot
+    represent its shape. A bare ``nn.Linear`` cannot replace itself in place: use
+    ``QuantizedLinear.from_linear(linear, config)``.
     """
     if not isinstance(config, ReprConfig):
         raise TypeError(f"quantize_ needs a representation config, got {type(config).__name__}")
     representation_for(config)  # fail early on an unregistered config type
+    if isinstance(model, nn.Linear):
+        raise ConfigError(
+            "quantize_ replaces the linear layers inside a model, and this model is itself an "
+            "nn.Linear; use QuantizedLinear.from_linear(linear, config) instead"
+        )
     targets = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name))
     ]
-    for name, linear in tqdm(targets, desc="quantize", disable=not progress):
+    for name, linear in targets:  # shapes first: no compression work before a shape error
         try:
-            qlinear = QuantizedLinear.from_linear(linear, config)
+            config.check_shape(linear.out_features, linear.in_features)
         except ValueError as err:
             shape = f"{linear.out_features}x{linear.in_features}"
-            raise ValueError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
+            raise ConfigError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
+    replacements = []
+    for name, linear in tqdm(targets, desc="quantize", disable=not progress):
+        try:
+            replacements.append((name, QuantizedLinear.from_linear(linear, config)))
+        except ValueError as err:
+            shape = f"{linear.out_features}x{linear.in_features}"
+            raise ConfigError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
+    for name, qlinear in replacements:
         _set_submodule(model, name, qlinear)
     return model
 

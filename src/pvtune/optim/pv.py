@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pvtune.errors import ConfigError
 from pvtune.nn.quantize import quantized_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.optim.strategies import STRATEGIES, VStepConfig, WeightState, apply_trust_ratio
@@ -50,7 +51,7 @@ class PVOptimizer:
         self.strategy = STRATEGIES.get(config.strategy)
         self.layers: dict[str, QuantizedLinear] = quantized_layers(model)
         if not self.layers and config.strategy != "frozen":
-            raise ValueError("the model has no QuantizedLinear layers: quantize it first")
+            raise ConfigError("the model has no QuantizedLinear layers: quantize it first")
         self.states: dict[str, WeightState] = {}
         self.weight_configs: dict[str, VStepConfig] = {}  # lr resolved per representation
         for name, layer in self.layers.items():

@@ -21,24 +21,28 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import Tensor, nn
 
+from pvtune.errors import ConfigError
 from pvtune.packing import IntCodec
 from pvtune.registry import Registry
 
 
 def check_range(config: object, field: str, value: float, lo: float, hi: float | None) -> None:
-    """Raise a ValueError naming ``Config.field`` and its allowed range when out of range."""
+    """Raise a :class:`ConfigError` naming ``Config.field`` and its allowed range when out of
+    range or not a number (NaN is out of every range)."""
     name = f"{type(config).__name__}.{field}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     if hi is None:
         if not value >= lo:
-            raise ValueError(f"{name} must be >= {lo}, got {value}")
+            raise ConfigError(f"{name} must be >= {lo}, got {value}")
     elif not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
 def check_int(config: object, field: str, value: object) -> None:
-    """Raise a ValueError unless ``value`` is a plain int (bool excluded)."""
+    """Raise a :class:`ConfigError` unless ``value`` is a plain int (bool excluded)."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{type(config).__name__}.{field} must be an int, got {value!r}")
+        raise ConfigError(f"{type(config).__name__}.{field} must be an int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class ReprConfig:
     type_name: ClassVar[str] = ""
 
     def check_shape(self, out_features: int, in_features: int) -> None:
-        """Raise ValueError if this config cannot represent an ``[out, in]`` weight."""
+        """Raise :class:`ConfigError` if this config cannot represent an ``[out, in]`` weight."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with a ``type`` key naming the registered representation."""
@@ -60,20 +64,29 @@ class ReprConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> ReprConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a :class:`ConfigError` names what does not fit."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a representation config must be a JSON object, got {data!r}")
         data = dict(data)
         type_name = data.pop("type", None)
         if type_name is None:
-            raise ValueError(f"representation config has no 'type' key: {data}")
+            raise ConfigError(f"representation config has no 'type' key: {data}")
         cls = CONFIG_TYPES.get(type_name)
-        return cls(**data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as err:  # a wrong-typed value deep in a comparison
+            raise ConfigError(f"{cls.__name__}: {err}") from None
 
 
 def check_group_divides(config: ReprConfig, field: str, group: int, in_features: int) -> None:
-    """Raise a ValueError if ``group`` does not divide ``in_features``."""
+    """Raise a :class:`ConfigError` if ``group`` does not divide ``in_features``."""
     if in_features % group:
         divisors = [d for d in range(1, min(in_features, 4096) + 1) if in_features % d == 0]
-        raise ValueError(
+        raise ConfigError(
             f"{type(config).__name__}.{field}={group} does not divide in_features={in_features}; "
             f"allowed values divide {in_features}, e.g. {divisors[-6:]}"
         )
@@ -155,7 +168,7 @@ class QuantizedWeight(nn.Module):
         probability ``e_old / (e_old + e_new)`` (``e`` = distance of each candidate to the
         target), else keeps its current codes. Scalar grids override this with exact
         unbiased rounding between neighbouring levels."""
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             old = self.snapshot_codes()
             w_old = self().detach()
@@ -205,7 +218,20 @@ class QuantizedWeight(nn.Module):
                 f"target shape {tuple(target.shape)} != weight shape "
                 f"{(self.out_features, self.in_features)}"
             )
-        return target.detach().to(torch.float32)
+        target = target.detach().to(torch.float32)
+        if not bool(torch.isfinite(target).all()):
+            bad = int((~torch.isfinite(target)).sum())
+            raise ValueError(f"target has {bad} non-finite value(s) (NaN or inf): no code is "
+                             "nearest to them; the dense weights or buffer have diverged")
+        return target
+
+    def _check_inputs(self, target: Tensor, groups: Tensor | None,
+                      beam_size: int | None) -> tuple[Tensor, Tensor | None]:
+        """Validated ``(target, groups)`` of :meth:`encode`; ``beam_size`` None or >= 1."""
+        if beam_size is not None and (isinstance(beam_size, bool)
+                                      or not isinstance(beam_size, int) or beam_size < 1):
+            raise ValueError(f"beam_size must be a positive int or None, got {beam_size!r}")
+        return self._check_target(target), self._check_groups(groups)
 
     def _check_groups(self, groups: Tensor | None) -> Tensor | None:
         if groups is None:

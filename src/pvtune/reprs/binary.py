@@ -83,7 +83,7 @@ class _ScaledLevels(QuantizedWeight):
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
     ) -> None:
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             x = self._grouped(target) / self.scale.unsqueeze(-1)  # a negative scale flips x
             q = self._nearest(x).reshape(self.codes.shape).to(torch.uint8)
@@ -95,7 +95,7 @@ class _ScaledLevels(QuantizedWeight):
     ) -> None:
         """Random rounding between the two levels around ``target / scale`` (unbiased inside
         the level range, clamped outside)."""
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             lv = self._levels.to(target.dtype)
             x = (self._grouped(target) / self.scale.unsqueeze(-1)).clamp(lv[0], lv[-1])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pvtune.errors import ConfigError
 from pvtune.packing import BitCodec, IntCodec
 from pvtune.reprs.base import (
     QuantizedWeight,
@@ -38,7 +39,7 @@ def _code_dtype(bits: int) -> torch.dtype:
 def _check_codewords(config: ReprConfig, field: str, k: int, out: int, inp: int, g: int) -> None:
     groups = out * (inp // g)
     if k > groups:
-        raise ValueError(
+        raise ConfigError(
             f"{type(config).__name__}.{field}: {k} codewords exceed the {groups} weight groups of "
             f"a {out}x{inp} layer with group length {g}; allowed range [2, {groups}]. "
             "Use fewer codewords (or fewer bits per codebook) for small layers"
@@ -108,7 +109,7 @@ class VQWeight(QuantizedWeight):
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
     ) -> None:
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             vectors = self._vectors(target)
             flat_sel = None if groups is None else groups.reshape(-1)
@@ -169,7 +170,7 @@ class AQLMConfig(ReprConfig):
         """Config from a name like ``"2x8g8"`` (M codebooks x B bits, group g)."""
         match = _PRESET.match(name)
         if not match:
-            raise ValueError(
+            raise ConfigError(
                 f"AQLM preset {name!r} is not of the form MxBgG, e.g. '2x8g8', '1x8g8', '1x16g8'"
             )
         m, b, g = map(int, match.groups())
@@ -257,7 +258,7 @@ class AdditiveWeight(QuantizedWeight):
     ) -> None:
         """Beam search (then one coordinate-descent pass) on ``target / scale``; a group keeps
         its old codes when the search does not improve on them."""
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         beam = self.config.beam_size if beam_size is None else beam_size
         with torch.no_grad():
             books = self._books().detach()

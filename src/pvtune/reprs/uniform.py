@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pvtune.errors import ConfigError
 from pvtune.packing import BitCodec, IntCodec
 from pvtune.reprs.base import (
     QuantizedWeight,
@@ -47,7 +48,7 @@ class UniformConfig(ReprConfig):
             check_int(self, "group_size", self.group_size)
             check_range(self, "group_size", self.group_size, 1, None)
         if self.symmetric and self.bits < 2:
-            raise ValueError(
+            raise ConfigError(
                 "UniformConfig.bits must be in [2, 8] when symmetric=True (a 1-bit signed grid "
                 f"is {{-1, 0}}); got {self.bits}. Use symmetric=False or BinaryConfig"
             )
@@ -169,7 +170,7 @@ class UniformWeight(QuantizedWeight):
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
     ) -> None:
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             if groups is None:
                 s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
@@ -187,7 +188,7 @@ class UniformWeight(QuantizedWeight):
         groups: Tensor | None = None, beam_size: int | None = None,
     ) -> None:
         """Unbiased random rounding of ``target`` to one of its two neighbouring codes."""
-        target, groups = self._check_target(target), self._check_groups(groups)
+        target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
             x = self._grouped(target) / s + z
