@@ -60,14 +60,11 @@ def main() -> None:
                     F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                     ids[:, 1:].reshape(-1)).backward()
                     t1 = time.perf_counter()
-                    opt.p_step()
-                    t2 = time.perf_counter()
-                    opt.v_step()
-                    t3 = time.perf_counter()
+                    stats = opt.step()
                     opt.zero_grad()
                     if step:  # the first step warms up allocations and state
                         fb.append(t1 - t0)
-                        vs.append(t3 - t2)
+                        vs.append(stats.seconds_discrete)
                 row = {"batch": batch, "representation": rep, "strategy": strategy,
                        "forward_backward_s": sum(fb) / len(fb),
                        "discrete_step_s": sum(vs) / len(vs)}

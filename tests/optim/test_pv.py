@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 import itertools
-import statistics
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from pvtune import AQLMConfig, BinaryConfig, UniformConfig, VQConfig, quantize_
+from pvtune import (
+    AQLMConfig,
+    BinaryConfig,
+    NMSparseConfig,
+    TernaryConfig,
+    UniformConfig,
+    VQConfig,
+    quantize_,
+)
 from pvtune.optim import PVOptimizer, VStepConfig, top_groups
 from pvtune.optim.strategies import STRATEGIES, top_indices
 
 ALL = ["ste", "stochastic_rounding", "linearized_v", "subspace_v", "subspace_v_ste"]
-# step sizes that suit the toy below (code step sizes are problem-dependent)
-LR = {"ste": 1e-2, "stochastic_rounding": 1e-2, "linearized_v": 0.2, "subspace_v": 0.2,
-      "subspace_v_ste": 1e-2}
+# relative step sizes that suit the toys below (the defaults were measured on SmolLM2; a
+# toy's curvature differs)
+LR = {"ste": 0.02, "stochastic_rounding": 0.02, "linearized_v": 0.4, "subspace_v": 0.4,
+      "subspace_v_ste": 0.02}
 
 
-def toy(seed: int, config=None, inp: int = 8):
-    """Least squares ``||(W - W_true) X||^2`` over 2-bit weights; 4 rows of ``inp`` inputs so
-    the quantized optimum is found by brute force."""
+def toy(seed: int, config=None, inp: int = 8, start_noise: float = 0.0):
+    """Least squares ``||(W - W_true) X||^2``; 4 rows of ``inp`` inputs, so over 2-bit
+    weights of 8 inputs the quantized optimum is found by brute force. The codes start from
+    ``W_true`` (``start_noise=0``) or from ``W_true`` plus that much relative noise."""
     g = torch.Generator().manual_seed(seed)
     w_true = torch.randn(4, inp, generator=g) * 0.5
     lin = nn.Linear(inp, 4, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(w_true)
+        lin.weight.copy_(w_true + start_noise * 0.5 * torch.randn(4, inp, generator=g))
     model = nn.Sequential(lin)
     quantize_(model, config or UniformConfig(bits=2, group_size=inp))
     x = torch.randn(256, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp,
@@ -68,33 +78,68 @@ def run(strategy: str, seed: int, steps: int = 300, tau: float = 0.1):
     return start, min(best, final), final, quantized_optimum(model, w_true, x)
 
 
-@pytest.mark.parametrize("strategy", ALL)
-def test_each_strategy_lowers_the_loss(strategy):
-    gaps = []
-    for seed in range(3):
-        start, best, _, optimum = run(strategy, seed)
-        assert best >= optimum - 1e-6  # nothing beats the brute-force quantized optimum
-        gaps.append((best - optimum) / (start - optimum))
-    assert statistics.mean(gaps) < 0.9
+def sign_test_critical(n: int, alpha: float = 0.05) -> int:
+    """Fewest wins in ``n`` paired trials for a one-sided sign test at level ``alpha``."""
+    return next(k for k in range(n + 1)
+                if sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n <= alpha)
 
 
 def test_pv_reaches_a_better_point_than_ste():
-    """Relative gap to the brute-force optimum, mean of 6 seeds. Plain subspace V (no
-    buffer) ends at a better point than STE. The buffer strategies keep drifting on this toy
-    (a normalised step moves every buffer entry by about lr per step, even next to the
-    optimum), so where they stop depends on the last few steps; PV+STE is compared on the
-    best point it reaches, where it beats STE's best."""
-    def gaps(strategy):
-        best, final = [], []
-        for seed in range(6):
-            start, low, end, optimum = run(strategy, seed)
-            best.append((low - optimum) / (start - optimum))
-            final.append((end - optimum) / (start - optimum))
-        return statistics.mean(best), statistics.mean(final)
+    """The PV-Tuning paper's claim on a toy with a brute-force quantized optimum: subspace V
+    steps end closer to it than STE, paired over 24 seeds, judged by a one-sided sign test
+    at the 5% level fixed before the run (17 wins of 24). Plain subspace V is compared on its
+    final point. The buffer strategies keep drifting on this toy (a normalised step moves
+    every buffer entry by about lr per step, even next to the optimum), so PV + STE is
+    compared with STE on the best point each reaches."""
+    seeds = range(24)
+    gaps = {s: [run(s, seed) for seed in seeds] for s in ("ste", "subspace_v",
+                                                            "subspace_v_ste")}
+    for runs in gaps.values():  # nothing beats the brute-force quantized optimum
+        assert all(best >= optimum - 1e-6 for _, best, _, optimum in runs)
 
-    ste_best, ste_final = gaps("ste")
-    assert gaps("subspace_v")[1] < 0.5 * ste_final
-    assert gaps("subspace_v_ste")[0] < 0.8 * ste_best
+    def relative(strategy, which):
+        return [(r[which] - r[3]) / (r[0] - r[3]) for r in gaps[strategy]]
+
+    need = sign_test_critical(len(seeds))
+    final_wins = sum(a < b for a, b in zip(relative("subspace_v", 2), relative("ste", 2),
+                                            strict=True))
+    best_wins = sum(a < b for a, b in zip(relative("subspace_v_ste", 1), relative("ste", 1),
+                                           strict=True))
+    assert need == 17
+    assert final_wins >= need and best_wins >= need, (final_wins, best_wins)
+
+
+REPRESENTATIONS = [
+    UniformConfig(bits=2, group_size=8), BinaryConfig(group_size=8), TernaryConfig(group_size=8),
+    NMSparseConfig(n=2, m=4), VQConfig(num_codewords=8, group_size=2, kmeans_iters=2),
+    AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2),
+]
+
+
+@pytest.mark.parametrize("config", REPRESENTATIONS, ids=lambda c: c.type_name)
+@pytest.mark.parametrize("strategy", ["frozen", *ALL])
+def test_each_strategy_lowers_the_loss_on_every_representation(config, strategy):
+    """Codes compressed from a perturbed copy of the target weights, so the codes have work
+    to do; 30 PV steps (Adam on the continuous parameters, the strategy on the codes) end
+    below the starting loss at every seed, and the code step does change codes."""
+    lr = {**LR, "ste": 0.1, "stochastic_rounding": 0.1, "subspace_v_ste": 0.1,
+          "linearized_v": 0.5, "subspace_v": 0.5, "frozen": None}[strategy]
+    for seed in range(3):
+        model, w_true, x = toy(seed, config, inp=16, start_noise=1.0)
+        opt = PVOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                          VStepConfig(strategy=strategy, lr=lr, tau=0.1))
+        with torch.no_grad():
+            start = float(loss_of(model, w_true, x))
+        changed = 0
+        for _ in range(30):
+            opt.zero_grad()
+            loss_of(model, w_true, x).backward()
+            changed += opt.step().groups_changed
+        with torch.no_grad():
+            final = loss_of(model, w_true, x)
+        assert torch.isfinite(model[0].qweight()).all()
+        assert float(final) < start, (seed, float(final), start)
+        assert (changed == 0) == (strategy == "frozen")
 
 
 def test_subspace_changes_at_most_tau_of_groups():
@@ -146,12 +191,14 @@ def test_subspace_ste_skips_changes_the_gradient_disagrees_with():
 
 
 @pytest.mark.parametrize(("config", "strategy", "expected"), [
-    (UniformConfig(bits=2, group_size=16), "ste", 1e-2),
-    (UniformConfig(bits=2, group_size=16), "subspace_v_ste", 1e-2),
-    (UniformConfig(bits=2, group_size=16), "stochastic_rounding", 1e-3),
-    (UniformConfig(bits=3, group_size=16), "subspace_v_ste", 3e-3),
+    (UniformConfig(bits=2, group_size=16), "ste", 0.033),
+    (UniformConfig(bits=2, group_size=16), "subspace_v_ste", 0.033),
+    (UniformConfig(bits=2, group_size=16), "stochastic_rounding", 3.3e-3),
+    (UniformConfig(bits=3, group_size=16), "subspace_v_ste", 0.033),
+    (BinaryConfig(group_size=8), "subspace_v", 1e-3),
     (AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2),
-     "subspace_v_ste", 3e-3),
+     "subspace_v_ste", 0.016),
+    (NMSparseConfig(n=2, m=4), "ste", 0.016),
 ], ids=str)
 def test_default_code_step_depends_on_the_representation(config, strategy, expected):
     model, _, _ = toy(0, config, inp=16)
@@ -162,55 +209,95 @@ def test_default_code_step_depends_on_the_representation(config, strategy, expec
     assert explicit.weight_configs["0"].step_size == 5e-4
 
 
-def test_wide_cell_step_moves_the_buffer_by_it():
-    """One STE step on 2-bit uniform weights moves the buffer by 1e-2 per entry (the Adam
-    direction with beta1 = 0 is +-1 on the first step)."""
-    model, w_true, x = toy(0, UniformConfig(bits=2, group_size=16), inp=16)
+def test_buffer_moves_by_lr_times_the_grid_step():
+    """One STE step moves each buffer entry by lr times its group's grid step (the Adam
+    direction with beta1 = 0 is +-1 on the first step): relative units."""
+    model, w_true, x = toy(0, UniformConfig(bits=2, group_size=8), inp=16)
     base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     opt = PVOptimizer(model, base, VStepConfig(strategy="ste"))
     before = opt.states["0"].buffer.clone()
     loss_of(model, w_true, x).backward()
     opt.step()
     moved = (opt.states["0"].buffer - before).abs()
-    torch.testing.assert_close(moved, torch.full_like(moved, 1e-2), rtol=1e-4, atol=1e-7)
+    grid = model[0].qweight.scale.detach().repeat_interleave(8, dim=1)
+    torch.testing.assert_close(moved, 0.033 * grid, rtol=1e-4, atol=1e-8)
 
 
-def test_v_step_lr_scale_scales_the_buffer_move():
-    moves = []
+def test_lr_scale_scales_both_steps():
+    moves, continuous = [], []
     for scale in (1.0, 0.25, 0.0):
         model, w_true, x = toy(0, UniformConfig(bits=2, group_size=16), inp=16)
-        base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        rep = model[0].qweight
+        base = torch.optim.SGD(model.parameters(), lr=1e-3)
         opt = PVOptimizer(model, base, VStepConfig(strategy="ste", lr=0.1))
-        before = opt.states["0"].buffer.clone()
+        before, scale_before = opt.states["0"].buffer.clone(), rep.scale.detach().clone()
         loss_of(model, w_true, x).backward()
-        opt.v_step(lr_scale=scale)
-        moves.append(float((opt.states["0"].buffer - before).abs().max()))
-    assert moves[0] == pytest.approx(0.1, rel=1e-4)
-    assert moves[1] == pytest.approx(0.025, rel=1e-4)
-    assert moves[2] == 0.0
+        grad = rep.scale.grad.clone()
+        opt.step(lr_scale=scale)
+        assert base.param_groups[0]["lr"] == pytest.approx(1e-3 * scale)
+        moves.append(float(((opt.states["0"].buffer - before).abs()
+                            / rep.step_unit().repeat_interleave(16, 1)).max()))
+        continuous.append(float((opt.precision.entries["0.qweight.scale"][2] - scale_before
+                                 + 1e-3 * scale * grad).abs().max()))
+    assert moves == pytest.approx([0.1, 0.025, 0.0], rel=1e-4)
+    # the master copy took the scaled SGD step (to float32 rounding; lr 1e-3 would be 1e-5 off)
+    assert max(continuous) < 1e-7
     with pytest.raises(ValueError, match="lr_scale"):
-        opt.v_step(lr_scale=-1.0)
+        opt.step(lr_scale=-1.0)
 
 
-def test_frozen_equals_the_base_optimizer_exactly():
+@pytest.mark.parametrize("dense_storage", ["float16", "float32"])
+def test_frozen_equals_adam_on_fp32_masters_rounded_to_storage(dense_storage):
+    """Continuous-only PV equals plain Adam on fp32 master copies whose values the model sees
+    rounded to float16: always for the representation's scales, for the other parameters
+    only with dense_storage='float16'."""
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    quantize_(a, UniformConfig(bits=3, group_size=8))
+    quantize_(a, UniformConfig(bits=3, group_size=8), filter_fn=lambda m, n: n == "0")
     b = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
-    quantize_(b, UniformConfig(bits=3, group_size=8))
+    quantize_(b, UniformConfig(bits=3, group_size=8), filter_fn=lambda m, n: n == "0")
     b.load_state_dict(a.state_dict())
-    opt_a = PVOptimizer(a, torch.optim.Adam(a.parameters(), lr=1e-2), VStepConfig("frozen"))
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
+    opt_a = PVOptimizer(a, torch.optim.Adam(a.parameters(), lr=1e-2), VStepConfig("frozen"),
+                        dense_storage=dense_storage)
+    rounded = {n for n, _ in b.named_parameters()
+               if ".qweight." in n or dense_storage == "float16"}
+    masters = {n: p.detach().clone() for n, p in b.named_parameters()}
+    opt_b = torch.optim.Adam(masters.values(), lr=1e-2)
     x = torch.randn(32, 16)
     for _ in range(5):
+        with torch.no_grad():  # the model sees the masters, rounded where stored as fp16
+            for n, p in b.named_parameters():
+                p.copy_(masters[n].half().float() if n in rounded else masters[n])
         opt_a.zero_grad()
-        opt_b.zero_grad()
+        b.zero_grad()
         a(x).pow(2).mean().backward()
         b(x).pow(2).mean().backward()
+        for n, p in b.named_parameters():
+            masters[n].grad = p.grad
         assert opt_a.step().groups_changed == 0
         opt_b.step()
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb)
+    for n, p in a.named_parameters():
+        expected = masters[n].half().float() if n in rounded else masters[n]
+        assert torch.equal(p.detach(), expected), n
+        assert torch.equal(opt_a.precision.state_tensors().get(n, masters[n]), masters[n])
+
+
+def test_updates_below_fp16_spacing_accumulate():
+    """At 1.0 float16's spacing is 2^-10: ten SGD steps of 2e-4 each must still move a
+    float16-stored parameter by about 2e-3 (rounding after each step alone would not)."""
+    model = nn.Sequential(nn.Linear(8, 8, bias=False))
+    quantize_(model, BinaryConfig())
+    rep = model[0].qweight
+    with torch.no_grad():
+        rep.scale.fill_(1.0)
+    opt = PVOptimizer(model, torch.optim.SGD([rep.scale], lr=2e-4), VStepConfig("frozen"))
+    for _ in range(10):
+        opt.zero_grad()
+        rep.scale.grad = -torch.ones_like(rep.scale)
+        opt.step()
+    assert torch.equal(rep.scale.detach(), torch.full_like(rep.scale, 1.0 + 2**-9))
+    master = opt.precision.state_tensors()["0.qweight.scale"]
+    torch.testing.assert_close(master, torch.full_like(master, 1.002), rtol=0, atol=1e-6)
 
 
 def test_dense_gradient_is_dl_dw():
@@ -221,24 +308,6 @@ def test_dense_gradient_is_dl_dw():
     w = model[0].qweight().detach().requires_grad_(True)
     ((x @ w.T - x @ w_true.T) ** 2).mean().backward()
     torch.testing.assert_close(model[0].dense_weight.grad, w.grad)
-
-
-@pytest.mark.parametrize("config", [
-    UniformConfig(bits=2, group_size=8), BinaryConfig(group_size=8),
-    VQConfig(num_codewords=8, group_size=2, kmeans_iters=2),
-    AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2),
-], ids=lambda c: c.type_name)
-@pytest.mark.parametrize("strategy", ALL)
-def test_strategies_run_on_every_representation(config, strategy):
-    model, w_true, x = toy(2, config, inp=16)
-    opt = PVOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3),
-                      VStepConfig(strategy=strategy, lr=LR[strategy], tau=0.2))
-    for _ in range(3):
-        opt.zero_grad()
-        loss_of(model, w_true, x).backward()
-        stats = opt.step()
-        assert 0 <= stats.fraction_changed <= 1
-    assert torch.isfinite(model[0].qweight()).all()
 
 
 def test_trust_ratio_bounds_the_change():

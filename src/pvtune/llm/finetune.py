@@ -182,8 +182,6 @@ def finetune(
                disable=not progress, unit="step", initial=start, total=config.steps)
     for step in bar:
         factor = lr_factor(config, step)  # scales the continuous and the code step alike
-        for group in base.param_groups:
-            group["lr"] = config.lr * factor
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(config.grad_accum):
@@ -194,12 +192,9 @@ def finetune(
             loss.backward()
             total += float(loss.detach())
         t1 = time.perf_counter()
-        opt.p_step()
-        t2 = time.perf_counter()
-        stats = opt.v_step(lr_scale=factor)
-        opt.steps += 1
+        stats = opt.step(lr_scale=factor)
         opt.zero_grad()
-        t3 = time.perf_counter()
+        t2, t3 = t1 + stats.seconds_continuous, time.perf_counter()
         result.seconds_forward_backward += t1 - t0
         result.seconds_continuous += t2 - t1
         result.seconds_discrete += t3 - t2

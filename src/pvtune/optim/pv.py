@@ -2,17 +2,20 @@
 the codes of every compressed weight.
 
     base = torch.optim.Adam(continuous_params, lr=3e-4, betas=(0.9, 0.95))
-    opt = PVOptimizer(model, base, VStepConfig(strategy="subspace_v_ste", lr=1e-3))
-    loss.backward(); stats = opt.step(); opt.zero_grad()
+    opt = PVOptimizer(model, base, VStepConfig(strategy="subspace_v_ste"))
+    loss.backward(); stats = opt.step(lr_scale=schedule(t)); opt.zero_grad()
 
-``step()`` reads as the algorithm: :meth:`p_step` then :meth:`v_step`. The dense gradient
-``dL/dW`` of each compressed weight is captured by its :class:`QuantizedLinear` during the
-forward pass (``track_dense_grad``).
+``step()`` reads as the algorithm: the P step, then the V step; ``lr_scale`` (a schedule's
+factor) scales both. The dense gradient ``dL/dW`` of each compressed weight is captured by
+its :class:`QuantizedLinear` during the forward pass (``track_dense_grad``). Continuous
+parameters stay at the precision a checkpoint stores them in (:mod:`pvtune.optim.precision`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,15 +24,19 @@ from torch import Tensor, nn
 from pvtune.errors import ConfigError
 from pvtune.nn.quantize import quantized_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.optim.precision import StoredPrecision, storage_dtypes
 from pvtune.optim.strategies import STRATEGIES, VStepConfig, WeightState, apply_trust_ratio
 
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one discrete step did: the fraction of encode groups whose codes changed."""
+    """What one step did: the encode groups whose codes changed, and the seconds spent in
+    the continuous (P) and discrete (V) steps."""
 
     groups_changed: int
     groups_total: int
+    seconds_continuous: float = 0.0
+    seconds_discrete: float = 0.0
 
     @property
     def fraction_changed(self) -> float:
@@ -43,9 +50,16 @@ def continuous_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class PVOptimizer:
-    """Wraps ``base`` (which owns the continuous parameters) and adds the discrete step."""
+    """Wraps ``base`` (which owns the continuous parameters) and adds the discrete step.
 
-    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, config: VStepConfig):
+    ``dense_storage`` says how the model's uncompressed parameters are stored: ``float16``
+    keeps them float16-exact through training (fp32 master copies), ``float32`` leaves them
+    as they are. The compressed layers' continuous parameters are always kept float16-exact,
+    the precision their representations store.
+    """
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, config: VStepConfig,
+                 dense_storage: str = "float32") -> None:
         self.config = config
         self.base = base
         self.strategy = STRATEGIES.get(config.strategy)
@@ -58,6 +72,9 @@ class PVOptimizer:
             layer.track_dense_grad = True
             self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
             self.weight_configs[name] = config.for_weight(layer.qweight)
+        self.precision = StoredPrecision(model, storage_dtypes(model, dense_storage))
+        self._base_lrs = [group["lr"] for group in base.param_groups]
+        self._scaled = False  # a torch LR scheduler on ``base`` works while lr_scale stays 1
         self.steps = 0
 
     def zero_grad(self) -> None:
@@ -66,18 +83,31 @@ class PVOptimizer:
         for layer in self.layers.values():
             layer.dense_weight = None
 
-    def p_step(self) -> None:
-        """Continuous step: the base optimizer on scales, codebooks and dense parameters."""
-        self.base.step()
+    def step(self, lr_scale: float = 1.0) -> StepStats:
+        """One PV step: P (the base optimizer on the continuous parameters) then V (the codes
+        of every compressed weight), both with their learning rates times ``lr_scale``.
+        Deterministic given the gradients and the step count."""
+        if not lr_scale >= 0:
+            raise ConfigError(f"lr_scale must be >= 0, got {lr_scale}")
+        start = time.perf_counter()
+        self._p_step(lr_scale)
+        middle = time.perf_counter()
+        changed, total = self._v_step(lr_scale)
+        self.steps += 1
+        return StepStats(changed, total, middle - start, time.perf_counter() - middle)
 
-    def v_step(self, lr_scale: float = 1.0) -> StepStats:
-        """Discrete step on every compressed weight; deterministic given the gradients.
+    def _p_step(self, lr_scale: float) -> None:
+        if lr_scale != 1.0 or self._scaled:
+            self._scaled = True
+            for group, lr in zip(self.base.param_groups, self._base_lrs, strict=True):
+                group["lr"] = lr * lr_scale
+        with self.precision.master_weights():
+            self.base.step()
 
-        ``lr_scale`` multiplies each weight's step size (a learning-rate schedule's factor).
-        """
-        if lr_scale < 0:
-            raise ValueError(f"lr_scale must be >= 0, got {lr_scale}")
+    def _v_step(self, lr_scale: float) -> tuple[int, int]:
         changed = total = 0
+        if self.config.strategy == "frozen":  # no code moves: no dense gradient needed
+            return 0, sum(math.prod(layer.qweight.groups_shape) for layer in self.layers.values())
         for index, (name, layer) in enumerate(self.layers.items()):
             if layer.dense_weight is None or layer.dense_weight.grad is None:
                 raise RuntimeError(
@@ -100,22 +130,17 @@ class PVOptimizer:
                 apply_trust_ratio(rep, w_before, codes_before, self.config.trust_ratio)
             changed += _groups_changed(rep, codes_before)
             total += rep.groups_shape[0] * rep.groups_shape[1]
-        return StepStats(changed, total)
-
-    def step(self) -> StepStats:
-        """One PV step: P (continuous) then V (discrete)."""
-        self.p_step()
-        stats = self.v_step()
-        self.steps += 1
-        return stats
+        return changed, total
 
     # -- checkpointing (tensors only: safetensors, never pickle) ----------------------------
     def state_tensors(self) -> dict[str, Tensor]:
-        """The discrete-step state as a flat dict of tensors."""
+        """The discrete-step state and the master copies as a flat dict of tensors."""
         out = {"pv.steps": torch.tensor(self.steps)}
         for name, state in self.states.items():
             for key, t in state.tensors().items():
                 out[f"pv.{name}.{key}"] = t
+        for name, master in self.precision.state_tensors().items():
+            out[f"master.{name}"] = master
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -124,6 +149,8 @@ class PVOptimizer:
         for name, state in self.states.items():
             prefix = f"pv.{name}."
             state.load({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.precision.load_state_tensors(
+            {k[len("master."):]: v for k, v in tensors.items() if k.startswith("master.")})
 
 
 def _groups_changed(rep, codes_before: dict[str, Tensor]) -> int:

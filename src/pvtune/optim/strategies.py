@@ -3,9 +3,15 @@
 Every strategy sees the weight's representation, the dense gradient ``g = dL/dW`` and a
 per-weight state; it may keep a dense buffer ``y`` (straight-through variants). Buffers move
 along Adam's direction with ``beta1 = 0`` (the published PV recipe's betas (0, 0.95)),
-``d = g / (sqrt(v_hat) + eps)`` per entry. The buffer-free linearized V steps move along
-``d' = g / rms(g)`` with one running RMS per matrix, which keeps the relative sizes of the
-gradient entries (per-entry normalisation would make every group look alike).
+``d = g / (sqrt(v_hat) + eps * rms(sqrt(v_hat)))`` per entry. The buffer-free linearized V
+steps move along ``d' = g / rms(g)`` with one running RMS per matrix, which keeps the
+relative sizes of the gradient entries (per-entry normalisation would make every group look
+alike).
+
+Step sizes are relative: a weight moves by ``lr * d * u`` where ``u`` is its representation's
+:meth:`~pvtune.reprs.base.QuantizedWeight.step_unit` (the grid step of its group, or its
+row's scale). Both directions are scale-free and the units scale with the weights, so the
+same ``lr`` takes the same code decisions on a model whose weights are 8x smaller.
 
 * ``frozen``: codes never change (continuous-only fine-tuning).
 * ``ste``: buffer ``y -= lr d``; every group re-encoded to ``y`` every step.
@@ -33,15 +39,16 @@ import torch
 from torch import Tensor
 
 from pvtune.registry import Registry
-from pvtune.reprs.base import QuantizedWeight, check_range
+from pvtune.reprs.base import QuantizedWeight, check_range, times_unit
 
 
 @dataclass(frozen=True)
 class VStepConfig:
     """Settings of the discrete step.
 
-    ``lr``: step size of the dense direction (None: the strategy's default,
-    :data:`DEFAULT_LR`); ``beta2``, ``eps``: the buffer's second-moment average; ``tau``:
+    ``lr``: step size of the dense direction in units of each weight's step unit (None: the
+    default for the strategy and representation, :func:`default_step_size`); ``beta2``,
+    ``eps``: the buffer's second-moment average (``eps`` relative to its RMS); ``tau``:
     fraction of each matrix's groups re-encoded per step by the subspace strategies;
     ``trust_ratio``: if set,
     the largest code changes are rolled back until ``||dW|| <= trust_ratio * ||W||``;
@@ -70,41 +77,40 @@ class VStepConfig:
 
     @property
     def step_size(self) -> float:
-        """``lr``, or the strategy's default step size."""
-        return DEFAULT_LR.get(self.strategy, 1e-3) if self.lr is None else self.lr
+        """``lr`` (resolve a None with :meth:`for_weight` first)."""
+        if self.lr is None:
+            raise ValueError("VStepConfig.lr is None: resolve it with for_weight(rep) first")
+        return self.lr
 
     def for_weight(self, rep: QuantizedWeight) -> VStepConfig:
         """This config with ``lr`` resolved for ``rep``: an explicit ``lr`` wins, else the
-        representation's measured default (:func:`default_step_size`)."""
+        measured default (:func:`default_step_size`)."""
         if self.lr is not None:
             return self
-        return dataclasses.replace(self, lr=default_step_size(self.strategy, rep.config))
+        return dataclasses.replace(self, lr=default_step_size(self.strategy, rep))
 
 
-# Default step sizes, chosen on SmolLM2-135M at about 2 bits (20 steps of 2 x 256 tokens).
-# Buffer strategies move by lr per step along an Adam direction (weight units): at 1e-3 dense
-# STE changed no 2-bit code in 20 steps, so STE and subspace V + STE use 3e-3; stochastic
-# rounding diverged at 3e-3 (its noise grows with the buffer's distance from the grid) and
-# uses 1e-3. The buffer-free linearized V steps move by lr * g / max-rms(g) and are far more
-# sensitive: one step at 3e-4 lowered the KL on a held-out batch for AQLM 2x8g8 (1e-3 for
-# 2-bit uniform) while 3x that raised it 3-10x.
-DEFAULT_LR = {"ste": 3e-3, "stochastic_rounding": 1e-3, "subspace_v_ste": 3e-3,
-              "linearized_v": 3e-4, "subspace_v": 3e-4, "frozen": 0.0}
+# Default relative step sizes, per kind of step unit. They were measured on SmolLM2-135M at
+# about 2 bits (20 steps of 2 x 256 tokens) as steps in weight units, then divided by the mean
+# unit there: 0.302 for the 2-bit g64 grid step and 0.189 for AQLM's row scale (the rows' RMS).
+# * ste, subspace_v_ste: 1e-2 on the 2-bit grid (STE 983.2 -> 369.0, subspace V + STE 978.3
+#   -> 345.4; at 3e-3 the wide cells were rarely crossed) and 3e-3 on AQLM 2x8g8 (1e-2 hurt:
+#   83.58 -> 223.1), benchmarks/results/finetune_code_lr.md;
+# * stochastic_rounding: 1e-3 (3e-3 diverged: its noise grows with the buffer's distance
+#   from the grid);
+# * linearized_v, subspace_v: 3e-4 (one step lowered a held-out KL; 3x that raised it 3-10x).
+DEFAULT_LR = {
+    "grid": {"ste": 0.033, "subspace_v_ste": 0.033, "stochastic_rounding": 3.3e-3,
+             "linearized_v": 1e-3, "subspace_v": 1e-3, "frozen": 0.0},
+    "rms": {"ste": 0.016, "subspace_v_ste": 0.016, "stochastic_rounding": 5.3e-3,
+            "linearized_v": 1.6e-3, "subspace_v": 1.6e-3, "frozen": 0.0},
+}
 
-# 2-bit uniform grids have few, wide cells: a 3e-3 buffer step rarely crosses one in 20 steps.
-# At 1e-2 STE went 983.2 -> 369.0 and subspace V + STE 978.3 -> 345.4 on SmolLM2-135M (GPTQ
-# start, benchmarks/results/finetune_code_lr.md); on AQLM 2x8g8 1e-2 hurt (83.58 -> 223.1).
-WIDE_CELL_LR = 1e-2
 
-
-def default_step_size(strategy: str, config) -> float:
-    """Default discrete step size of ``strategy`` on a weight with representation ``config``:
-    :data:`WIDE_CELL_LR` for ``ste`` and ``subspace_v_ste`` on uniform grids of at most
-    2 bits, else :data:`DEFAULT_LR`."""
-    if strategy in ("ste", "subspace_v_ste") and config.type_name == "uniform" \
-            and config.bits <= 2:
-        return WIDE_CELL_LR
-    return DEFAULT_LR.get(strategy, 1e-3)
+def default_step_size(strategy: str, rep: QuantizedWeight) -> float:
+    """Default relative step size of ``strategy`` on ``rep``: :data:`DEFAULT_LR` for the kind
+    of its step unit (1e-2 for unregistered strategies)."""
+    return DEFAULT_LR[rep.step_unit_kind].get(strategy, 1e-2)
 
 
 class WeightState:
@@ -133,11 +139,14 @@ class WeightState:
 
 
 def dense_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Tensor:
-    """Adam direction with ``beta1 = 0``: ``g / (sqrt(v / (1 - beta2^t)) + eps)``."""
+    """Adam direction with ``beta1 = 0``: ``g / (s + eps * rms(s))``, ``s = sqrt(v / (1 -
+    beta2^t))``; the relative ``eps`` keeps it independent of the gradient's scale."""
     state.step += 1
     state.sq_avg.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
     bias = 1 - config.beta2 ** state.step
-    denom = state.sq_avg.div(bias).sqrt_().add_(config.eps)  # in place: no temporaries
+    denom = state.sq_avg.div(bias).sqrt_()  # in place: no temporaries
+    floor = config.eps * denom.pow(2).mean().sqrt()
+    denom.add_(floor).clamp_(min=1e-30)
     return torch.div(grad, denom, out=denom)
 
 
@@ -152,7 +161,7 @@ def matrix_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> T
     state.step += 1
     rms = grad.pow(2).mean().sqrt()
     state.sq_avg.copy_(torch.maximum(state.sq_avg, rms.expand_as(state.sq_avg)))
-    return grad / (state.sq_avg.reshape(-1)[0] + config.eps)
+    return grad / state.sq_avg.reshape(-1)[0].clamp(min=1e-30)
 
 
 def top_groups(score: Tensor, fraction: float) -> Tensor:
@@ -254,14 +263,14 @@ def frozen(rep, grad, state, config, generator) -> None:
 @register_strategy("ste", needs_buffer=True)
 def straight_through(rep, grad, state, config, generator) -> None:
     """Dense buffer updated with the dense gradient; every group re-encoded every step."""
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
+    move_buffer(rep, state, grad, config)
     rep.encode(state.buffer, None, beam_size=config.beam_size)
 
 
 @register_strategy("stochastic_rounding", needs_buffer=True)
 def stochastic_rounding(rep, grad, state, config, generator) -> None:
     """Dense buffer step, then unbiased random rounding of every group to a neighbour."""
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
+    move_buffer(rep, state, grad, config)
     rep.stochastic_encode(state.buffer, generator=generator, beam_size=config.beam_size)
 
 
@@ -269,7 +278,8 @@ def stochastic_rounding(rep, grad, state, config, generator) -> None:
 def linearized_v(rep, grad, state, config, generator) -> None:
     """Project ``W - lr d`` onto the representable set, all groups (naive linearized V)."""
     with torch.no_grad():
-        y = rep() - config.step_size * matrix_direction(state, grad, config)
+        step = times_unit(matrix_direction(state, grad, config), rep.step_unit())
+        y = rep() - config.step_size * step
     rep.encode(y, None, beam_size=config.beam_size)
 
 
@@ -285,21 +295,23 @@ def subspace_v(rep, grad, state, config, generator) -> None:
     Candidates are the ``PRESELECT * tau`` groups with the largest gradient norm; their codes
     are projected, then only the best ``tau`` fraction keeps its new codes.
     """
-    direction = matrix_direction(state, grad, config)
+    matrix_direction(state, grad, config)  # updates the running max RMS of the gradient
     with torch.no_grad():
         w = rep()
-        step = config.step_size * direction  # = lr_eff * grad with lr_eff = lr / rms(grad)
-        lr_eff = float(step.norm() / grad.norm().clamp(min=1e-30))
-        candidates = top_indices(group_sq_norm(rep, direction).reshape(-1),
+        # a gradient step with per-entry step size eta = lr * unit / max-rms(grad)
+        inv_rms = 1.0 / float(state.sq_avg.reshape(-1)[0].clamp(min=1e-30))
+        eta = times_unit(torch.full_like(grad, config.step_size * inv_rms), rep.step_unit())
+        step = eta * grad
+        candidates = top_indices(group_sq_norm(rep, step).reshape(-1),
                                  math.ceil(PRESELECT * config.tau * group_count(rep)))
         if candidates.numel() == 0:
             return
         old = rep.snapshot_codes()
         rep.encode(w - step, groups_mask(rep, candidates), beam_size=config.beam_size)
         delta = rep.decode_groups(candidates) - in_groups(rep, w, candidates)
-        # decrease of the local model <g, dW> + ||dW||^2 / (2 lr_eff), per candidate group
+        # decrease of the local model <g, dW> + sum dW^2 / (2 eta), per candidate group
         gain = -(in_groups(rep, grad, candidates) * delta).sum(-1) \
-            - delta.pow(2).sum(-1) / (2 * max(lr_eff, 1e-30))
+            - (delta.pow(2) / (2 * in_groups(rep, eta, candidates).clamp(min=1e-30))).sum(-1)
         keep_among(rep, old, candidates, gain, config.tau)
 
 
@@ -315,7 +327,7 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
     decrease of ``||y - W||^2`` (a wide gap alone often sits inside one code's cell, where
     re-encoding changes nothing).
     """
-    state.buffer.add_(dense_direction(state, grad, config), alpha=-config.step_size)
+    move_buffer(rep, state, grad, config)
     with torch.no_grad():
         w = rep()
         gap = group_sq_norm(rep, state.buffer - w)
@@ -336,6 +348,13 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
                    * (w_new - in_groups(rep, w, candidates))).sum(-1) < 0
         keep_among(rep, old, candidates, torch.where(descent, decrease,
                                                      torch.zeros_like(decrease)), config.tau)
+
+
+def move_buffer(rep: QuantizedWeight, state: WeightState, grad: Tensor,
+                config: VStepConfig) -> None:
+    """``y -= lr * d * unit``: the buffer's Adam step in units of ``rep``'s step unit."""
+    step = times_unit(dense_direction(state, grad, config), rep.step_unit())
+    state.buffer.add_(step, alpha=-config.step_size)
 
 
 def group_count(rep: QuantizedWeight) -> int:

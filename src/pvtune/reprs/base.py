@@ -102,6 +102,9 @@ class QuantizedWeight(nn.Module):
     """Base class of weight representations (see the module docstring for the contract)."""
 
     config_cls: ClassVar[type[ReprConfig]] = ReprConfig
+    # what :meth:`step_unit` measures: "grid" (the spacing of a scalar grid) or "rms" (a
+    # scale of the weights' magnitude); default discrete step sizes differ between the two
+    step_unit_kind: ClassVar[str] = "rms"
 
     def __init__(self, out_features: int, in_features: int, config: ReprConfig) -> None:
         super().__init__()
@@ -179,6 +182,16 @@ class QuantizedWeight(nn.Module):
             e_new = (w_new - target).reshape(shape).norm(dim=-1)
             p_move = e_old / (e_old + e_new).clamp(min=1e-30)
             self.restore_codes(old, keep=uniform_noise(p_move, generator) < p_move)
+
+    def step_unit(self) -> Tensor:
+        """The size of the code cells around each weight: a tensor ``u`` of shape ``[r, k]``
+        (``r`` is ``out_features`` or 1, ``k`` divides ``in_features``) giving weight
+        ``(o, i)`` the unit ``u[o, i // (in_features // k)]`` (see :func:`times_unit`).
+        Discrete steps move weights in these units, so a step size means the same on a model
+        whose weights are 8x smaller. Subclasses return their grid step or scale; this
+        default is the RMS of each decoded row."""
+        with torch.no_grad():
+            return self().pow(2).mean(-1, keepdim=True).sqrt()
 
     def bits_per_param(self) -> float:
         """Exact storage cost in bits per weight of the packed format (codes + theta)."""
@@ -277,6 +290,13 @@ def register_representation(name: str):
 def representation_for(config: ReprConfig) -> type[QuantizedWeight]:
     """The representation class registered for ``type(config)``."""
     return REPRESENTATIONS.get(type(config))
+
+
+def times_unit(x: Tensor, unit: Tensor) -> Tensor:
+    """The weight-shaped ``x`` multiplied entry by entry by its :meth:`~QuantizedWeight.step_unit`
+    ``unit`` (without materialising the unit at full size)."""
+    k = unit.shape[1]
+    return (x.view(x.shape[0], k, -1) * unit.unsqueeze(-1)).view(x.shape)
 
 
 def round_to_fp16(x: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ class _ScaledLevels(QuantizedWeight):
     """Shared machinery: integer codes mapped to fixed levels times a per-group scale."""
 
     levels: tuple[float, ...] = ()
+    step_unit_kind = "grid"
 
     def __init__(self, out_features: int, in_features: int, config: BinaryConfig) -> None:
         super().__init__(out_features, in_features, config)
@@ -75,6 +76,11 @@ class _ScaledLevels(QuantizedWeight):
     def forward(self) -> Tensor:
         values = self._levels.to(self.scale.dtype)[self._grouped(self.codes).long()]
         return (self.scale.unsqueeze(-1) * values).reshape(self.out_features, self.in_features)
+
+    def step_unit(self) -> Tensor:
+        """The scale (``|alpha|``, half the distance between levels) of each weight's group."""
+        with torch.no_grad():
+            return self.scale.abs()  # [out, groups]: one unit per group
 
     def _nearest(self, x: Tensor) -> Tensor:
         """Nearest level index for ``x`` in units of the scale."""

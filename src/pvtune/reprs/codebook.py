@@ -126,6 +126,11 @@ class VQWeight(QuantizedWeight):
             else:
                 codes[flat_sel] = idx.to(codes.dtype)
 
+    def step_unit(self) -> Tensor:
+        """The RMS of the codebook's entries (one unit for the whole matrix)."""
+        with torch.no_grad():
+            return self.codebook.pow(2).mean().sqrt().view(1, 1)
+
     def bits_per_param(self) -> float:
         n = self.out_features * self.in_features
         c = self.config
@@ -278,6 +283,12 @@ class AdditiveWeight(QuantizedWeight):
                 flat.copy_(best)
             else:
                 flat[sel] = best
+
+    def step_unit(self) -> Tensor:
+        """Each row's scale (``|scales[o]|``): the codebooks are shared, the scale sizes a
+        row's cells."""
+        with torch.no_grad():
+            return self.scales.abs().view(-1, 1)
 
     def bits_per_param(self) -> float:
         c = self.config

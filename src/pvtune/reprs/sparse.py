@@ -152,6 +152,11 @@ class NMSparseWeight(QuantizedWeight):
             else:
                 flat_pattern[index] = best.to(flat_pattern.dtype)
 
+    def step_unit(self) -> Tensor:
+        """The RMS of each row's kept values."""
+        with torch.no_grad():
+            return self.values.pow(2).mean((1, 2)).sqrt().view(-1, 1)
+
     def bits_per_param(self) -> float:
         c = self.config
         return (c.n * 16 + self.bits) / c.m

@@ -122,6 +122,7 @@ class UniformWeight(QuantizedWeight):
     """
 
     config_cls = UniformConfig
+    step_unit_kind = "grid"
 
     def __init__(self, out_features: int, in_features: int, config: UniformConfig) -> None:
         super().__init__(out_features, in_features, config)
@@ -196,6 +197,11 @@ class UniformWeight(QuantizedWeight):
             q = torch.clamp(torch.floor(x + noise), 0, self.config.maxq)
             q = q.reshape(self.codes.shape).to(torch.uint8)
             self.codes.copy_(q if groups is None else torch.where(groups, q, self.codes))
+
+    def step_unit(self) -> Tensor:
+        """The grid step (``|scale|``) of each weight's group."""
+        with torch.no_grad():
+            return self.scale.abs()  # [out, groups]: one unit per group
 
     def bits_per_param(self) -> float:
         meta = 16 if self.config.symmetric else 16 + self.config.bits
