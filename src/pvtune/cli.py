@@ -8,22 +8,73 @@ and calls the library.
     pvtune eval out/                     # perplexity, tokens/s, a generation sample
     pvtune generate out/ --prompt "..."  # free prompts
     pvtune reprs                         # every representation on one random layer
+
+A problem the user can fix (bad input, a damaged file, an impossible setting) ends the
+command with one line naming it and exit code 2; anything else is a bug in pvtune and shows
+its traceback (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
+import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from pvtune.errors import ConfigError, OutputError, PvtuneError
 
 log = logging.getLogger("pvtune")
 
 SAMPLE_PROMPT = "The history of the Roman Empire"
+DEFAULT_MODEL = "default:SmolLM2-135M-Instruct"
+REFERENCE_NOTE = ("the offline default model is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized "
+                  "to fp32: its 'reference' figures are those of a 4-bit model")
+OWNED_SUBFOLDERS = ("resume", "teacher_cache")  # what pvtune itself keeps inside an output
+
+
+# --------------------------------------------------------------------------------------
+# argument types: every bad value is refused where it is typed, never silently replaced
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
+    return text
 
 
 # --------------------------------------------------------------------------------------
@@ -40,16 +91,18 @@ def _eval_config(args: argparse.Namespace, default):
     from pvtune.llm.data import EvalConfig
 
     return EvalConfig(
-        window=args.eval_window or default.window,
+        window=args.eval_window if args.eval_window is not None else default.window,
         max_windows=args.eval_windows if args.eval_windows is not None else default.max_windows,
         batch_size=default.batch_size,
     )
 
 
-def _evaluate(model, tokenizer, windows, label: str) -> dict:
+def _evaluate(model, windows, label: str, bos) -> dict:
     from pvtune.llm.evaluate import perplexity
 
-    result = perplexity(model, windows)
+    log.info("evaluating the %s on %d windows of %d tokens", label, windows.shape[0],
+             windows.shape[1])
+    result = perplexity(model, windows, bos=bos)
     log.info("%s: perplexity %.3f on %d tokens (%.0f tokens/s)", label, result.perplexity,
              result.tokens, result.tokens_per_second)
     return {"perplexity": result.perplexity, "tokens": result.tokens,
@@ -59,8 +112,104 @@ def _evaluate(model, tokenizer, windows, label: str) -> dict:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", help="evaluation text (.txt or .jsonl with a 'text' field); "
                    "default: the evaluation split of the offline Wikipedia text")
-    p.add_argument("--eval-window", type=int, help="tokens per evaluation window (512)")
-    p.add_argument("--eval-windows", type=int, help="cap on evaluation windows (all)")
+    p.add_argument("--eval-window", type=_positive_int, help="tokens per evaluation window (512)")
+    p.add_argument("--eval-windows", type=_positive_int, help="cap on evaluation windows (all)")
+
+
+def _add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every sequence with the BOS token (default: decided per model "
+                        "as llama.cpp does, and recorded in the checkpoint)")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
+
+
+def _prepare_output(output: Path, overwrite: bool, forbidden: dict[str, Path | None]) -> None:
+    """Refuse an output that would lose or mix work, before any work is done: a file, the
+    source or teacher folder, a non-empty folder without ``--overwrite`` (pvtune's own resume
+    state and teacher cache excepted), a folder that cannot be written."""
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file; give a folder for the checkpoint")
+    for what, path in forbidden.items():
+        if path is not None and path.exists() and _same_path(output, path):
+            raise OutputError(f"--output {output} is the {what}: writing there would replace "
+                              "it; choose another --output")
+    if output.is_dir() and not overwrite:
+        other = [p.name for p in output.iterdir() if p.name not in OWNED_SUBFOLDERS]
+        if other:
+            raise OutputError(f"output folder {output} is not empty ({', '.join(other[:3])}"
+                              f"{', ...' if len(other) > 3 else ''}); pass --overwrite or "
+                              "choose another --output")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".pvtune-write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write to --output {output}: {err.strerror or err}") from None
+
+
+def _check_space(output: Path, needed_bytes: int) -> None:
+    """Refuse an output folder without room for the checkpoint (found before the work)."""
+    free = shutil.disk_usage(output).free
+    if free < needed_bytes:
+        raise OutputError(f"--output {output} has {free / 2**20:.0f} MiB free, but the "
+                          f"checkpoint needs about {needed_bytes / 2**20:.0f} MiB; free some "
+                          "space or choose another --output")
+
+
+def _source_record(args_model: str | None) -> tuple[str, Path | None]:
+    """How a compressed model records its source (an absolute path, the default's name, or
+    a hub id), and its local folder."""
+    if args_model is None:
+        from pvtune.llm.assets import default_model_dir
+
+        return DEFAULT_MODEL, default_model_dir()
+    path = Path(args_model).expanduser()
+    if path.exists():
+        return str(path.resolve()), path.resolve()
+    return str(args_model), None  # a hub id
+
+
+def _model_dir(args_model: str | None) -> Path | None:
+    """The local folder of a model argument (the prepared default model for None)."""
+    return _source_record(args_model)[1]
+
+
+def _model_source(recorded: str) -> str | None:
+    """Inverse of :func:`_source_record`: what :func:`load_causal_lm` takes."""
+    return None if recorded == DEFAULT_MODEL else recorded
+
+
+def _sample(model, tokenizer, args, bos) -> None:
+    """Print a greedy sample; optional, so a failure only warns (the work is saved)."""
+    from pvtune.llm.evaluate import generate
+
+    if args.max_new_tokens == 0:
+        return
+    try:
+        text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                        bos=bos)
+    except PvtuneError as err:
+        log.warning("no generation sample: %s", err)
+        return
+    print(f"\nSample:\n  {args.prompt}{text}")
+
+
+def _bos_choice(model_dir, tokenizer, config, override, meta=None):
+    """The recorded BOS choice of a pvtune checkpoint, or the rule's; ``--bos`` wins."""
+    from pvtune.llm.bos import BosChoice, decide_bos
+
+    if override is None and meta is not None and "bos" in meta:
+        return BosChoice.from_dict(meta["bos"])
+    return decide_bos(model_dir, tokenizer, config, override)
+
+
+def _bits_rows(bits: dict) -> list[list[str]]:
+    return [["bits/param (compressed linears, stored)", f"{bits['linear_bits_per_param']:.3f}"],
+            ["bits/param (whole model, stored)", f"{bits['overall_bits_per_param']:.3f}"]]
 
 
 # --------------------------------------------------------------------------------------
@@ -89,14 +238,19 @@ def _compress_config(args: argparse.Namespace, preset):
     from pvtune.reprs import AQLMConfig, UniformConfig
 
     calibration = CalibrationConfig(
-        num_sequences=args.num_seqs or preset.calibration.num_sequences,
-        sequence_length=args.seq_len or preset.calibration.sequence_length,
+        num_sequences=args.num_seqs if args.num_seqs is not None
+        else preset.calibration.num_sequences,
+        sequence_length=args.seq_len if args.seq_len is not None
+        else preset.calibration.sequence_length,
         seed=args.seed,
     )
     finetune = preset.block_finetune
-    if args.block_finetune_steps is not None:
-        finetune = BlockFinetuneConfig(steps=args.block_finetune_steps,
-                                       lr=finetune.lr if finetune else 1e-3)
+    if args.block_finetune_steps is not None or args.block_finetune_lr is not None:
+        steps = args.block_finetune_steps if args.block_finetune_steps is not None \
+            else (finetune.steps if finetune else 20)
+        lr = args.block_finetune_lr if args.block_finetune_lr is not None \
+            else (finetune.lr if finetune else 1e-3)
+        finetune = BlockFinetuneConfig(steps=steps, lr=lr)
     if args.method == "aqlm":
         representation = AQLMConfig.preset(args.codebooks, seed=args.seed)
         method_config = preset.aqlm
@@ -104,7 +258,7 @@ def _compress_config(args: argparse.Namespace, preset):
         representation = UniformConfig(bits=args.bits, group_size=args.group_size or None,
                                        symmetric=args.symmetric)
         method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
-        if args.block_finetune_steps is None:
+        if args.block_finetune_steps is None and args.block_finetune_lr is None:
             finetune = None  # scalar methods are calibrated without block fine-tuning
     return CompressConfig(method=args.method, representation=representation,
                           method_config=method_config, calibration=calibration,
@@ -114,11 +268,11 @@ def _compress_config(args: argparse.Namespace, preset):
 def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
-    from pvtune.llm.checkpoint import bits_report, save_compressed, size_on_disk
+    from pvtune.llm.bos import with_bos
+    from pvtune.llm.checkpoint import save_compressed, size_on_disk
     from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
-    from pvtune.llm.evaluate import generate
-    from pvtune.llm.model import count_params, load_causal_lm
-    from pvtune.llm.pipeline import compress_model
+    from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fingerprint
+    from pvtune.llm.pipeline import check_layers_fit, compress_model
     from pvtune.llm.recipes import PRESETS
     from pvtune.report import format_table
 
@@ -126,15 +280,20 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     preset = PRESETS[args.preset]
     config = _compress_config(args, preset)
     eval_config = _eval_config(args, preset.evaluation)
+    source, source_dir = _source_record(args.model)
     output = Path(args.output or f"compressed-{args.method}"
                   f"-{args.codebooks if args.method == 'aqlm' else f'{args.bits}bit'}")
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise ValueError(f"output directory {output} is not empty; pass --overwrite or "
-                         "choose another --output")
+    _prepare_output(output, args.overwrite, {"source model folder": source_dir})
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(args.model)
-    log.info("loaded %s (%.1fM parameters) in %.1f s", args.model or "the default model",
-             count_params(model) / 1e6, time.perf_counter() - t0)
+    params = count_params(model)
+    _check_space(output, 2 * params)  # float16 everything: more than any compressed form
+    check_layers_fit(model, find_blocks(model), config)  # before any long work
+    bos = _bos_choice(source_dir, tokenizer, model.config, args.bos)
+    log.info("loaded %s (%.1fM parameters) in %.1f s; BOS: %s (%s)", source, params / 1e6,
+             time.perf_counter() - t0, "yes" if bos.add else "no", bos.reason)
+    if args.model is None:
+        log.info("note: %s", REFERENCE_NOTE)
     calib_ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
                                                                          "calibration")),
                                   config.calibration)
@@ -144,41 +303,37 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
                                                                       "evaluation")),
                                eval_config)
-        results["before"] = _evaluate(model, tokenizer, windows, "uncompressed")
+        results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
     log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
              config.method, config.representation, calib_ids.shape[0], calib_ids.shape[1])
-    report = compress_model(model, calib_ids, config)
+    report = compress_model(model, with_bos(calib_ids, bos), config)
     if windows is not None:
-        results["after"] = _evaluate(model, tokenizer, windows, "compressed")
-    sample = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
-    bits = bits_report(model)
-    meta = {"source_model": str(args.model or "default:SmolLM2-135M-Instruct"),
-            "compress_config": _jsonable(config), "evaluation": results,
-            "compress_seconds": report.seconds,
+        results["compressed"] = _evaluate(model, windows, "compressed model", bos)
+    meta = {"source_model": source, "source_fingerprint": model_fingerprint(args.model),
+            "bos": bos.to_dict(), "compress_config": _jsonable(config),
+            "evaluation": results, "compress_seconds": report.seconds,
             "layers": [dataclasses.asdict(r) for r in report.layers],
             "block_finetune": report.block_losses}
-    save_compressed(model, tokenizer, output, meta)
-
-    print()
-    print(format_table(["layer", "shape", "bits/param", "output error", "seconds"], [
-        [r.name, f"{r.out_features}x{r.in_features}", f"{r.bits_per_param:.3f}",
-         "-" if r.output_error is None else f"{r.output_error:.4f}", f"{r.seconds:.1f}"]
-        for r in report.layers
-    ]))
-    print()
+    if args.model is None:
+        meta["reference_note"] = REFERENCE_NOTE
+    record = save_compressed(model, tokenizer, output, meta)  # before anything optional
+    bits = record["bits"]
     rows = [["method", f"{config.method} {_repr_name(config.representation)}"],
-            ["compression time", f"{report.seconds / 60:.1f} min"],
-            ["bits/param (compressed linears)", f"{bits['linear_bits_per_param']:.3f}"],
-            ["bits/param (whole model)", f"{bits['overall_bits_per_param']:.3f}"],
+            ["compression time", f"{report.seconds / 60:.1f} min"], *_bits_rows(bits),
             ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
-            ["checkpoint", str(output)]]
-    for key in ("before", "after"):
+            ["BOS token", f"{'yes' if bos.add else 'no'} ({bos.reason})"],
+            ["checkpoint", f"{output} (per-layer table in pvtune_meta.json)"]]
+    for key, label in (("reference", "perplexity, reference"),
+                       ("compressed", "perplexity, compressed")):
         if key in results:
             r = results[key]
-            rows.append([f"perplexity {key}", f"{r['perplexity']:.2f} ({r['tokens']} tokens, "
-                                              f"{r['tokens_per_second']:.0f} tok/s)"])
+            rows.append([label, f"{r['perplexity']:.2f} ({r['tokens']} tokens, "
+                                f"{r['tokens_per_second']:.0f} tok/s)"])
+    print()
     print(format_table(["summary", "value"], rows))
-    print(f"\nSample from the compressed model:\n  {args.prompt}{sample}")
+    if args.model is None:
+        print(f"Reference: {REFERENCE_NOTE}.")
+    _sample(model, tokenizer, args, bos)
     return 0
 
 
@@ -196,8 +351,25 @@ def _jsonable(obj):
     return obj
 
 
+def _checked_meta(meta: dict, source: Path) -> dict:
+    """The entries of a checkpoint's record that fine-tuning uses, type-checked."""
+    from pvtune.errors import CheckpointError
+
+    recorded = meta.get("source_model")
+    if recorded is not None and not isinstance(recorded, str):
+        raise CheckpointError(f"{source}: its record's source_model must be a string, got "
+                              f"{recorded!r}")
+    storage = (meta.get("compress_config") or {}).get("dense_storage", "float16") \
+        if isinstance(meta.get("compress_config", {}), dict) else None
+    if storage not in ("float16", "float32"):
+        raise CheckpointError(f"{source}: its record's compress_config.dense_storage must be "
+                              f"float16 or float32, got {storage!r}")
+    return {"source_model": recorded, "dense_storage": storage, "bos": meta.get("bos")}
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from pvtune.llm.checkpoint import read_meta, save_compressed
+    from pvtune.errors import ModelError, TrainingError
+    from pvtune.llm.checkpoint import read_meta, save_compressed, size_on_disk, write_meta
     from pvtune.llm.data import (
         CalibrationConfig,
         EvalConfig,
@@ -205,30 +377,59 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         eval_windows,
         tokenize_stream,
     )
-    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
-    from pvtune.llm.model import ModelError, is_pvtune_checkpoint, load_causal_lm
+    from pvtune.llm.finetune import (
+        RESUME_META,
+        FinetuneConfig,
+        TeacherLogits,
+        clear_resume_state,
+        finetune,
+    )
+    from pvtune.llm.model import (
+        count_params,
+        is_pvtune_checkpoint,
+        load_causal_lm,
+        looks_local,
+        model_fingerprint,
+    )
     from pvtune.optim.strategies import VStepConfig
     from pvtune.report import format_table
 
     source = Path(args.checkpoint)
     if not is_pvtune_checkpoint(source):
         raise ModelError(f"{source} is not a pvtune checkpoint; run `pvtune compress` first")
-    output = Path(args.output or f"{source}-finetuned-{args.strategy}")
-    resume = output / "resume"
-    if output.exists() and any(output.iterdir()) and not (resume / "resume_state.json").is_file() \
-            and not args.overwrite:
-        raise ValueError(f"output directory {output} is not empty and holds no resume state; "
-                         "pass --overwrite or choose another --output")
-    meta = read_meta(source)
+    meta = _checked_meta(read_meta(source), source)
     teacher_src = args.teacher
     if teacher_src is None:
-        src = meta.get("source_model", "")
-        teacher_src = None if src.startswith("default:") or not src else src
+        if meta["source_model"] is None:
+            raise ModelError(f"{source} does not record the model it was compressed from; "
+                             "pass the uncompressed model with --teacher")
+        teacher_src = _model_source(meta["source_model"])
+        if teacher_src is not None and looks_local(teacher_src) and \
+                not Path(teacher_src).is_dir():
+            raise ModelError(f"{source} was compressed from {teacher_src}, which no longer "
+                             "exists; pass the uncompressed model with --teacher")
+    teacher_dir = Path(teacher_src).expanduser() if teacher_src is not None else None
+    if teacher_dir is not None and _same_path(teacher_dir, source):
+        raise ModelError("--teacher is the checkpoint being fine-tuned: the student would be "
+                         "its own teacher; pass the uncompressed model")
+    output = Path(args.output or f"{source}-finetuned-{args.strategy}")
+    resume = output / "resume"
+    resuming = (resume / RESUME_META).is_file() and not args.overwrite
+    _prepare_output(output, args.overwrite or resuming,
+                    {"source checkpoint": source, "teacher model folder": teacher_dir})
     student, tokenizer = load_causal_lm(source)
+    _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
+    if args.overwrite and resume.is_dir():
+        shutil.rmtree(resume)
     teacher, _ = load_causal_lm(teacher_src)
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher.requires_grad_(False)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ModelError(f"the teacher ({teacher_src or DEFAULT_MODEL}) has a vocabulary of "
+                         f"{teacher.config.vocab_size} tokens, the student "
+                         f"{student.config.vocab_size}: pass the model {source} was "
+                         "compressed from as --teacher")
+    bos = _bos_choice(source, tokenizer, student.config, args.bos, meta)
     calib = CalibrationConfig(num_sequences=args.num_seqs, sequence_length=args.seq_len,
                               seed=args.seed)
     ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
@@ -244,71 +445,106 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                             grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
                             warmup_steps=args.warmup_steps, vstep=vstep,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            seed=args.seed)
+                            seed=args.seed, dense_storage=meta["dense_storage"])
+    teacher_print = model_fingerprint(teacher_src)
     teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
-                                   if args.cache_teacher else None)
-    record = {"source_checkpoint": str(source), "source_model": meta.get("source_model"),
-              "finetune_config": _jsonable(config)}
+                                   if args.cache_teacher else None,
+                                   fingerprint=teacher_print, bos=bos)
+    record = {"source_checkpoint": str(source.resolve()),
+              "source_model": meta["source_model"],
+              "teacher": str(teacher_dir.resolve()) if teacher_dir else DEFAULT_MODEL,
+              "bos": bos.to_dict(), "finetune_config": _jsonable(config),
+              "compress_config": {"dense_storage": meta["dense_storage"]}}
+    log.info("fine-tuning %s (teacher %s, BOS %s): %d steps of %d x %d tokens, strategy %s",
+             source, record["teacher"], "yes" if bos.add else "no", config.steps,
+             config.batch_size * config.grad_accum, args.seq_len, args.strategy)
 
-    def save_best(model) -> None:
-        save_compressed(model, tokenizer, output, record)
+    def save_best(model, step) -> None:
+        save_compressed(model, tokenizer, output, {**record, "best_step": step})
+        log.info("saved the best model so far (step %d) to %s", step, output)
 
-    result = finetune(student, teacher_logits, ids, config, windows,
-                      checkpoint_dir=resume if args.checkpoint_every else None,
-                      save_best=save_best if windows is not None else None)
+    try:
+        result = finetune(student, teacher_logits, ids, config, windows,
+                          checkpoint_dir=resume if args.checkpoint_every else None,
+                          save_best=save_best if windows is not None else None, bos=bos,
+                          identity={"source": model_fingerprint(source),
+                                    "teacher": teacher_print})
+    except TrainingError:
+        if is_pvtune_checkpoint(output):
+            log.error("the best model so far stays in %s", output)
+        raise
     if windows is None:
-        save_compressed(student, tokenizer, output, record)
-    record["result"] = dataclasses.asdict(result)
-    meta_path = output / "pvtune_meta.json"
-    saved = json.loads(meta_path.read_text())
-    saved["finetune_result"] = record["result"]
-    meta_path.write_text(json.dumps(saved, indent=1, default=str))
+        save_compressed(student, tokenizer, output, {**record, "best_step": config.steps})
+    saved = read_meta(output)
+    saved["finetune_result"] = dataclasses.asdict(result)
+    write_meta(output, saved)
+    if len(result.losses) == config.steps:
+        clear_resume_state(resume)  # finished: a rerun must not continue it
     fb, dv = result.seconds_forward_backward, result.seconds_discrete
     rows = [["strategy", args.strategy], ["steps", len(result.losses)],
             ["KL first -> last", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
              if result.losses else "-"],
-            ["discrete step time / forward+backward", f"{dv / fb:.1%}" if fb else "-"],
-            ["checkpoint (best)", str(output)]]
+            ["discrete step time / forward+backward", f"{dv / fb:.1%}" if fb else "-"]]
     if result.evals:
+        start = result.start_perplexity
         rows.append(["perplexity by step", ", ".join(f"{s}: {p:.2f}" for s, p in result.evals)])
-        rows.append(["best perplexity", f"{result.best_perplexity:.3f} (step {result.best_step})"])
+        rows.append(["perplexity, start -> best",
+                     f"{start:.3f} -> {result.best_perplexity:.3f} (step {result.best_step})"
+                     if start is not None and result.best_perplexity is not None else "-"])
+    rows += [*_bits_rows(saved["bits"]),
+             ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
+             ["checkpoint (best)", str(output)]]
     print(format_table(["finetune", "value"], rows))
+    if result.evals and result.best_step == 0:
+        print(f"Fine-tuning did not improve on the starting model (perplexity "
+              f"{result.start_perplexity:.3f}): {output} holds the starting model. Try a "
+              "smaller --lr or --code-lr.")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pvtune.llm.checkpoint import bits_report
+    from pvtune.llm.checkpoint import bits_report, read_meta
     from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
-    from pvtune.llm.evaluate import generate
-    from pvtune.llm.model import load_causal_lm
+    from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
     from pvtune.report import format_table
 
     model, tokenizer = load_causal_lm(args.model)
+    checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
+    meta = read_meta(args.model) if checkpoint else None
+    bos = _bos_choice(_model_dir(args.model), tokenizer, model.config, args.bos, meta)
     config = _eval_config(args, EvalConfig())
     windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
                            config)
-    result = _evaluate(model, tokenizer, windows, "model")
-    bits = bits_report(model)
-    sample = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
-    print(format_table(["metric", "value"], [
-        ["perplexity", f"{result['perplexity']:.3f}"],
-        ["tokens evaluated", result["tokens"]],
-        ["tokens/s", f"{result['tokens_per_second']:.0f}"],
-        ["bits/param (compressed linears)", f"{bits['linear_bits_per_param']:.3f}"],
-        ["bits/param (whole model)", f"{bits['overall_bits_per_param']:.3f}"],
-    ]))
-    print(f"\nSample:\n  {args.prompt}{sample}")
+    result = _evaluate(model, windows, "model", bos)
+    rows = [["perplexity", f"{result['perplexity']:.3f}"],
+            ["tokens evaluated", result["tokens"]],
+            ["tokens/s", f"{result['tokens_per_second']:.0f}"],
+            ["BOS token", f"{'yes' if bos.add else 'no'} ({bos.reason})"]]
+    if checkpoint:
+        rows += _bits_rows(bits_report(model))
+    print(format_table(["metric", "value"], rows))
+    if args.model is None:
+        print(f"Reference: {REFERENCE_NOTE}.")
+    _sample(model, tokenizer, args, bos)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from pvtune.errors import DataError
+    from pvtune.llm.checkpoint import read_meta
     from pvtune.llm.evaluate import generate
-    from pvtune.llm.model import load_causal_lm
+    from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
 
-    model, tokenizer = load_causal_lm(args.model)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise DataError("no prompt: pass --prompt TEXT or give prompts on stdin, one per line")
+    model, tokenizer = load_causal_lm(args.model)
+    checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
+    bos = _bos_choice(_model_dir(args.model), tokenizer, model.config, args.bos,
+                      read_meta(args.model) if checkpoint else None)
     for prompt in prompts:
-        print(prompt + generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat))
+        print(prompt + generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat,
+                                bos=bos))
     return 0
 
 
@@ -335,22 +571,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "offline SmolLM2-135M-Instruct, prepared and cached on first use)")
     p.add_argument("--method", choices=["aqlm", "gptq", "rtn"], default="aqlm")
     p.add_argument("--codebooks", default="2x8g8", help="AQLM layout MxBgG (default 2x8g8)")
-    p.add_argument("--bits", type=int, default=2, help="bits per weight for gptq/rtn (2)")
-    p.add_argument("--group-size", type=int, default=64,
+    p.add_argument("--bits", type=_positive_int, default=2,
+                   help="bits per weight for gptq/rtn (2)")
+    p.add_argument("--group-size", type=_count, default=64,
                    help="group size for gptq/rtn (64; 0 = one group per row)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid for gptq/rtn")
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                    help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "
                    "calibration split of the offline Wikipedia text")
-    p.add_argument("--num-seqs", type=int, help="calibration sequences (preset)")
-    p.add_argument("--seq-len", type=int, help="calibration sequence length (preset)")
-    p.add_argument("--block-finetune-steps", type=int,
+    p.add_argument("--num-seqs", type=_positive_int, help="calibration sequences (preset)")
+    p.add_argument("--seq-len", type=_positive_int, help="calibration sequence length (preset)")
+    p.add_argument("--block-finetune-steps", type=_count,
                    help="steps of block fine-tuning (preset; 0 disables)")
+    p.add_argument("--block-finetune-lr", type=_nonnegative_float,
+                   help="learning rate of block fine-tuning (preset: 1e-3)")
     _add_eval_args(p)
+    _add_bos_arg(p)
     p.add_argument("--no-eval", action="store_true", help="skip perplexity before/after")
-    p.add_argument("--prompt", default=SAMPLE_PROMPT, help="prompt for the generation sample")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--prompt", type=_prompt, default=SAMPLE_PROMPT,
+                   help="prompt for the generation sample")
+    p.add_argument("--max-new-tokens", type=_count, default=30,
+                   help="tokens of the generation sample (0: no sample)")
     p.add_argument("--output", help="checkpoint directory (default compressed-METHOD-...)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     p.add_argument("--seed", type=int, default=0)
@@ -361,35 +603,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint through its codes",
                        description="Global KL(teacher || student) distillation of a compressed "
                                    "model: Adam on continuous parameters, a discrete step on "
-                                   "the codes (PV-Tuning or an STE variant).")
+                                   "the codes (PV-Tuning or an STE variant). The starting "
+                                   "model is evaluated too and kept if nothing beats it.")
     p.add_argument("checkpoint", help="a pvtune checkpoint (from `pvtune compress`)")
     p.add_argument("--teacher", help="uncompressed model (default: the checkpoint's source)")
     p.add_argument("--strategy", choices=STRATEGIES.names(), default="subspace_v_ste")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-4, help="continuous learning rate")
+    p.add_argument("--steps", type=_count, default=50)
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--lr", type=_nonnegative_float, default=3e-4,
+                   help="continuous learning rate")
     p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--code-lr", type=float, default=None,
-                   help="discrete step size (default: the strategy's, 1e-2 for ste and "
-                        "subspace_v_ste on uniform grids of at most 2 bits; see "
-                        "benchmarks/results/finetune_code_lr.md)")
-    p.add_argument("--tau", type=float, default=0.01, help="fraction of groups per V step")
-    p.add_argument("--trust-ratio", type=float, default=None)
-    p.add_argument("--beam-size", type=int, default=1)
+    p.add_argument("--warmup-steps", type=_count, default=0)
+    p.add_argument("--code-lr", type=_nonnegative_float, default=None,
+                   help="discrete step size relative to each weight's code cell (its grid "
+                        "step or row scale); default: the strategy's, measured on SmolLM2 "
+                        "(0.033 of the grid step, 0.016 of the row scale for ste and "
+                        "subspace_v_ste)")
+    p.add_argument("--tau", type=_nonnegative_float, default=0.01,
+                   help="fraction of groups per V step")
+    p.add_argument("--trust-ratio", type=_nonnegative_float, default=None)
+    p.add_argument("--beam-size", type=_positive_int, default=1)
     p.add_argument("--calib-text")
-    p.add_argument("--num-seqs", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-seqs", type=_positive_int, default=128)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
     _add_eval_args(p)
+    _add_bos_arg(p)
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: end)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
+    p.add_argument("--eval-every", type=_count, default=0,
+                   help="evaluate every N steps (0: at the start and the end)")
+    p.add_argument("--checkpoint-every", type=_count, default=0,
                    help="write resume state every N steps (0: never)")
     p.add_argument("--cache-teacher", action="store_true",
                    help="cache the teacher's logits on disk (float16)")
     p.add_argument("--output", help="output checkpoint (default CHECKPOINT-finetuned-STRATEGY)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output, discarding its resume state")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_finetune)
 
@@ -397,20 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "
                    "(default: the offline default model)")
     _add_eval_args(p)
-    p.add_argument("--prompt", default=SAMPLE_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    _add_bos_arg(p)
+    p.add_argument("--prompt", type=_prompt, default=SAMPLE_PROMPT)
+    p.add_argument("--max-new-tokens", type=_count, default=30)
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("generate", help="greedy generation from prompts")
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: stdin lines)")
-    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--prompt", type=_prompt, action="append",
+                   help="a prompt (repeatable; default: stdin lines)")
+    p.add_argument("--max-new-tokens", type=_count, default=60)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    _add_bos_arg(p)
     p.set_defaults(handler=_cmd_generate)
 
     p = sub.add_parser("reprs", help="compare every weight representation on a random layer")
-    p.add_argument("--out-features", type=int, default=512)
-    p.add_argument("--in-features", type=int, default=2048)
+    p.add_argument("--out-features", type=_positive_int, default=512)
+    p.add_argument("--in-features", type=_positive_int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_reprs)
     return parser
@@ -424,17 +676,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        # Library errors carry user-facing messages; a traceback would only hide them.
+        with logging_redirect_tqdm():  # log lines above the progress bars, not on them
+            return handler(args)
+    except (PvtuneError, OSError) as err:  # what the user can fix: one line, no traceback
         log.debug("error details", exc_info=True)
-        print(f"pvtune {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever the message's source
+        print(f"pvtune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - a bug: show where, say so
+        traceback.print_exc()
+        print(f"pvtune {args.command}: internal error: this is a bug in pvtune (the traceback "
+              "above shows where); please report it", file=sys.stderr)
+        return 1
+
+
+__all__ = ["ConfigError", "build_parser", "main"]
 
 
 if __name__ == "__main__":

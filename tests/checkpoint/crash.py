@@ -7,6 +7,8 @@ import os
 import signal
 from collections.abc import Callable
 
+import torch
+
 import pvtune.checkpoint.files as files
 
 
@@ -18,6 +20,8 @@ def run_killed(save: Callable[[], None], point: int, when: str) -> bool:
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
+            # the parent's intra-op thread pool does not survive fork(): stay on this thread
+            torch.set_num_threads(1)
             calls, writes = [0], [0]
             real_replace, real_save = os.replace, files.save_file
 

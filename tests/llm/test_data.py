@@ -25,8 +25,33 @@ def test_read_jsonl_and_txt(tmp_path):
 def test_bad_jsonl_names_line(tmp_path):
     j = tmp_path / "bad.jsonl"
     j.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected a JSON object with a string "
+                                        r"'text' field, got no 'text' field"):
         read_texts(j)
+
+
+@pytest.mark.parametrize(("line", "got"), [
+    ('{"text": 5}', "got int"), ('["a list"]', "got a list"), ('"a string"', "got a str"),
+    ("{broken", "not valid JSON"),
+])
+def test_jsonl_lines_that_are_not_text_objects(tmp_path, line, got):
+    j = tmp_path / "x.jsonl"
+    j.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"x.jsonl:2: .*{got}"):
+        read_texts(j)
+
+
+def test_directory_binary_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        read_texts(tmp_path)
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"b.txt is not UTF-8 text"):
+        read_texts(binary)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="holds no documents"):
+        read_texts(empty)
 
 
 def test_missing_file(tmp_path):

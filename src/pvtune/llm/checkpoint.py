@@ -63,7 +63,7 @@ def load_compressed(directory: str | Path):
     """``(model, tokenizer)`` from a directory written by :func:`save_compressed`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pvtune.llm.model import load_tokenizer
+    from pvtune.llm.model import _build_errors, load_tokenizer
 
     directory = Path(directory)
     read_layout(directory)  # a clear error for an incomplete or damaged checkpoint first
@@ -73,7 +73,7 @@ def load_compressed(directory: str | Path):
     try:
         config = AutoConfig.from_pretrained(directory)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+    except _build_errors() as err:
         raise CheckpointError(f"{directory}/{CONFIG_FILE} does not describe a model "
                               f"transformers can build: {err}") from None
     tokenizer = load_tokenizer(directory)

@@ -46,25 +46,37 @@ class EvalConfig:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Documents from a ``.jsonl`` file (one object with a ``text`` field per line) or a plain
-    text file (the whole file is one document)."""
+    """Documents from a ``.jsonl`` file (one JSON object with a string ``text`` field per
+    line) or a plain UTF-8 text file (the whole file is one document)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; give a .txt or .jsonl text file")
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    if path.suffix == ".jsonl":
-        texts = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                texts.append(obj["text"] if isinstance(obj, dict) else str(obj))
-            except (json.JSONDecodeError, KeyError) as err:
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object with a 'text' field ({err})"
-                ) from None
-        return texts
-    return [path.read_text(encoding="utf-8")]
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); give a "
+                        ".txt or .jsonl file") from None
+    if path.suffix != ".jsonl":
+        return [content]
+    texts = []
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            got = type(obj.get("text")).__name__ if isinstance(obj, dict) and "text" in obj \
+                else f"a {type(obj).__name__}" if not isinstance(obj, dict) else "no 'text' field"
+            raise DataError(f"{path}:{lineno}: expected a JSON object with a string 'text' "
+                            f"field, got {got}")
+        texts.append(obj["text"])
+    if not texts:
+        raise DataError(f"{path} holds no documents")
+    return texts
 
 
 def default_texts(split: str) -> list[str]:

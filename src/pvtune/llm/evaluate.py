@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pvtune.errors import DataError
+from pvtune.llm.bos import BosChoice, model_logits, with_bos
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -29,27 +32,37 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True
+    model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True,
+    bos: BosChoice | None = None,
 ) -> PerplexityResult:
-    """``exp(mean NLL)`` of each window's tokens 2..L given their prefixes (no BOS)."""
+    """``exp(mean NLL)`` of each window's tokens 2..L given their prefixes, the BOS token
+    prepended when ``bos`` says so (the scored tokens are the same either way). A diverged
+    model gives ``inf`` (or ``nan``), never an overflow error."""
     model.eval()
     nll, count = 0.0, 0
     start = time.perf_counter()
     batches = range(0, windows.shape[0], batch_size)
-    for s in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
+    for s in tqdm(batches, desc="perplexity", disable=not progress, unit="batch", leave=False):
         ids = windows[s : s + batch_size]
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logits = model_logits(model, ids, bos)[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
     seconds = time.perf_counter() - start
-    return PerplexityResult(math.exp(nll / count), count, windows.shape[0], seconds)
+    mean = nll / count
+    value = math.exp(mean) if mean < 709 else (mean if math.isnan(mean) else math.inf)
+    return PerplexityResult(value, count, windows.shape[0], seconds)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
-             chat: bool = False) -> str:
-    """Greedy continuation of ``prompt`` (through the chat template when ``chat``)."""
+             chat: bool = False, bos: BosChoice | None = None) -> str:
+    """Greedy continuation of ``prompt`` (through the chat template when ``chat``, else with
+    the BOS token prepended when ``bos`` says so)."""
+    if not prompt:
+        raise DataError("the prompt is empty: give some text to continue")
+    if max_new_tokens < 0:
+        raise DataError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(
@@ -57,7 +70,10 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
             return_tensors="pt", return_dict=True,
         )["input_ids"]
     else:
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = with_bos(tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+                       .input_ids, bos)
+    if max_new_tokens == 0:
+        return ""
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -3,12 +3,19 @@
 Loss: token-level ``KL(teacher || student)`` against the uncompressed model on calibration
 text. Each step: forward/backward over ``grad_accum`` micro-batches, then a
 :class:`PVOptimizer` step (continuous P step by Adam, discrete V step by the chosen strategy).
-Evaluation every ``eval_every`` steps keeps the best model; a resume checkpoint every
-``checkpoint_every`` steps makes a killed run continue to exactly the same result.
+Continuous parameters stay at their stored precision (float16) throughout, so the model that
+is evaluated is the model that is saved.
+
+Evaluation at step 0 and every ``eval_every`` steps keeps the best model, the starting one
+included: a fine-tune that makes the model worse never replaces it unannounced. A resume
+checkpoint every ``checkpoint_every`` steps makes a killed run continue to exactly the same
+result; the resume state records everything the trajectory depends on (settings, source and
+teacher, calibration and evaluation tokens, BOS choice) and a run that differs is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -19,12 +26,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pvtune.errors import ConfigError
+from pvtune.checkpoint.files import (
+    remove_temporaries,
+    save_tensors_atomic,
+    save_tensors_by_content,
+    sha256_file,
+    write_json_atomic,
+)
+from pvtune.errors import CheckpointError, ConfigError, TrainingError
+from pvtune.llm.bos import BosChoice, model_logits
 from pvtune.llm.evaluate import perplexity
+from pvtune.optim.precision import DENSE_STORAGE
 from pvtune.optim.pv import PVOptimizer, continuous_parameters
 from pvtune.optim.state_io import optimizer_from_tensors, optimizer_to_tensors
 from pvtune.optim.strategies import VStepConfig
@@ -32,8 +49,8 @@ from pvtune.reprs.base import check_int, check_range
 
 log = logging.getLogger(__name__)
 
-RESUME_TENSORS = "resume_state.safetensors"
-RESUME_META = "resume_state.json"
+RESUME_PREFIX = "resume_state"  # tensors: resume_state-<sha256 prefix>.safetensors
+RESUME_META = "resume_state.json"  # the commit record naming them
 
 
 @dataclass(frozen=True)
@@ -44,8 +61,10 @@ class FinetuneConfig:
     sequences drawn (seeded by step) from the calibration pool; ``lr`` with ``betas`` for
     the continuous parameters under a ``schedule`` (``constant``, ``cosine`` or ``linear``
     decay) with ``warmup_steps``; ``vstep`` for the codes, whose step size follows the same
-    schedule; ``eval_every`` (0: only at the end) with keep-best; ``checkpoint_every``
-    (0: never) for resuming.
+    schedule; ``eval_every`` (0: at the start and the end only) with keep-best;
+    ``checkpoint_every`` (0: never) for resuming; ``dense_storage``: the precision of the
+    uncompressed parameters (``float16`` keeps them float16-exact, as compression stored
+    them).
     """
 
     steps: int = 50
@@ -60,6 +79,7 @@ class FinetuneConfig:
     eval_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
+    dense_storage: str = "float16"
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
@@ -72,6 +92,9 @@ class FinetuneConfig:
         check_range(self, "warmup_steps", self.warmup_steps, 0, None)
         check_range(self, "eval_every", self.eval_every, 0, None)
         check_range(self, "checkpoint_every", self.checkpoint_every, 0, None)
+        if self.dense_storage not in DENSE_STORAGE:
+            raise ConfigError(f"FinetuneConfig.dense_storage must be one of {DENSE_STORAGE}, "
+                              f"got {self.dense_storage!r}")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"FinetuneConfig.schedule must be constant, cosine or linear, "
                              f"got {self.schedule!r}")
@@ -109,7 +132,8 @@ def batch_indices(config: FinetuneConfig, step: int, micro: int, pool: int) -> T
 
 @dataclass
 class FinetuneResult:
-    """History of a fine-tuning run."""
+    """History of a fine-tuning run: losses and code changes per step, evaluations as
+    ``(step, perplexity)`` (step 0 is the starting model), the best of them, and time."""
 
     losses: list[float] = field(default_factory=list)
     fraction_changed: list[float] = field(default_factory=list)
@@ -120,27 +144,65 @@ class FinetuneResult:
     seconds_discrete: float = 0.0
     seconds_continuous: float = 0.0
 
+    @property
+    def start_perplexity(self) -> float | None:
+        """Perplexity of the model before fine-tuning (None without evaluation)."""
+        return next((p for s, p in self.evals if s == 0), None)
+
+
+def tensor_digest(t: Tensor | None) -> str | None:
+    """SHA-256 of a tensor's dtype, shape and bytes (None for None)."""
+    if t is None:
+        return None
+    t = t.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
 
 class TeacherLogits:
     """The teacher's logits per calibration sequence: on the fly, or cached to disk in
-    float16 (one safetensors file per sequence, written on first use)."""
+    float16 (one safetensors file per sequence, written atomically on first use).
 
-    def __init__(self, teacher: nn.Module, ids: Tensor, cache_dir: Path | None = None):
-        self.teacher, self.ids, self.cache_dir = teacher, ids, cache_dir
+    A cache file is named by a digest of ``fingerprint`` (which must change with the
+    teacher's weights), the BOS choice and the sequence's tokens, so a cache is never reused
+    for another teacher or other text; a damaged file is recomputed.
+    """
+
+    def __init__(self, teacher: nn.Module, ids: Tensor, cache_dir: Path | None = None,
+                 fingerprint: str = "", bos: BosChoice | None = None):
+        self.teacher, self.ids, self.cache_dir, self.bos = teacher, ids, cache_dir, bos
+        self._key = hashlib.sha256(
+            (fingerprint + json.dumps(bos.to_dict() if bos else None)).encode()).digest()
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(cache_dir)
+
+    def _path(self, i: int) -> Path:
+        digest = hashlib.sha256(self._key + self.ids[i].numpy().tobytes()).hexdigest()
+        return self.cache_dir / f"{digest[:32]}.safetensors"
+
+    def _compute(self, index: Tensor) -> Tensor:
+        return model_logits(self.teacher, self.ids[index], self.bos)
 
     @torch.no_grad()
     def __call__(self, index: Tensor) -> Tensor:
         if self.cache_dir is None:
-            return self.teacher(input_ids=self.ids[index], use_cache=False).logits
+            return self._compute(index)
         rows = []
         for i in index.tolist():
-            path = self.cache_dir / f"seq{i:06d}.safetensors"
-            if not path.is_file():
-                logits = self.teacher(input_ids=self.ids[i:i + 1], use_cache=False).logits
-                save_file({"logits": logits[0].to(torch.float16).contiguous()}, str(path))
-            rows.append(load_file(str(path))["logits"].float())
+            path = self._path(i)
+            logits = None
+            if path.is_file():
+                try:
+                    logits = load_file(str(path))["logits"].float()
+                except (SafetensorError, OSError, KeyError) as err:
+                    log.warning("teacher cache %s is damaged (%s); recomputing it", path, err)
+            if logits is None or logits.shape[0] != self.ids.shape[1]:
+                logits = self._compute(torch.tensor([i]))[0]
+                save_tensors_atomic({"logits": logits.to(torch.float16).contiguous()}, path)
+                logits = logits.to(torch.float16).float()  # what a cache hit would return
+            rows.append(logits)
         return torch.stack(rows)
 
 
@@ -154,12 +216,18 @@ def finetune(
     save_best=None,
     progress: bool = True,
     stop_at: int | None = None,
+    bos: BosChoice | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (with QuantizedLinear layers) in place; see the module docstring.
 
-    ``save_best(model)`` is called when evaluation finds a new best; ``checkpoint_dir``
-    holds the resume state (a run restarted with the same arguments continues from it);
-    ``stop_at`` ends this call after that many steps (resume later from ``checkpoint_dir``).
+    ``save_best(model, step)`` is called when evaluation finds a new best (step 0: the
+    starting model); ``checkpoint_dir`` holds the resume state (a run restarted with the same
+    arguments continues from it); ``stop_at`` ends this call after that many steps (resume
+    later from ``checkpoint_dir``); ``bos`` is applied to every sequence; ``identity``
+    (JSON values, e.g. digests of the source checkpoint and the teacher) joins what a resumed
+    run must match. Raises :class:`TrainingError` when the loss becomes non-finite (the best
+    model so far has been saved by then).
     """
     torch.manual_seed(config.seed)
     params = continuous_parameters(student)
@@ -171,15 +239,21 @@ def finetune(
             p.requires_grad_(id(p) in keep)
         params = [p for p in params if id(p) in keep]
     base = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
-    opt = PVOptimizer(student, base, config.vstep)
+    opt = PVOptimizer(student, base, config.vstep, dense_storage=config.dense_storage)
+    run = {**(identity or {}), "calibration_tokens": tensor_digest(ids),
+           "evaluation_tokens": tensor_digest(eval_windows),
+           "bos": bos.to_dict() if bos else None}
     result = FinetuneResult()
     start = 0
     if checkpoint_dir is not None and (checkpoint_dir / RESUME_META).is_file():
-        start = _load_resume(checkpoint_dir, student, base, opt, result, config)
+        start = _load_resume(checkpoint_dir, student, base, opt, result, config, run)
         log.info("resumed from %s at step %d", checkpoint_dir, start)
+    elif eval_windows is not None:
+        _evaluate(student, eval_windows, 0, result, save_best, bos, progress)
     student.train()
     bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
                disable=not progress, unit="step", initial=start, total=config.steps)
+    evaluated_at = None
     for step in bar:
         factor = lr_factor(config, step)  # scales the continuous and the code step alike
         t0 = time.perf_counter()
@@ -187,43 +261,61 @@ def finetune(
         for micro in range(config.grad_accum):
             index = batch_indices(config, step, micro, ids.shape[0])
             target = teacher_logits(index)
-            logits = student(input_ids=ids[index], use_cache=False).logits
-            loss = kl_loss(logits, target) / config.grad_accum
+            loss = kl_loss(model_logits(student, ids[index], bos), target) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
+        done = step + 1
+        if not math.isfinite(total):
+            bar.close()
+            best = "" if result.best_step is None else \
+                f"; the best model so far (step {result.best_step}) was saved"
+            raise TrainingError(
+                f"the KL loss became {total} at step {done}: the fine-tuning diverged{best}. "
+                "Lower --lr or --code-lr"
+            )
         t1 = time.perf_counter()
         stats = opt.step(lr_scale=factor)
         opt.zero_grad()
-        t2, t3 = t1 + stats.seconds_continuous, time.perf_counter()
         result.seconds_forward_backward += t1 - t0
-        result.seconds_continuous += t2 - t1
-        result.seconds_discrete += t3 - t2
+        result.seconds_continuous += stats.seconds_continuous
+        result.seconds_discrete += stats.seconds_discrete
         result.losses.append(total)
         result.fraction_changed.append(stats.fraction_changed)
         bar.set_postfix(kl=f"{total:.4f}", changed=f"{stats.fraction_changed:.2e}")
-        done = step + 1
-        log.info("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
-        if eval_windows is not None and ((config.eval_every and done % config.eval_every == 0)
-                                         or done == config.steps):
-            _evaluate(student, eval_windows, done, result, save_best)
+        log.debug("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
+        if eval_windows is not None and config.eval_every and done % config.eval_every == 0 \
+                and done < config.steps:
+            _evaluate(student, eval_windows, done, result, save_best, bos, progress)
+            evaluated_at = done
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
-            _save_resume(checkpoint_dir, student, base, opt, result, done, config)
+            _save_resume(checkpoint_dir, student, base, opt, result, done, config, run)
         if stop_at is not None and done >= stop_at:
             break
+    bar.close()
+    finished = len(result.losses) == config.steps
+    if eval_windows is not None and finished and evaluated_at != config.steps and \
+            not any(s == config.steps for s, _ in result.evals):
+        _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress)
     student.eval()
     return result
 
 
-def _evaluate(student, windows, step, result: FinetuneResult, save_best) -> None:
-    ppl = perplexity(student, windows, progress=False).perplexity
+def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
+              progress: bool) -> None:
+    ppl = perplexity(student, windows, progress=progress, bos=bos).perplexity
     student.train()
     result.evals.append((step, ppl))
-    log.info("step %d: evaluation perplexity %.3f", step, ppl)
+    label = "starting model" if step == 0 else f"step {step}"
+    if not math.isfinite(ppl):
+        log.warning("%s: evaluation perplexity is %s (diverged); it cannot be the best", label,
+                    ppl)
+        return
+    log.info("%s: evaluation perplexity %.3f", label, ppl)
     if result.best_perplexity is None or ppl < result.best_perplexity:
         result.best_perplexity, result.best_step = ppl, step
         if save_best is not None:
-            save_best(student)
+            save_best(student, step)
 
 
 # settings that do not change the training trajectory: a resumed run may change them
@@ -237,37 +329,79 @@ def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step: int,
-                 config: FinetuneConfig) -> None:
+                 config: FinetuneConfig, run: dict[str, Any]) -> None:
+    """Crash-safe: the tensors go to a new content-named file; the JSON record naming it
+    (with its checksum and step) is written last, atomically; older files go after it."""
     from pvtune.checkpoint.format import pack_state
 
     directory.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(directory)
     model_tensors, layout = pack_state(student)
     adam_tensors, adam_meta = optimizer_to_tensors(base, "adam")
     tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **adam_tensors,
                **opt.state_tensors()}
-    save_file(tensors, str(directory / RESUME_TENSORS))
-    meta = {"step": step, "layout": layout, "adam": adam_meta, "result": asdict(result),
-            "settings": _trajectory_settings(config)}
-    tmp = directory / (RESUME_META + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(directory / RESUME_META)  # the JSON names a complete tensor file
+    name, digest = save_tensors_by_content(tensors, directory, RESUME_PREFIX)
+    meta = {"step": step, "file": name, "sha256": digest, "layout": layout, "adam": adam_meta,
+            "result": asdict(result), "settings": _trajectory_settings(config), "run": run}
+    write_json_atomic(directory / RESUME_META, meta, indent=None)
+    for old in directory.glob(f"{RESUME_PREFIX}-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def clear_resume_state(directory: Path) -> None:
+    """Remove a finished run's resume state (call after its final checkpoint is saved): a
+    rerun of the same command then finds a finished output, not a run to continue."""
+    (directory / RESUME_META).unlink(missing_ok=True)  # first: the tensors alone mean nothing
+    for path in directory.glob(f"{RESUME_PREFIX}-*.safetensors"):
+        path.unlink(missing_ok=True)
+    remove_temporaries(directory)
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
 
 
 def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
-                 config: FinetuneConfig) -> int:
+                 config: FinetuneConfig, run: dict[str, Any]) -> int:
     from pvtune.checkpoint.format import unpack_state
 
-    meta: dict[str, Any] = json.loads((directory / RESUME_META).read_text())
-    saved, now = meta.get("settings"), _trajectory_settings(config)
-    if saved is not None and saved != now:
-        changed = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-                            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-        raise ValueError(
+    path = directory / RESUME_META
+    afresh = "delete that folder (or choose another --output) to start afresh"
+    try:
+        meta: dict[str, Any] = json.loads(path.read_text())
+        step, name, digest = int(meta["step"]), meta["file"], meta["sha256"]
+        saved_settings, saved_run = meta["settings"], meta["run"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} is damaged or was written by an older pvtune ({err}); "
+                              f"{afresh}") from None
+    changed = _differences(saved_settings, _trajectory_settings(config))
+    if changed:
+        raise ConfigError(
             f"{directory} holds the resume state of a run with other settings ({changed}); "
-            "run with the same settings to continue it, or delete that folder (or choose "
-            "another --output) to start afresh"
+            f"run with the same settings to continue it, or {afresh}"
         )
-    tensors = load_file(str(directory / RESUME_TENSORS))
+    changed = _differences(saved_run, run)
+    if changed:
+        keys = ", ".join(k for k in sorted(set(saved_run) | set(run))
+                         if saved_run.get(k) != run.get(k))
+        raise ConfigError(
+            f"{directory} holds the resume state of a run on other inputs ({keys} differ: "
+            "another source checkpoint, teacher, calibration text, --num-seqs, --seq-len, "
+            f"evaluation text or BOS choice); run on the same inputs to continue it, or {afresh}"
+        )
+    tensors_path = directory / name
+    if "/" in name or not tensors_path.is_file() or sha256_file(tensors_path) != digest:
+        raise CheckpointError(f"{directory}: the resume tensors {name} are missing or damaged "
+                              f"(checksum mismatch); {afresh}")
+    tensors = load_file(str(tensors_path))
+    if int(tensors.get("pv.steps", torch.tensor(-1))) != step:
+        raise CheckpointError(f"{directory}: the resume record says step {step} but its tensors "
+                              f"hold step {int(tensors.get('pv.steps', torch.tensor(-1)))}; "
+                              f"{afresh}")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     student.load_state_dict(unpack_state(model_state, meta["layout"]), strict=True)
     optimizer_from_tensors(base, "adam", tensors, meta["adam"])
@@ -275,4 +409,4 @@ def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
     for key, value in meta["result"].items():
         setattr(result, key, value if not isinstance(value, list)
                 else [tuple(v) if isinstance(v, list) else v for v in value])
-    return int(meta["step"])
+    return step

@@ -7,6 +7,7 @@ are found by walking it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,13 @@ def is_pvtune_checkpoint(path: Path) -> bool:
         path.is_dir() and any(path.glob(f"{WEIGHTS_PREFIX}*.safetensors")))
 
 
-_BUILD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError)
+def _build_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config or model folder it cannot use (its strict
+    config dataclasses raise huggingface_hub's own validation error)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            StrictDataclassError)
 
 
 def looks_local(source: str | Path) -> bool:
@@ -91,8 +98,8 @@ def load_tokenizer(source: str | Path):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except _BUILD_ERRORS as err:
-        tokenizer, reason = None, f": {err}"
+    except _build_errors() as err:
+        tokenizer, reason = None, " (" + " ".join(str(err).split()).rstrip(".") + ")"
     else:
         reason = ""
     if tokenizer is None or not callable(tokenizer):
@@ -137,7 +144,7 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         source = path
     try:
         config = AutoConfig.from_pretrained(source)
-    except _BUILD_ERRORS as err:
+    except _build_errors() as err:
         where = "" if local else " (not a local folder, so it was looked up on the model hub)"
         raise ModelError(f"cannot read the model config of {source}{where}: {err}") from None
     architectures = getattr(config, "architectures", None) or []
@@ -151,7 +158,7 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except _BUILD_ERRORS as err:
+    except _build_errors() as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelError(
                 f"{source} is a {config.model_type!r} model, not a causal language model; "
@@ -162,6 +169,29 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
     model.eval()
     find_blocks(model)  # fail early with a clear message on unsupported architectures
     return model, tokenizer
+
+
+def model_fingerprint(source: str | Path | None) -> str:
+    """A digest that changes when a model's files change: a pvtune checkpoint's layout
+    checksum, a prepared model's manifest, or else ``config.json`` with the names, sizes and
+    modification times of the weight files. A hub id is its own fingerprint."""
+    if source is None:
+        from pvtune.llm.assets import default_model_dir
+
+        source = default_model_dir()
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return f"hub:{source}"
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    layout, manifest = path / "pvtune_layout.json", path / "manifest.json"
+    for marker in (layout, manifest, path / "config.json"):
+        if marker.is_file():
+            digest.update(marker.read_bytes())
+    if not layout.is_file() and not manifest.is_file():
+        for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            stat = weights.stat()
+            digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def count_params(model: nn.Module) -> int:
