@@ -20,7 +20,7 @@ import resource
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,18 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]], key: Sequen
 
 def write_results(name: str, question: str, rows: list[dict[str, Any]], columns: list[str],
                   key: Sequence[str], notes: str = "", carry: Sequence[tuple] = (),
-                  extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  extra: dict[str, Any] | None = None,
+                  derive: Callable[[list[dict[str, Any]]], None] | None = None,
+                  ) -> list[dict[str, Any]]:
     """Merge ``rows`` (each :func:`stamped`) into ``results/NAME.json`` (see
-    :func:`merge_rows`), rebuild ``results/NAME.md`` from it and return the merged rows."""
+    :func:`merge_rows`), let ``derive`` fill columns computed across rows (ratios), rebuild
+    ``results/NAME.md`` from the JSON and return the merged rows."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     merged = merge_rows(old, rows, key, carry)
+    if derive is not None:
+        derive(merged)
     record = {"question": question, "key": list(key), "notes": notes, "rows": merged,
               **(extra or {})}
     path.write_text(json.dumps(record, indent=1) + "\n")

@@ -1,19 +1,23 @@
 """Question: on SmolLM2-135M, how do RTN, GPTQ and AQLM trade bits per parameter against
 evaluation perplexity, wall time and peak memory?
 
-Runs FP32; RTN and GPTQ at 4, 3, 2 bits (asymmetric, group 64); AQLM 2x8g8 and 1x8g8 (the
+Runs the reference (the offline default model: SmolLM2-135M-Instruct's Q4_1 GGUF dequantized
+to fp32, so a 4-bit result against it flatters); RTN and GPTQ at 4, 3, 2 bits (asymmetric,
+group 64); AQLM 2x8g8 and 1x8g8 (the
 'standard' preset: 32 calibration sequences of 512 tokens, two AQLM rounds, block
 fine-tuning). Each run is a separate process (so peak memory is its own); perplexity is on
 the whole evaluation split of the offline Wikipedia text (512-token windows).
 
     python benchmarks/compress_methods.py                 # everything (about 2 hours here)
-    python benchmarks/compress_methods.py --runs fp32 gptq-2 --eval-windows 16   # a subset
+    python benchmarks/compress_methods.py --runs reference gptq-2 --eval-windows 16
+    # rows measured at another commit are dropped unless carried (and marked): --carry rtn-4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(__file__).resolve().parent / ".work"
 RUNS = {
-    "fp32": None,
+    "reference": None,
     "rtn-4": ("rtn", 4), "rtn-3": ("rtn", 3), "rtn-2": ("rtn", 2),
     "gptq-4": ("gptq", 4), "gptq-3": ("gptq", 3), "gptq-2": ("gptq", 2),
     "aqlm-2x8g8": ("aqlm", "2x8g8"), "aqlm-1x8g8": ("aqlm", "1x8g8"),
@@ -33,7 +37,7 @@ RUNS = {
 def single(name: str, eval_windows: int | None, out: Path) -> None:
     """One run in this process; writes a JSON row to ``out``."""
     import torch
-    from common import peak_rss_gib
+    from common import peak_rss_gib, stamped
 
     from pvtune.init import GPTQConfig, RTNConfig
     from pvtune.llm.checkpoint import bits_report, save_compressed
@@ -85,7 +89,7 @@ def single(name: str, eval_windows: int | None, out: Path) -> None:
     row.update(perplexity=result.perplexity, eval_tokens=result.tokens,
                compress_minutes=seconds / 60, peak_rss_gib=peak_rss_gib(),
                eval_tokens_per_s=result.tokens_per_second)
-    out.write_text(json.dumps(row))
+    out.write_text(json.dumps(stamped(row)))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -95,7 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    fp32 = next((r for r in rows if r["run"] == "fp32"), None)
+    reference = next((r for r in rows if r["run"] == "reference"), None)
     for method, marker in (("rtn", "s"), ("gptq", "o"), ("aqlm", "^")):
         pts = sorted((r["linear_bits"], r["perplexity"], r["run"]) for r in rows
                      if r["method"] == method)
@@ -103,8 +107,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method)
             for b, p, n in pts:
                 ax.annotate(n, (b, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if fp32:
-        ax.axhline(fp32["perplexity"], color="gray", ls="--", label="FP32")
+    if reference:
+        ax.axhline(reference["perplexity"], color="gray", ls="--",
+                   label="reference (Q4_1 GGUF dequantized to fp32)")
     ax.set_yscale("log")
     ax.set_xlabel("bits per parameter (compressed linear layers)")
     ax.set_ylabel("evaluation perplexity (log)")
@@ -114,44 +119,53 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def ratios_to_reference(rows: list[dict]) -> None:
+    """Each row's perplexity over the reference row's (None without a reference row)."""
+    reference = next((r["perplexity"] for r in rows if r["run"] == "reference"), None)
+    for r in rows:
+        r["ppl_ratio_vs_reference"] = r["perplexity"] / reference if reference else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS),
                         help="runs to (re)measure; none: only rebuild the table and plot")
     parser.add_argument("--eval-windows", type=int, default=None)
     parser.add_argument("--note", default="", help="free text added to the results table")
+    parser.add_argument("--carry", nargs="*", default=[], choices=list(RUNS),
+                        help="runs measured at other commits to keep, marked carried over")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         single(args.single, args.eval_windows, Path(args.out))
         return
-    from common import RESULTS, write_results
+    from common import COMMAND_ENV, RESULTS, command_line, write_results
 
     WORK.mkdir(exist_ok=True)
-    for name in args.runs:
+    env = {**os.environ, COMMAND_ENV: command_line()}
+    rows = []
+    for name in args.runs:  # each run in its own process: its own peak memory
         out = WORK / f"compress-row-{name}.json"
         cmd = [sys.executable, __file__, "--single", name, "--out", str(out)]
         if args.eval_windows:
             cmd += ["--eval-windows", str(args.eval_windows)]
         print(f"== {name}", flush=True)
-        subprocess.run(cmd, check=True)
-        print(out.read_text(), flush=True)
-    # the table holds every run measured so far (a rerun of some runs replaces their rows)
-    rows = [json.loads((WORK / f"compress-row-{n}.json").read_text()) for n in RUNS
-            if (WORK / f"compress-row-{n}.json").is_file()]
-    fp32 = next((r["perplexity"] for r in rows if r["run"] == "fp32"), None)
-    for r in rows:
-        r["ppl_ratio_vs_fp32"] = r["perplexity"] / fp32 if fp32 else None
-    write_results(
+        subprocess.run(cmd, check=True, env=env)
+        rows.append(json.loads(out.read_text()))
+        print(rows[-1], flush=True)
+    merged = write_results(
         "compress_methods", __doc__.split("\n\n")[0].removeprefix("Question: "), rows,
-        ["run", "linear_bits", "overall_bits", "perplexity", "ppl_ratio_vs_fp32",
-         "compress_minutes", "peak_rss_gib", "eval_tokens"],
-        notes="linear_bits: bits/param of the compressed linear layers; overall_bits: whole "
-              "model, embeddings (tied head) stored as float16. Perplexity on the evaluation "
-              "split (every 10th article of the offline Wikipedia text). " + args.note,
+        ["run", "linear_bits", "overall_bits", "perplexity", "ppl_ratio_vs_reference",
+         "compress_minutes", "peak_rss_gib", "eval_tokens"], key=["run"],
+        carry=[(name,) for name in args.carry], derive=ratios_to_reference,
+        notes="linear_bits: stored bits/param of the compressed linear layers; overall_bits: "
+              "whole model, embeddings (tied head) stored as float16. reference: "
+              "SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to fp32. Perplexity on the "
+              "evaluation split (every 10th article of the offline Wikipedia text). "
+              "ppl_ratio_vs_reference uses the reference row of the same table. " + args.note,
     )
-    plot(rows, RESULTS / "compress_methods.png")
+    plot(merged, RESULTS / "compress_methods.png")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def round_trip_exact(model, config) -> bool:
 
 def main() -> None:
     import torch
-    from common import write_results
+    from common import stamped, write_results
 
     from pvtune.optim.strategies import STRATEGIES
 
@@ -133,6 +133,7 @@ def main() -> None:
                 traceback.print_exc()
                 row["status"] = f"error: {type(exc).__name__}: {exc}"[:120]
             failures += row["status"] != "ok"
+            row = stamped(row)
             print(row, flush=True)
             rows.append(row)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -140,6 +141,7 @@ def main() -> None:
                   .removeprefix("Question: "), rows,
                   ["representation", "strategy", "status", "max_rel_loss_diff", "codes_equal",
                    "loss_start", "loss_end", "round_trip_exact"],
+                  key=["representation", "strategy"],
                   notes=f"Device: {name}. {STEPS} PV steps per run; losses are the device "
                         "run's.", extra={"device": name})
     sys.exit(1 if failures else 0)

@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     import torch.nn.functional as F
-    from common import write_results
+    from common import stamped, write_results
 
     from pvtune.llm.data import CalibrationConfig, calibration_batch, default_texts, tokenize_stream
     from pvtune.llm.model import load_causal_lm
@@ -69,11 +69,12 @@ def main() -> None:
                        "forward_backward_s": sum(fb) / len(fb),
                        "discrete_step_s": sum(vs) / len(vs)}
                 row["ratio"] = row["discrete_step_s"] / row["forward_backward_s"]
+                row = stamped(row)
                 print(row, flush=True)
                 rows.append(row)
     write_results("discrete_step_cost", __doc__.split("\n\n")[0].removeprefix("Question: "),
                   rows, ["batch", "representation", "strategy", "forward_backward_s",
-                         "discrete_step_s", "ratio"],
+                         "discrete_step_s", "ratio"], key=["batch", "representation", "strategy"],
                   notes="batch: sequences x tokens; ratio = discrete step / forward+backward "
                         "of that batch; target for the PV strategies: at most 0.25.")
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     from pvtune.llm.checkpoint import bits_report
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
-    from pvtune.llm.model import load_causal_lm
+    from pvtune.llm.model import load_causal_lm, model_fingerprint
     from pvtune.nn.quantize import quantized_layers
     from pvtune.optim import VStepConfig
 
@@ -94,12 +96,13 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     vstep = VStepConfig(strategy=strategy, lr=args.code_lr, tau=args.tau, seed=args.seed)
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
                          seed=args.seed)
-    cache = WORK / f"teacher-{args.num_seqs}x{args.seq_len}"
+    cache = WORK / "teacher-cache"  # entries keyed by teacher, BOS and tokens
     if strategy != "frozen":  # the step the optimizer resolves for this representation
         first = next(iter(quantized_layers(student).values()))
         row["code_lr"] = vstep.for_weight(first.qweight).step_size
     start = time.perf_counter()
-    result = finetune(student, TeacherLogits(teacher, ids, cache), ids, cfg)
+    result = finetune(student, TeacherLogits(teacher, ids, cache,
+                                             fingerprint=model_fingerprint(None)), ids, cfg)
     row.update(
         perplexity=perplexity(student, evw, progress=False).perplexity,
         losses=result.losses, fraction_changed=result.fraction_changed,
@@ -120,7 +123,7 @@ def run_torchao(args) -> dict:
 
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, batch_indices, kl_loss
-    from pvtune.llm.model import find_blocks, load_causal_lm
+    from pvtune.llm.model import find_blocks, load_causal_lm, model_fingerprint
 
     torch.manual_seed(0)
     model, tok = load_causal_lm(None)
@@ -135,7 +138,8 @@ def run_torchao(args) -> dict:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=0)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                            betas=cfg.betas)
-    teacher_logits = TeacherLogits(teacher, ids, WORK / f"teacher-{args.num_seqs}x{args.seq_len}")
+    teacher_logits = TeacherLogits(teacher, ids, WORK / "teacher-cache",
+                                   fingerprint=model_fingerprint(None))
     losses = []
     model.train()
     start = time.perf_counter()
@@ -185,18 +189,19 @@ def main() -> None:
     parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"])
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--keep", action="store_true",
-                        help="skip runs whose row (same step count) is already in .work/")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=BASE_LR)
     parser.add_argument("--tau", type=float, default=0.01)
     parser.add_argument("--code-lr", type=float, default=None,
-                        help="discrete step size for every strategy run (default: each "
-                             "strategy's, pvtune.optim.strategies.default_step_size)")
+                        help="relative discrete step size for every strategy run (default: "
+                             "each strategy's, pvtune.optim.strategies.default_step_size)")
     parser.add_argument("--results", default="finetune_strategies",
                         help="results name: benchmarks/results/NAME.{json,md,png}; rows of "
                              "other names are kept apart from the main table's")
+    parser.add_argument("--carry", nargs="*", default=[], metavar="REPR/STRATEGY",
+                        help="rows measured at other commits to keep in the table, marked as "
+                             "carried over (all others from other commits are dropped)")
     parser.add_argument("--num-seqs", type=int, default=80)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=24)
@@ -205,42 +210,35 @@ def main() -> None:
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from common import COMMAND_ENV, command_line, stamped
+
     if args.single:
         rep, strategy = args.single
         row = run_torchao(args) if strategy == "torchao_qat" else run_pvtune(rep, strategy, args)
-        Path(args.out).write_text(json.dumps(row))
+        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr,
+                   seed=args.seed)
+        Path(args.out).write_text(json.dumps(stamped(row)))
         return
-    from pvtune.optim.strategies import DEFAULT_LR as default_lr
-
     WORK.mkdir(exist_ok=True)
     jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
     if not args.no_peer:
-        jobs.append(("fp32", "torchao_qat"))
+        jobs.append(("reference", "torchao_qat"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
                             "eval_windows", "seed") or (k == "code_lr" and v is not None)]
-    rows_dir = rows_folder(args)
-    rows_dir.mkdir(exist_ok=True)
-    tag = ("" if args.code_lr is None else f"-code{args.code_lr:g}") + \
-        ("" if args.lr == BASE_LR else f"-lr{args.lr:g}") + \
-        ("" if args.seed == 0 else f"-seed{args.seed}")
+    env = {**os.environ, COMMAND_ENV: command_line()}
+    rows = []
     for rep, strategy in jobs:
-        out = rows_dir / f"row-{rep}-{strategy}{tag}.json"
-        if args.keep and out.is_file() and json.loads(out.read_text()).get("steps") == args.steps:
-            print(f"== {rep} {strategy}: kept from an earlier run", flush=True)
-            continue
         print(f"== {rep} {strategy}", flush=True)
-        subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
-                        *passthrough], check=True)
-        row = json.loads(out.read_text())
-        row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr,
-                   seed=args.seed)
-        out.write_text(json.dumps(row))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out",
+                            str(out), *passthrough], check=True, env=env)
+            row = json.loads(out.read_text())
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
-        # rebuild the results from every row kept so far, so that representations run in
-        # separate invocations (or a stopped benchmark) still share one table
-        write_table(args, default_lr)
+        rows.append(row)
+        write_table(args, rows)  # after every run: a stopped benchmark keeps what it measured
 
 
 # questions of the side tables (a sweep or a longer budget); the main table's is the docstring's
@@ -255,52 +253,38 @@ QUESTIONS = {
 }
 
 
-def run_key(row: dict) -> str:
-    """``representation/strategy[@code_lr][/lr]``: unique per row of one table."""
-    key = f"{row['representation']}/{row['strategy']}"
-    key += f"@{row['code_lr']:g}" if row.get("code_lr") else ""
-    key += f"/lr{row['lr']:g}" if row.get("lr", BASE_LR) != BASE_LR else ""
-    return key + (f"#seed{row['seed']}" if row.get("seed") else "")
+KEY = ("representation", "strategy", "code_lr", "lr", "seed")
 
 
-def rows_folder(args) -> Path:
-    """Where this results table keeps its rows (the main table: benchmarks/.work/)."""
-    return WORK if args.results == "finetune_strategies" else WORK / args.results
-
-
-def write_table(args, default_lr) -> None:
-    """Results table, JSON and loss-curve plot from the rows kept for ``args.results``."""
+def write_table(args, rows: list[dict]) -> None:
+    """Merge this run's rows into ``results/ARGS.RESULTS``; table and loss-curve plot."""
     from common import RESULTS, write_results
 
-    from pvtune.optim.strategies import WIDE_CELL_LR
+    from pvtune.optim.strategies import DEFAULT_LR
 
-    order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
-    rows = [json.loads(p.read_text()) for p in rows_folder(args).glob("row-*.json")]
-    rows.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99),
-                             r.get("code_lr") or 0.0, r.get("seed", 0)))
-    table = [{k: v for k, v in r.items() if k not in ("losses", "fraction_changed")}
-             for r in rows]
+    carry = {tuple(c.split("/")) for c in args.carry}
+    old = RESULTS / f"{args.results}.json"
+    carried = [tuple(r.get(k) for k in KEY) for r in
+               (json.loads(old.read_text())["rows"] if old.is_file() else [])
+               if (r["representation"], r["strategy"]) in carry]
     columns = ["representation", "strategy", "seed", "linear_bits", "steps", "batch", "lr",
                "code_lr", "perplexity", "minutes", "discrete_over_fwd_bwd",
                "fwd_bwd_s_per_step", "discrete_s_per_step"]
-    if any("source" in r for r in table):  # rows copied from another table's run
-        columns.append("source")
-    write_results(
+    merged = write_results(
         args.results,
-        QUESTIONS.get(args.results, __doc__.split("\n\n")[0].removeprefix("Question: ")), table,
-        columns,
+        QUESTIONS.get(args.results, __doc__.split("\n\n")[0].removeprefix("Question: ")), rows,
+        columns, key=KEY, carry=carried,
         notes=f"Steps of batch (sequences x tokens) as listed; {args.num_seqs} calibration "
               f"sequences; lr: the continuous step size; tau {args.tau}; code_lr: the "
-              f"discrete step size each row ran with (current defaults {default_lr}, and "
-              f"{WIDE_CELL_LR:g} for ste and subspace_v_ste on uniform grids of at most 2 "
-              f"bits); perplexity on "
-              f"{args.eval_windows} evaluation windows of 512 tokens. minutes: fine-tuning "
-              f"wall time (teacher logits cached).",
-        extra={"curves": {run_key(r): r.get("losses") for r in rows},
-               "fraction_changed": {run_key(r): r.get("fraction_changed") for r in rows},
-               "settings": vars(args)},
+              f"relative discrete step size each row ran with, in units of each weight's grid "
+              f"step or row scale (defaults {DEFAULT_LR}); perplexity on {args.eval_windows} "
+              "evaluation windows of 512 tokens. minutes: fine-tuning wall time (teacher "
+              "logits cached). Loss curves and code-change fractions per step are in the JSON.",
     )
-    plot(rows, RESULTS / f"{args.results}.png")
+    order = {s: i for i, s in enumerate([*STRATEGIES, "torchao_qat"])}
+    merged.sort(key=lambda r: (r["representation"], order.get(r["strategy"], 99),
+                               r.get("code_lr") or 0.0, r.get("seed", 0)))
+    plot(merged, RESULTS / f"{args.results}.png")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Question: how close does PV-Tuning (subspace linearized V + STE) through the user's
-command bring AQLM 2x8g8 SmolLM2-135M to the FP32 model's perplexity on the whole evaluation
+command bring AQLM 2x8g8 SmolLM2-135M to the reference model's perplexity on the whole evaluation
 split (default budget: 30 steps of 2 x 256 tokens, 200 calibration sequences, teacher on the
 fly, continuous lr 3e-4 with cosine decay; raise --steps for a longer run)?
 
 It runs the user's command, `pvtune finetune` on the 'standard' AQLM 2x8g8 checkpoint kept by
 compress_methods.py, then evaluates the fine-tuned model on the whole evaluation split (117
-windows of 512 tokens), next to the FP32 model and the starting checkpoint as
-compress_methods.py measured them on the same windows (results/compress_methods.json).
+windows of 512 tokens), next to the reference model (SmolLM2-135M-Instruct's Q4_1 GGUF
+dequantized to fp32) and the starting checkpoint, measured in the same run.
 
     python benchmarks/pv_long_run.py              # fine-tune (about 10 min here) + evaluate
     python benchmarks/pv_long_run.py --reuse      # evaluate an existing run's output
@@ -39,21 +39,18 @@ def finetune_command(args) -> list[str]:
 
 
 def evaluate_all() -> dict[str, float]:
-    """Perplexity on the whole split: the fine-tuned model measured here, FP32 and the
-    starting checkpoint from compress_methods.py's committed results (same windows)."""
-    from common import RESULTS
-
+    """Perplexity on the whole split of the reference model, the starting checkpoint and the
+    fine-tuned model, all measured here on the same windows."""
     from pvtune.llm.data import EvalConfig, default_texts, eval_windows, tokenize_stream
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.model import load_causal_lm
 
-    kept = {r["run"]: r["perplexity"]
-            for r in json.loads((RESULTS / "compress_methods.json").read_text())["rows"]}
-    model, tok = load_causal_lm(OUTPUT)
-    windows = eval_windows(tokenize_stream(tok, default_texts("evaluation")),
-                           EvalConfig(window=512))
-    out = {"fp32": kept["fp32"], "start": kept["aqlm-2x8g8"],
-           "finetuned": perplexity(model, windows, progress=False).perplexity}
+    out = {}
+    for name, source in (("reference", None), ("start", START), ("finetuned", OUTPUT)):
+        model, tok = load_causal_lm(source)
+        windows = eval_windows(tokenize_stream(tok, default_texts("evaluation")),
+                               EvalConfig(window=512))
+        out[name] = perplexity(model, windows, progress=False).perplexity
     print(out, flush=True)
     return out
 
@@ -98,26 +95,28 @@ def main() -> None:
     result = meta["finetune_result"]
     ppl = evaluate_all()
 
-    from common import RESULTS, write_results
+    from common import RESULTS, stamped, write_results
 
-    rows = [{"model": "fp32", "perplexity": ppl["fp32"], "ratio_to_fp32": 1.0},
-            {"model": "aqlm 2x8g8, calibration only", "perplexity": ppl["start"],
-             "ratio_to_fp32": ppl["start"] / ppl["fp32"]},
-            {"model": f"aqlm 2x8g8 + {args.strategy}, {len(result['losses'])} steps",
-             "perplexity": ppl["finetuned"], "ratio_to_fp32": ppl["finetuned"] / ppl["fp32"]}]
+    ref = ppl["reference"]
+    rows = [stamped(r) for r in (
+        {"model": "reference", "perplexity": ref, "ratio_to_reference": 1.0},
+        {"model": "aqlm 2x8g8, calibration only", "perplexity": ppl["start"],
+         "ratio_to_reference": ppl["start"] / ref},
+        {"model": f"aqlm 2x8g8 + {args.strategy}, {len(result['losses'])} steps",
+         "perplexity": ppl["finetuned"], "ratio_to_reference": ppl["finetuned"] / ref,
+         "losses": result["losses"], "evals": result["evals"],
+         "fraction_changed": result["fraction_changed"], "minutes": minutes})]
     evals = ", ".join(f"{s}: {p:.2f}" for s, p in result["evals"])
     write_results(
         "pv_long_run", __doc__.split("\n\n")[0].removeprefix("Question: "), rows,
-        ["model", "perplexity", "ratio_to_fp32"],
+        ["model", "perplexity", "ratio_to_reference"], key=["model"],
         notes=f"Command: `{' '.join(command)}`. Whole evaluation split (117 windows of 512 "
               f"tokens). Perplexity on 24 windows during the run (step: ppl): {evals}; the "
               f"checkpoint is the best of those. Fine-tuning wall time: "
               f"{'not measured (--reuse)' if minutes is None else f'{minutes:.1f} min'}; "
               f"discrete step {result['seconds_discrete']:.0f} s vs forward+backward "
-              f"{result['seconds_forward_backward']:.0f} s in total.",
-        extra={"losses": result["losses"], "evals": result["evals"],
-               "fraction_changed": result["fraction_changed"], "command": command,
-               "minutes": minutes})
+              f"{result['seconds_forward_backward']:.0f} s in total. reference: "
+              "SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to fp32.")
     plot(result, RESULTS / "pv_long_run.png")
 
 
