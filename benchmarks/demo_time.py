@@ -1,0 +1,78 @@
+"""Question: what does the README's main job (`make demo`) take and report on this machine,
+from a clean clone of the committed tree with an empty pvtune cache?
+
+Clones the current commit into a temporary folder, points PVTUNE_CACHE at an empty folder
+there (so the default model and text are downloaded and prepared as a new user's would be)
+and runs `make demo`: virtual environment and install, then `pvtune compress --preset demo`.
+Records the wall time of the whole command and of the compression step, and the figures the
+demo prints (perplexity of the reference and the compressed model, stored bits, size).
+
+    python benchmarks/demo_time.py                # clean clone, empty cache (about 20 min)
+    python benchmarks/demo_time.py --warm-cache   # reuse ~/.cache/pvtune (no downloads)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, stamped, write_results  # noqa: E402
+
+SUMMARY = {
+    "perplexity_reference": r"perplexity, reference\s+\|\s+([0-9.]+)",
+    "perplexity_compressed": r"perplexity, compressed\s+\|\s+([0-9.]+)",
+    "linear_bits": r"bits/param \(compressed linears, stored\)\s+\|\s+([0-9.]+)",
+    "overall_bits": r"bits/param \(whole model, stored\)\s+\|\s+([0-9.]+)",
+    "size_mib": r"size on disk\s+\|\s+([0-9.]+) MiB",
+    "compress_minutes": r"compression time\s+\|\s+([0-9.]+) min",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use the user's pvtune cache instead of an empty one")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        clone = Path(tmp) / "pvtune"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+        env = dict(os.environ)
+        if not args.warm_cache:
+            env["PVTUNE_CACHE"] = str(Path(tmp) / "cache")
+        start = time.perf_counter()
+        proc = subprocess.run(["make", "demo"], cwd=clone, env=env, capture_output=True,
+                              text=True)
+        minutes = (time.perf_counter() - start) / 60
+        print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", flush=True)
+        if proc.returncode != 0:
+            sys.exit(f"make demo failed with exit code {proc.returncode}")
+    row = {"job": "make demo", "cache": "warm" if args.warm_cache else "empty",
+           "total_minutes": minutes}
+    for field, pattern in SUMMARY.items():
+        match = re.search(pattern, proc.stdout)
+        row[field] = float(match.group(1)) if match else None
+    row = stamped(row)
+    print(row, flush=True)
+    write_results(
+        "demo_time", __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
+        ["job", "cache", "total_minutes", "compress_minutes", "perplexity_reference",
+         "perplexity_compressed", "linear_bits", "overall_bits", "size_mib"],
+        key=["job", "cache"],
+        notes="total_minutes: the whole `make demo` from a fresh clone (venv, install, "
+              "downloads and preparation when the cache is empty, compression, evaluation, "
+              "save). The reference is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to fp32; "
+              "perplexity on the demo preset's 32 evaluation windows of 512 tokens; bits from "
+              "the bytes the checkpoint stores.",
+    )
+
+
+if __name__ == "__main__":
+    main()
