@@ -23,7 +23,8 @@ from pvtune.reprs.uniform import (
 class GPTQConfig:
     """``damp``: fraction of mean(diag H) added to the diagonal; ``block_size``: columns per
     lazy-update block; ``act_order``: process columns by decreasing ``diag(H)`` (with static
-    per-group grids); on SmolLM2 at 3 bits it cut perplexity from 82.6 to 59.7 (32 windows)."""
+    per-group grids), on by default (benchmarks/results/compress_methods.md measures GPTQ with
+    it against round-to-nearest; the comparison without it was not kept)."""
 
     damp: float = 0.01
     block_size: int = 128
