@@ -44,11 +44,11 @@ def starting_point(name: str) -> Path:
     from pvtune.cli import main
 
     out = WORK / f"start-{name}"
-    if (out / "pvtune_meta.json").is_file():
+    if (out / "pvtune_layout.json").is_file():
         return out
     # the same settings as compress_methods.py's runs, whose checkpoints are kept
     kept = WORK / {"aqlm2x8g8": "compress-aqlm-2x8g8", "gptq2": "compress-gptq-2"}[name]
-    if (kept / "pvtune_meta.json").is_file():
+    if (kept / "pvtune_layout.json").is_file():
         return kept
     args = ["compress", "--no-eval", "--output", str(out), "--overwrite"]
     args += ["--method", "aqlm", "--codebooks", "2x8g8"] if name == "aqlm2x8g8" else \

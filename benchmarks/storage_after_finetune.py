@@ -46,9 +46,12 @@ def describe(name: str, directory: Path) -> dict:
 def main() -> None:
     from pvtune.cli import main as pvtune
 
-    start, tuned = WORK / "storage-gptq2", WORK / "storage-gptq2-finetuned"
-    assert pvtune(["compress", "--method", "gptq", "--bits", "2", "--no-eval",
-                   "--max-new-tokens", "0", "--output", str(start), "--overwrite"]) == 0
+    # the same starting checkpoint as finetune_strategies.py's 2-bit rows (made once)
+    start, tuned = WORK / "start-gptq2", WORK / "storage-gptq2-finetuned"
+    if not (start / "pvtune_layout.json").is_file():
+        assert pvtune(["compress", "--method", "gptq", "--bits", "2", "--group-size", "64",
+                       "--no-eval", "--max-new-tokens", "0", "--output", str(start),
+                       "--overwrite"]) == 0
     assert pvtune(["finetune", str(start), "--steps", "10", "--eval-windows", "16",
                    "--output", str(tuned), "--overwrite"]) == 0
     rows = [stamped(describe("gptq 2-bit g64, compressed", start)),

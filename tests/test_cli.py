@@ -263,6 +263,9 @@ def test_finetune_teacher_resolution(llama_dir, text_file, tmp_path, capsys, mon
     rewrite_meta(work / "ckpt", lambda meta: meta.update(source_model=5))
     assert main(finetune_args(work / "ckpt", text_file, "g", "--no-eval")) == 2
     assert "source_model must be a string" in error_of(capsys)
+    rewrite_meta(work / "ckpt", lambda meta: meta.update(source_model="model"))
+    assert main(finetune_args(work / "ckpt", text_file, "g", "--no-eval")) == 2
+    assert "as the relative path 'model'" in error_of(capsys)
     rewrite_meta(work / "ckpt", lambda meta: meta.update(source_model=str(tmp_path / "gone")))
     assert main(finetune_args(work / "ckpt", text_file, "g", "--no-eval")) == 2
     assert "which no longer exists; pass the uncompressed model with --teacher" in \

@@ -405,6 +405,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                              "pass the uncompressed model with --teacher")
         teacher_src = _model_source(meta["source_model"])
         if teacher_src is not None and looks_local(teacher_src) and \
+                not Path(teacher_src).expanduser().is_absolute():
+            raise ModelError(f"{source} records its source model as the relative path "
+                             f"{teacher_src!r} (an older pvtune), which may name another "
+                             "model from here; pass the uncompressed model with --teacher")
+        if teacher_src is not None and looks_local(teacher_src) and \
                 not Path(teacher_src).is_dir():
             raise ModelError(f"{source} was compressed from {teacher_src}, which no longer "
                              "exists; pass the uncompressed model with --teacher")

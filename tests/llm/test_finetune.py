@@ -25,7 +25,14 @@ from pvtune.llm.finetune import (
 from pvtune.llm.model import load_causal_lm
 from pvtune.llm.pipeline import CompressConfig, compress_model
 from pvtune.optim import VStepConfig
-from pvtune.reprs import AQLMConfig, NMSparseConfig, UniformConfig
+from pvtune.reprs import (
+    AQLMConfig,
+    BinaryConfig,
+    NMSparseConfig,
+    TernaryConfig,
+    UniformConfig,
+    VQConfig,
+)
 from tests.checkpoint.crash import run_killed
 from tests.llm.conftest import TEXT
 
@@ -76,7 +83,9 @@ def test_finetune_lowers_kl(llama_dir, strategy):
 
 
 @pytest.mark.parametrize("representation", [
-    UniformConfig(bits=2, group_size=16), NMSparseConfig(n=2, m=4),
+    UniformConfig(bits=2, group_size=16), BinaryConfig(group_size=16),
+    TernaryConfig(group_size=16), NMSparseConfig(n=2, m=4),
+    VQConfig(num_codewords=16, group_size=4, kmeans_iters=2),
     AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=2),
 ], ids=lambda c: c.type_name)
 def test_finetuned_model_stays_at_stored_precision(llama_dir, representation):
