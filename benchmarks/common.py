@@ -59,7 +59,9 @@ def command_line() -> str:
 def provenance() -> dict[str, Any]:
     """Where and when a row was measured: commit, dirty flag, UTC time, load average,
     threads, torch, command."""
-    dirty = bool(_git("status", "--porcelain", "--", "src", "benchmarks", "pyproject.toml"))
+    # changes to tracked code; a new, unrelated untracked file does not change what runs
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "src",
+                      "benchmarks", "pyproject.toml"))
     m = machine_info()
     return {
         "commit": _git("rev-parse", "--short=12", "HEAD") or "unknown",
