@@ -13,6 +13,7 @@ stored bytes, 2 steps of PV fine-tuning, and the fine-tuned checkpoint reloaded 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -84,7 +85,10 @@ def test_compress_eval_finetune_reload(method, two_blocks, tmp_path, capsys):
     meta = read_meta(ckpt)
     assert meta["bos"]["add"] is False and meta["bos"]["reason"].startswith("GGUF")
     compressed = meta["evaluation"]["compressed"]["perplexity"]
-    assert 1 < compressed < 1e6
+    reference = meta["evaluation"]["reference"]["perplexity"]
+    # 2 of 30 blocks make a poor language model (perplexity in the millions), but the
+    # compressed one must stay near the uncompressed one (measured: 1.03-1.9x)
+    assert math.isfinite(compressed) and 1 < compressed < 4 * reference
     bits = meta["bits"]
     assert bits["stored_bytes"] == payload_bytes(weights_path(ckpt, read_layout(ckpt)))
     reported(capsys)
