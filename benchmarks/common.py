@@ -59,9 +59,9 @@ def command_line() -> str:
 def provenance() -> dict[str, Any]:
     """Where and when a row was measured: commit, dirty flag, UTC time, load average,
     threads, torch, command."""
-    # changes to tracked code; a new, unrelated untracked file does not change what runs
+    # uncommitted changes to tracked code (results files and new untracked files aside)
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", "src",
-                      "benchmarks", "pyproject.toml"))
+                      "benchmarks", "pyproject.toml", ":(exclude)benchmarks/results"))
     m = machine_info()
     return {
         "commit": _git("rev-parse", "--short=12", "HEAD") or "unknown",
