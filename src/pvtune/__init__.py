@@ -7,6 +7,7 @@ The core API::
 """
 
 from pvtune.checkpoint import CheckpointError, load_quantized, save_quantized
+from pvtune.errors import PvtuneError
 from pvtune.estimators import get_estimator, list_estimators, register_estimator
 from pvtune.nn import QuantizedLinear, dequantize_, linear_bits_per_param, quantize_
 from pvtune.reprs import (
@@ -28,6 +29,7 @@ __all__ = [
     "BinaryConfig",
     "CheckpointError",
     "NMSparseConfig",
+    "PvtuneError",
     "QuantizedLinear",
     "QuantizedWeight",
     "ReprConfig",

@@ -14,12 +14,12 @@ row's scale). Both directions are scale-free and the units scale with the weight
 same ``lr`` takes the same code decisions on a model whose weights are 8x smaller.
 
 * ``frozen``: codes never change (continuous-only fine-tuning).
-* ``ste``: buffer ``y -= lr d``; every group re-encoded to ``y`` every step.
-* ``stochastic_rounding``: buffer ``y -= lr d``; every group randomly rounded to a neighbour.
-* ``linearized_v``: ``y = W - lr d'``; every group projected (re-encoded).
-* ``subspace_v``: ``y = W - lr d'``; only the ``tau`` fraction of groups whose projection
+* ``ste``: buffer ``y -= lr d u``; every group re-encoded to ``y`` every step.
+* ``stochastic_rounding``: buffer ``y -= lr d u``; every group randomly rounded to a neighbour.
+* ``linearized_v``: ``y = W - lr d' u``; every group projected (re-encoded).
+* ``subspace_v``: ``y = W - lr d' u``; only the ``tau`` fraction of groups whose projection
   promises the largest decrease of the local quadratic model.
-* ``subspace_v_ste``: buffer ``y -= lr d``; only the ``tau`` fraction of groups whose
+* ``subspace_v_ste``: buffer ``y -= lr d u``; only the ``tau`` fraction of groups whose
   re-encoding brings ``W`` closest to ``y``, among changes that lower the loss to first
   order (PV-Tuning with its authors' STE buffer).
 
