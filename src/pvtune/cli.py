@@ -277,7 +277,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                   f"-{args.codebooks if args.method == 'aqlm' else f'{args.bits}bit'}")
     _prepare_output(output, args.overwrite, {"source model folder": source_dir})
     t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(args.model)
+    model, tokenizer = load_causal_lm(source_dir or args.model)
     params = count_params(model)
     _check_space(output, 2 * params)  # float16 everything: more than any compressed form
     check_layers_fit(model, find_blocks(model), config)  # before any long work
@@ -301,7 +301,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     report = compress_model(model, with_bos(calib_ids, bos), config)
     if windows is not None:
         results["compressed"] = _evaluate(model, windows, "compressed model", bos)
-    meta = {"source_model": source, "source_fingerprint": model_fingerprint(args.model),
+    meta = {"source_model": source,
+            "source_fingerprint": model_fingerprint(source_dir or args.model),
             "bos": bos.to_dict(), "compress_config": _jsonable(config),
             "evaluation": results, "compress_seconds": report.seconds,
             "layers": [dataclasses.asdict(r) for r in report.layers],
@@ -418,7 +419,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
     if args.overwrite and resume.is_dir():
         shutil.rmtree(resume)
-    teacher, _ = load_causal_lm(teacher_src)
+    if teacher_src is None:
+        from pvtune.llm.assets import default_model_dir
+
+        teacher_load = default_model_dir()  # verified once, then loaded and fingerprinted
+    else:
+        teacher_load = teacher_src
+    teacher, _ = load_causal_lm(teacher_load)
     teacher.eval()
     teacher.requires_grad_(False)
     if teacher.config.vocab_size != student.config.vocab_size:
@@ -443,7 +450,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                             warmup_steps=args.warmup_steps, vstep=vstep,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, dense_storage=meta["dense_storage"])
-    teacher_print = model_fingerprint(teacher_src)
+    teacher_print = model_fingerprint(teacher_load)
     teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
                                    if args.cache_teacher else None,
                                    fingerprint=teacher_print, bos=bos)
@@ -505,10 +512,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
     from pvtune.report import format_table
 
-    model, tokenizer = load_causal_lm(args.model)
+    model_dir = _model_dir(args.model)  # the default's checksums verified once
+    model, tokenizer = load_causal_lm(model_dir or args.model)
     checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
     meta = read_meta(args.model) if checkpoint else None
-    bos = _bos_choice(_model_dir(args.model), tokenizer, model.config, args.bos, meta)
+    bos = _bos_choice(model_dir, tokenizer, model.config, args.bos, meta)
     config = _eval_config(args, EvalConfig())
     windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
                            config)
@@ -535,9 +543,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise DataError("no prompt: pass --prompt TEXT or give prompts on stdin, one per line")
-    model, tokenizer = load_causal_lm(args.model)
+    model_dir = _model_dir(args.model)  # the default's checksums verified once
+    model, tokenizer = load_causal_lm(model_dir or args.model)
     checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
-    bos = _bos_choice(_model_dir(args.model), tokenizer, model.config, args.bos,
+    bos = _bos_choice(model_dir, tokenizer, model.config, args.bos,
                       read_meta(args.model) if checkpoint else None)
     for prompt in prompts:
         print(prompt + generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat,
