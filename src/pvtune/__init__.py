@@ -13,6 +13,7 @@ from pvtune.nn import QuantizedLinear, dequantize_, linear_bits_per_param, quant
 from pvtune.reprs import (
     AQLMConfig,
     BinaryConfig,
+    GGUFBlockConfig,
     NMSparseConfig,
     QuantizedWeight,
     ReprConfig,
@@ -28,6 +29,7 @@ __all__ = [
     "AQLMConfig",
     "BinaryConfig",
     "CheckpointError",
+    "GGUFBlockConfig",
     "NMSparseConfig",
     "PvtuneError",
     "QuantizedLinear",

@@ -20,6 +20,7 @@ from pvtune import (
 )
 from pvtune.optim import PVOptimizer, VStepConfig, top_groups
 from pvtune.optim.strategies import STRATEGIES, top_indices
+from pvtune.reprs import GGUFBlockConfig
 
 ALL = ["ste", "stochastic_rounding", "linearized_v", "subspace_v", "subspace_v_ste"]
 # relative step sizes that suit the toys below (the defaults were measured on SmolLM2; a
@@ -113,10 +114,12 @@ REPRESENTATIONS = [
     UniformConfig(bits=2, group_size=8), BinaryConfig(group_size=8), TernaryConfig(group_size=8),
     NMSparseConfig(n=2, m=4), VQConfig(num_codewords=8, group_size=2, kmeans_iters=2),
     AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2),
+    GGUFBlockConfig("q2_0"), GGUFBlockConfig("q4_1"),
 ]
 
 
-@pytest.mark.parametrize("config", REPRESENTATIONS, ids=lambda c: c.type_name)
+@pytest.mark.parametrize("config", REPRESENTATIONS,
+                         ids=lambda c: getattr(c, "block_type", c.type_name))
 @pytest.mark.parametrize("strategy", ["frozen", *ALL])
 def test_each_strategy_lowers_the_loss_on_every_representation(config, strategy):
     """Codes compressed from a perturbed copy of the target weights, so the codes have work
@@ -125,7 +128,9 @@ def test_each_strategy_lowers_the_loss_on_every_representation(config, strategy)
     lr = {**LR, "ste": 0.1, "stochastic_rounding": 0.1, "subspace_v_ste": 0.1,
           "linearized_v": 0.5, "subspace_v": 0.5, "frozen": None}[strategy]
     for seed in range(3):
-        model, w_true, x = toy(seed, config, inp=16, start_noise=1.0)
+        inp = getattr(config, "format", None)
+        inp = 16 if inp is None else inp.block_size  # GGUF rows hold whole blocks
+        model, w_true, x = toy(seed, config, inp=inp, start_noise=1.0)
         opt = PVOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-2),
                           VStepConfig(strategy=strategy, lr=lr, tau=0.1))
         with torch.no_grad():

@@ -9,6 +9,7 @@ import pytest
 from pvtune.reprs import (
     AQLMConfig,
     BinaryConfig,
+    GGUFBlockConfig,
     NMSparseConfig,
     TernaryConfig,
     UniformConfig,
@@ -42,6 +43,11 @@ def make(config, weight):
      (128 * 512 / 8 * 2 * 8 + 2 * 256 * 8 * 16 + 128 * 16) / (128 * 512)),
     (AQLMConfig.preset("1x8g8", kmeans_iters=2),
      (128 * 512 / 8 * 1 * 8 + 1 * 256 * 8 * 16 + 128 * 16) / (128 * 512)),
+    (GGUFBlockConfig("q8_0"), 8.5),
+    (GGUFBlockConfig("q4_0"), 4.5),
+    (GGUFBlockConfig("q4_1"), 5.0),
+    (GGUFBlockConfig("q2_0"), 2.25),
+    (GGUFBlockConfig("q1_0"), 1.125),
 ])
 def test_bits_per_param_formula_is_what_is_stored(config, expected, gaussian_weight, tmp_path):
     """The formula of the paper or format, and the bytes a save actually writes for the
@@ -85,6 +91,11 @@ SQNR_BOUNDS = [
     (VQConfig(num_codewords=64, group_size=4), 7.0, 7.1),
     (AQLMConfig.preset("2x8g8"), 10.5, 11.0),
     (AQLMConfig.preset("1x8g8"), 5.0, 5.8),
+    (GGUFBlockConfig("q8_0"), 45.2, 41.4),
+    (GGUFBlockConfig("q4_0"), 21.3, 17.6),
+    (GGUFBlockConfig("q4_1"), 22.1, 20.0),
+    (GGUFBlockConfig("q2_0"), 8.8, 6.9),
+    (GGUFBlockConfig("q1_0"), 4.1, 2.1),
 ]
 
 

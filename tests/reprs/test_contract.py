@@ -11,6 +11,7 @@ from torch.func import functional_call
 from pvtune.reprs import (
     AQLMConfig,
     BinaryConfig,
+    GGUFBlockConfig,
     NMSparseConfig,
     TernaryConfig,
     UniformConfig,
@@ -30,6 +31,9 @@ CONFIGS = [
     VQConfig(num_codewords=16, group_size=4, kmeans_iters=5),
     AQLMConfig(num_codebooks=2, nbits_per_codebook=4, in_group_size=4, kmeans_iters=5),
     AQLMConfig(num_codebooks=1, nbits_per_codebook=5, in_group_size=8, kmeans_iters=5),
+    GGUFBlockConfig("q4_1"),
+    GGUFBlockConfig("q2_0"),
+    GGUFBlockConfig("q8_0"),
 ]
 IDS = [f"{c.type_name}-{i}" for i, c in enumerate(CONFIGS)]
 

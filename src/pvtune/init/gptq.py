@@ -9,14 +9,9 @@ import torch
 from torch import Tensor
 
 from pvtune.init.registry import register_init
-from pvtune.reprs.base import check_range
-from pvtune.reprs.uniform import (
-    UniformConfig,
-    UniformWeight,
-    grid_params,
-    quantize_to_grid,
-    search_grid_params,
-)
+from pvtune.reprs.base import ReprConfig, check_range, representation_for
+from pvtune.reprs.gguf_block import GGUFBlockConfig, GGUFBlockWeight
+from pvtune.reprs.uniform import UniformConfig, UniformWeight
 
 
 @dataclass(frozen=True)
@@ -45,11 +40,12 @@ def inverse_hessian_cholesky(xtx: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(torch.float32)
 
 
-@register_init("gptq", GPTQConfig, (UniformConfig,), needs_calibration=True)
+@register_init("gptq", GPTQConfig, (UniformConfig, GGUFBlockConfig), needs_calibration=True)
 def gptq_init(
-    weight: Tensor, xtx: Tensor | None, repr_config: UniformConfig, method_config: GPTQConfig
-) -> UniformWeight:
-    """Quantize ``weight`` with GPTQ.
+    weight: Tensor, xtx: Tensor | None, repr_config: ReprConfig, method_config: GPTQConfig
+) -> UniformWeight | GGUFBlockWeight:
+    """Quantize ``weight`` with GPTQ onto a scalar grid (a uniform grid or a GGUF block type:
+    any representation with ``fit_grid``, ``round_column`` and ``set_grid``).
 
     Without ``act_order`` the per-group grids are fitted to the error-updated weights as each
     group is reached; with it, columns are processed by decreasing ``diag(H)`` and the grids
@@ -58,16 +54,13 @@ def gptq_init(
     if xtx is None:
         raise ValueError("GPTQ needs the layer's input statistics (xtx); use 'rtn' without data")
     out_f, in_f = weight.shape
-    rep = UniformWeight(out_f, in_f, repr_config)
+    rep = representation_for(repr_config)(out_f, in_f, repr_config)
     g = rep.group
-    fit = search_grid_params if repr_config.scale_search else grid_params
-    maxq = repr_config.maxq
     w = weight.detach().to(torch.float32).clone()
     w[:, torch.diag(xtx) == 0] = 0
-    scales = torch.zeros(out_f, in_f // g)
-    zeros = torch.zeros(out_f, in_f // g)
+    grid = (torch.zeros(out_f, in_f // g), torch.zeros(out_f, in_f // g))
     if method_config.act_order:
-        scales, zeros = fit(w.reshape(out_f, -1, g), repr_config)
+        grid = rep.fit_grid(w.reshape(out_f, -1, g))
         perm = torch.argsort(torch.diag(xtx), descending=True, stable=True)
         block = method_config.block_size
     else:
@@ -85,15 +78,16 @@ def gptq_init(
             col = int(perm[i1 + i])
             if not method_config.act_order and col % g == 0:
                 # blocks are whole groups, so the group's error-updated columns are in w1
-                scales[:, col // g], zeros[:, col // g] = fit(w1[:, i : i + g], repr_config)
-            scale, zero = scales[:, col // g], zeros[:, col // g]
-            q = quantize_to_grid(w1[:, i], scale, zero, maxq)
+                fitted = rep.fit_grid(w1[:, i : i + g].unsqueeze(1))
+                for full, part in zip(grid, fitted, strict=True):
+                    full[:, col // g] = part[:, 0]
+            q, value = rep.round_column(w1[:, i], tuple(t[:, col // g] for t in grid))
             codes[:, col] = q.to(torch.uint8)
-            err = (w1[:, i] - scale * (q - zero)) / h1[i, i]
+            err = (w1[:, i] - value) / h1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    rep.set_grid(scales, zeros)
+    rep.set_grid(*grid)
     with torch.no_grad():
         rep.codes.copy_(codes)
     return rep

@@ -11,6 +11,7 @@ from pvtune.reprs.base import (
 )
 from pvtune.reprs.binary import BinaryConfig, BinaryWeight, TernaryConfig, TernaryWeight
 from pvtune.reprs.codebook import AdditiveWeight, AQLMConfig, VQConfig, VQWeight
+from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWeight
 from pvtune.reprs.sparse import NMSparseConfig, NMSparseWeight
 from pvtune.reprs.uniform import UniformConfig, UniformWeight
 
@@ -18,6 +19,9 @@ __all__ = [
     "CONFIG_TYPES",
     "REPRESENTATIONS",
     "AQLMConfig",
+    "BLOCK_FORMATS",
+    "GGUFBlockConfig",
+    "GGUFBlockWeight",
     "AdditiveWeight",
     "BinaryConfig",
     "BinaryWeight",

@@ -141,16 +141,26 @@ class UniformWeight(QuantizedWeight):
         return w.reshape(self.out_features, -1, self.group)
 
     def init_from_dense(self, weight: Tensor) -> None:
-        fit = search_grid_params if self.config.scale_search else grid_params
-        scale, zero = fit(self._grouped(weight), self.config)
-        self.set_grid(scale, zero)
+        self.set_grid(*self.fit_grid(self._grouped(weight)))
         self.encode(weight)
+
+    def fit_grid(self, w_grouped: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scale, zero)`` fitted to weights grouped ``[out, groups, group]``."""
+        fit = search_grid_params if self.config.scale_search else grid_params
+        return fit(w_grouped, self.config)
 
     def set_grid(self, scale: Tensor, zero: Tensor) -> None:
         """Set per-group scale and integer zero-point (e.g. from GPTQ)."""
         with torch.no_grad():
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero.copy_(zero.reshape(self.zero.shape).to(torch.uint8))
+
+    def round_column(self, w: Tensor, grid: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Nearest codes of one column of weights given its groups' ``(scale, zero)``, and
+        their decoded values."""
+        scale, zero = grid
+        q = quantize_to_grid(w, scale, zero, self.config.maxq)
+        return q, scale * (q - zero)
 
     def forward(self) -> Tensor:
         q = self._grouped(self.codes).to(self.scale.dtype)
