@@ -227,7 +227,7 @@ def _compress_config(args: argparse.Namespace, preset):
     from pvtune.init.rtn import RTNConfig
     from pvtune.llm.data import CalibrationConfig
     from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig
-    from pvtune.reprs import AQLMConfig, UniformConfig
+    from pvtune.reprs import AQLMConfig, GGUFBlockConfig, UniformConfig
 
     calibration = CalibrationConfig(
         num_sequences=args.num_seqs if args.num_seqs is not None
@@ -244,8 +244,16 @@ def _compress_config(args: argparse.Namespace, preset):
             else (finetune.lr if finetune else 1e-3)
         finetune = BlockFinetuneConfig(steps=steps, lr=lr)
     if args.method == "aqlm":
+        if args.format is not None:
+            raise ConfigError("--format (a GGUF block type) works with --method gptq or rtn; "
+                              "AQLM models are exported with `pvtune export --to aqlm`")
         representation = AQLMConfig.preset(args.codebooks, seed=args.seed)
         method_config = preset.aqlm
+    elif args.format is not None:
+        representation = GGUFBlockConfig(args.format)
+        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
+        if args.block_finetune_steps is None and args.block_finetune_lr is None:
+            finetune = None
     else:
         representation = UniformConfig(bits=args.bits, group_size=args.group_size or None,
                                        symmetric=args.symmetric)
@@ -273,8 +281,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     config = _compress_config(args, preset)
     eval_config = _eval_config(args, preset.evaluation)
     source, source_dir = _source_record(args.model)
-    output = Path(args.output or f"compressed-{args.method}"
-                  f"-{args.codebooks if args.method == 'aqlm' else f'{args.bits}bit'}")
+    kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
+    output = Path(args.output or f"compressed-{args.method}-{kind}")
     _prepare_output(output, args.overwrite, {"source model folder": source_dir})
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(source_dir or args.model)
@@ -334,6 +342,8 @@ def _repr_name(rep) -> str:
     name = getattr(rep, "name", None)
     if name:
         return name
+    if hasattr(rep, "block_type"):
+        return f"GGUF {rep.block_type.upper()}"
     return f"{rep.bits}-bit g{rep.group_size}{' sym' if rep.symmetric else ''}"
 
 
@@ -560,6 +570,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from pvtune.llm.recipes import PRESETS
+    from pvtune.reprs.gguf_block import BLOCK_FORMATS
 
     parser = argparse.ArgumentParser(
         prog="pvtune",
@@ -582,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_count, default=64,
                    help="group size for gptq/rtn (64; 0 = one group per row)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid for gptq/rtn")
+    p.add_argument("--format", choices=sorted(BLOCK_FORMATS), default=None,
+                   help="for gptq/rtn: store weights in this GGUF block type, so `pvtune export "
+                        "--to gguf` writes them for llama.cpp byte for byte (replaces --bits "
+                        "and --group-size)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                    help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pvtune.errors import ModelError
+from pvtune.nn.quantized_linear import QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,11 @@ class BlockStructure:
     path: str
     blocks: nn.ModuleList
 
-    def linear_names(self, index: int) -> list[str]:
-        """Names (relative to block ``index``) of its ``nn.Linear`` layers."""
-        return [n for n, m in self.blocks[index].named_modules() if isinstance(m, nn.Linear)]
+    def linear_names(self, index: int, include_quantized: bool = False) -> list[str]:
+        """Names (relative to block ``index``) of its ``nn.Linear`` layers (and its
+        ``QuantizedLinear`` layers with ``include_quantized``)."""
+        kinds = (nn.Linear, QuantizedLinear) if include_quantized else nn.Linear
+        return [n for n, m in self.blocks[index].named_modules() if isinstance(m, kinds)]
 
 
 def find_blocks(model: nn.Module) -> BlockStructure:
@@ -43,7 +46,7 @@ def find_blocks(model: nn.Module) -> BlockStructure:
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+        if not any(isinstance(m, nn.Linear | QuantizedLinear) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if best is None or size > best[0]:
