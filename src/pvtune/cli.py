@@ -544,6 +544,85 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded_gguf(meta: dict) -> dict:
+    """GGUF metadata recorded beside the checkpoint's source model (pre-tokenizer, BOS)."""
+    import json
+
+    from pvtune.llm.bos import SOURCE_FILE
+
+    recorded = meta.get("source_model")
+    if not isinstance(recorded, str):
+        return {}
+    if recorded == DEFAULT_MODEL:
+        from pvtune.llm.assets import default_model_dir
+
+        directory = default_model_dir()
+    else:
+        directory = Path(recorded)
+    try:
+        return json.loads((directory / SOURCE_FILE).read_text()).get("gguf_metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pvtune.export import GGUFExportConfig, export_gguf
+    from pvtune.llm.checkpoint import bits_report, load_compressed, read_meta
+    from pvtune.report import format_table
+
+    source = Path(args.checkpoint)
+    config = GGUFExportConfig(embedding_type=args.embedding_type, head_type=args.head_type)
+    output = Path(args.output or source.with_name(f"{source.name}.gguf"))
+    if output.exists() and not args.overwrite:
+        raise OutputError(f"{output} exists; pass --overwrite to replace it")
+    if output.exists() and output.is_dir():
+        raise OutputError(f"--output {output} is a folder; give a file name ending in .gguf")
+    model, tokenizer = load_compressed(source)
+    meta = read_meta(source)
+    report = export_gguf(model, tokenizer, output, config, name=f"pvtune {source.name}",
+                         recorded_gguf=_recorded_gguf(meta))
+    counts: dict[str, int] = {}
+    for kind in report.tensor_types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    rows = [["file", str(output)],
+            ["size", f"{report.file_bytes / 2**20:.2f} MiB"],
+            ["bits/param (whole file)", f"{report.bits_per_param:.3f}"],
+            ["bits/param (decoder linears)", f"{report.linear_bits_per_param:.3f}"],
+            ["tensor types", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))],
+            ["token embeddings", report.tensor_types.get("token_embd.weight", "?")]]
+    if args.verify:
+        rows += _verify_gguf(args, model, tokenizer, meta, output)
+    bits = bits_report(model)
+    rows.append(["pvtune checkpoint bits/param (whole, linears)",
+                 f"{bits['overall_bits_per_param']:.3f}, {bits['linear_bits_per_param']:.3f}"])
+    print(format_table(["export", "value"], rows))
+    print(f"Run it: llama-cli -m {output} -cnv   (or: ollama create NAME with FROM {output})")
+    return 0
+
+
+def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
+    """Perplexity of the checkpoint in pvtune and of the exported file in llama.cpp, on
+    the same windows."""
+    from pvtune.export.llamacpp import llamacpp_perplexity
+    from pvtune.llm.bos import BosChoice
+    from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
+
+    bos = BosChoice.from_dict(meta["bos"]) if "bos" in meta else None
+    windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
+                           _eval_config(args, EvalConfig(window=512, max_windows=32)))
+    ours = _evaluate(model, windows, "the checkpoint in pvtune", bos)
+    log.info("evaluating %s in llama.cpp on the same %d windows", output, windows.shape[0])
+    theirs = llamacpp_perplexity(output, windows, bos)
+    gap = theirs.perplexity / ours["perplexity"] - 1
+    if abs(gap) > 0.03:
+        log.warning("llama.cpp's perplexity differs from pvtune's by %.1f%% (over 3%%)",
+                    100 * gap)
+    return [["perplexity, pvtune", f"{ours['perplexity']:.3f} ({ours['tokens']} tokens)"],
+            ["perplexity, llama.cpp", f"{theirs.perplexity:.3f} ({theirs.tokens} tokens, "
+                                      f"{theirs.tokens_per_second:.0f} tok/s)"],
+            ["llama.cpp / pvtune", f"{1 + gap:.4f}"]]
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pvtune.errors import DataError
     from pvtune.llm.checkpoint import read_meta
@@ -671,6 +750,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_prompt, default=SAMPLE_PROMPT)
     p.add_argument("--max-new-tokens", type=_count, default=30)
     p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint in another engine's format "
+                                      "(GGUF for llama.cpp and Ollama)")
+    p.add_argument("checkpoint", help="a pvtune checkpoint whose linears are in a GGUF block "
+                   "type (`pvtune compress --format q2_0`, then fine-tuned or not)")
+    p.add_argument("--to", choices=["gguf"], default="gguf", help="target format")
+    p.add_argument("--output", help="output file (default CHECKPOINT.gguf beside it)")
+    p.add_argument("--embedding-type", choices=["f32", "f16", *sorted(BLOCK_FORMATS)],
+                   default="q8_0", help="GGUF type of dense token embeddings (default q8_0); "
+                   "embeddings pvtune compressed are written as stored")
+    p.add_argument("--head-type", choices=["f32", "f16", *sorted(BLOCK_FORMATS)],
+                   default=None, help="GGUF type of an untied output head (default: as the "
+                   "embeddings)")
+    p.add_argument("--verify", action="store_true", help="run the file in llama.cpp (needs "
+                   "pvtune[llamacpp]) and compare its perplexity with pvtune's on the same "
+                   "windows")
+    _add_eval_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("generate", help="greedy generation from prompts")
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory")

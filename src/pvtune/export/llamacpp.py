@@ -1,0 +1,65 @@
+"""Running an exported GGUF file in llama.cpp (through ``llama-cpp-python``): perplexity on
+pvtune's evaluation windows, and decoding speed, as llama.cpp itself computes them.
+
+``llama-cpp-python`` is an optional dependency (``pip install 'pvtune[llamacpp]'``; it
+compiles llama.cpp with the machine's C++ compiler, about 15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pvtune.errors import AssetError
+from pvtune.llm.bos import BosChoice
+from pvtune.llm.evaluate import PerplexityResult
+
+INSTALL_HINT = ("llama.cpp's Python binding is not installed: pip install 'pvtune[llamacpp]' "
+                "(builds llama.cpp from source with the machine's gcc and cmake)")
+
+
+def load_llamacpp(path: str | Path, n_ctx: int, threads: int | None = None, all_logits=True):
+    """A ``llama_cpp.Llama`` for the GGUF file ``path`` (a clear error when the binding is
+    missing or llama.cpp refuses the file)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise AssetError(INSTALL_HINT) from None
+    try:
+        return Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                     logits_all=all_logits, verbose=False,
+                     n_threads=threads or os.cpu_count() or 1)
+    except ValueError as err:
+        raise AssetError(f"llama.cpp could not load {path}: {err}") from None
+
+
+def llamacpp_perplexity(path: str | Path, windows: Tensor, bos: BosChoice | None,
+                        threads: int | None = None, progress: bool = True) -> PerplexityResult:
+    """``exp(mean NLL)`` of each window's tokens 2..L given their prefixes, computed from
+    llama.cpp's logits: the same tokens and the same definition as
+    :func:`pvtune.llm.evaluate.perplexity`."""
+    add = bos is not None and bos.add
+    n_ctx = windows.shape[1] + int(add)
+    llm = load_llamacpp(path, n_ctx, threads)
+    nll, count, seconds = 0.0, 0, 0.0
+    for row in tqdm(windows, desc="perplexity (llama.cpp)", disable=not progress, leave=False):
+        ids = ([bos.token_id] if add else []) + row.tolist()
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        seconds += time.perf_counter() - t0
+        logits = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+        logits = logits[int(add):-1]
+        nll += float(F.cross_entropy(logits, row[1:], reduction="sum"))
+        count += row.numel() - 1
+    mean = nll / count
+    value = math.exp(mean) if mean < 709 else math.inf
+    return PerplexityResult(value, count, windows.shape[0], seconds)

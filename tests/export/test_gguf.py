@@ -1,0 +1,168 @@
+"""GGUF export: the file's metadata and tensors, import back bit for bit, and (slow, with
+``pvtune[llamacpp]`` installed) llama.cpp itself reproducing pvtune's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pvtune import GGUFBlockConfig, quantize_
+from pvtune.cli import main
+from pvtune.export import GGUFExportConfig, export_gguf, import_gguf_linears, read_gguf
+from pvtune.export.gguf import rotary_row_order
+from pvtune.llm.checkpoint import load_compressed
+from pvtune.nn.quantize import quantized_layers
+from tests.llm.conftest import build_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def tiny(kind: str, tokenizer):
+    """A tiny model wide enough for every block type (rows of 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("wide-llama")
+    tokenizer.save_pretrained(directory)
+    tiny("llama", tokenizer).save_pretrained(directory)
+    return directory
+
+
+def compressed_model(kind, tokenizer, block_type):
+    model = tiny(kind, tokenizer)
+    quantize_(model, GGUFBlockConfig(block_type), lambda m, n: n.startswith("model.layers"))
+    return model
+
+
+def test_rotary_row_order_is_transformers_inverse():
+    """transformers' GGUF loader undoes llama.cpp's rotary order with its own reverse
+    permutation; applying ours to its output gives back the rows it read."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    n_head, rows = 4, 32
+    w = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    ggml = w[rotary_row_order(rows, n_head)]
+    processor = LlamaTensorProcessor(config={"num_attention_heads": n_head,
+                                             "num_key_value_heads": n_head})
+    back = processor.process(ggml, "blk.0.attn_q.weight").weights
+    np.testing.assert_array_equal(back, w)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("block_type", ["q2_0", "q4_1", "q1_0"])
+def test_export_then_import_is_bit_exact(kind, block_type, tokenizer, tmp_path):
+    model = compressed_model(kind, tokenizer, block_type)
+    report = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    fresh = tiny(kind, tokenizer)
+    import_gguf_linears(fresh, tmp_path / "m.gguf")
+    ours, theirs = quantized_layers(model), quantized_layers(fresh)
+    assert ours.keys() == theirs.keys() and len(ours) == 14
+    for name, layer in ours.items():
+        a, b = layer.qweight, theirs[name].qweight
+        assert torch.equal(a.codes, b.codes), name
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset), name
+        if layer.bias is not None:
+            assert torch.equal(layer.bias, theirs[name].bias)
+    assert report.linear_bits_per_param == GGUFBlockConfig(block_type).format.bits_per_weight
+
+
+def test_file_metadata_and_tensor_types(tokenizer, tmp_path):
+    model = compressed_model("llama", tokenizer, "q2_0")
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", GGUFExportConfig(embedding_type="q4_0"))
+    contents = read_gguf(tmp_path / "m.gguf")
+    md, tensors = contents.metadata, contents.tensors
+    assert md["general.architecture"] == "llama"
+    assert md["llama.block_count"] == 2 and md["llama.embedding_length"] == 128
+    assert md["llama.attention.head_count"] == 4 and md["llama.attention.head_count_kv"] == 2
+    assert md["llama.rope.dimension_count"] == 32 and md["llama.feed_forward_length"] == 256
+    assert md["general.file_type"] == 41  # LLAMA_FTYPE_MOSTLY_Q2_0
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-2"
+    assert md["tokenizer.ggml.tokens"] == [tokenizer.convert_ids_to_tokens(i)
+                                           for i in range(len(tokenizer))]
+    assert md["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert md["tokenizer.ggml.add_bos_token"] is False
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert tensors["token_embd.weight"].ggml_type == 2  # Q4_0
+    assert tensors["blk.1.ffn_down.weight"].ggml_type == 42
+    assert tensors["blk.1.ffn_down.weight"].shape == (128, 256)
+    assert tensors["output_norm.weight"].ggml_type == 0
+    # the embedding as llama.cpp decodes it (the gguf package's Q4_0) is pvtune's Q4_0 fit
+    import gguf
+
+    emb = gguf.quants.dequantize(np.asarray(tensors["token_embd.weight"].data).reshape(
+        len(tokenizer), -1), gguf.GGMLQuantizationType.Q4_0)
+    ref = model.get_input_embeddings().weight.detach()
+    err = float(((torch.from_numpy(emb) - ref) ** 2).sum() / (ref ** 2).sum())
+    assert err < 0.01
+
+
+def test_cli_compress_format_then_export(wide_llama_dir, text_file, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["compress", str(wide_llama_dir), "--method", "gptq", "--format", "q2_0",
+                 "--calib-text", str(text_file), "--no-eval", "--num-seqs", "2", "--seq-len",
+                 "16", "--max-new-tokens", "0", "--output", str(ckpt)]) == 0
+    assert "GGUF Q2_0" in capsys.readouterr().out
+    assert main(["export", str(ckpt), "--to", "gguf", "--output", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "q2_0: 14" in out and "llama-cli -m" in out
+    model, _ = load_compressed(ckpt)
+    fresh, _ = load_compressed(ckpt)
+    for layer in quantized_layers(fresh).values():
+        layer.qweight.codes.zero_()
+    import_gguf_linears(fresh, tmp_path / "m.gguf")
+    for name, layer in quantized_layers(model).items():
+        assert torch.equal(layer.qweight.codes, quantized_layers(fresh)[name].qweight.codes)
+    # the file exists now: refused without --overwrite, one line, exit 2
+    assert main(["export", str(ckpt), "--output", str(tmp_path / "m.gguf")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_non_gguf_checkpoint_says_what_to_do(llama_dir, text_file, tmp_path,
+                                                             capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size",
+                 "16", "--calib-text", str(text_file), "--no-eval", "--num-seqs", "2",
+                 "--seq-len", "16", "--max-new-tokens", "0", "--output", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--output", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "--format q4_0" in err and "Traceback" not in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("block_type", ["q4_0", "q4_1", "q8_0", "q2_0", "q1_0"])
+def test_llama_cpp_reproduces_pvtune_logits(kind, block_type, tokenizer, tmp_path):
+    """llama.cpp (quantizing activations to 8 bits inside its matmuls) gives the logits
+    pvtune gives, to 2% of their range, and the same next token everywhere."""
+    pytest.importorskip("llama_cpp", reason="needs pip install 'pvtune[llamacpp]'")
+    from pvtune.export.llamacpp import load_llamacpp
+
+    model = compressed_model(kind, tokenizer, block_type)
+    export_gguf(model, tokenizer, tmp_path / "m.gguf", GGUFExportConfig(embedding_type="f32"))
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. Rome was not built in a "
+                    "day, but its empire lasted")["input_ids"]
+    llm = load_llamacpp(tmp_path / "m.gguf", n_ctx=64)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
