@@ -260,9 +260,10 @@ def _compress_config(args: argparse.Namespace, preset):
         method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
         if args.block_finetune_steps is None and args.block_finetune_lr is None:
             finetune = None  # scalar methods are calibrated without block fine-tuning
+    embeddings = None if args.embeddings == "f16" else GGUFBlockConfig(args.embeddings)
     return CompressConfig(method=args.method, representation=representation,
                           method_config=method_config, calibration=calibration,
-                          block_finetune=finetune)
+                          block_finetune=finetune, embeddings=embeddings)
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -676,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for gptq/rtn: store weights in this GGUF block type, so `pvtune export "
                         "--to gguf` writes them for llama.cpp byte for byte (replaces --bits "
                         "and --group-size)")
+    p.add_argument("--embeddings", choices=["f16", *sorted(BLOCK_FORMATS)], default="f16",
+                   help="store the token embeddings (and a head tied to them) in this GGUF "
+                        "block type, rounded to nearest (default f16: uncompressed)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                    help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "

@@ -36,9 +36,10 @@ from pvtune.checkpoint.files import (
 )
 from pvtune.errors import CheckpointError
 from pvtune.nn.quantize import _set_submodule, quantized_layers
+from pvtune.nn.quantized_embedding import QuantizedEmbedding, shared_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.packing import codec_from_dict
-from pvtune.reprs.base import ReprConfig
+from pvtune.reprs.base import ReprConfig, representation_for
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,21 @@ def pack_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     layout: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": {},
                               "packed": {}, "dtypes": {}, "aliases": {}}
     state = _dedupe_shared(model.state_dict(), layout)
-    for name, layer in quantized_layers(model).items():
-        layout["layers"][name] = {
+    layers = quantized_layers(model)
+    shared = shared_layers(layers)
+    for name, layer in layers.items():
+        spec = {
             "config": layer.qweight.config.to_dict(),
             "out_features": layer.out_features,
             "in_features": layer.in_features,
             "bias": layer.bias is not None,
         }
+        if isinstance(layer, QuantizedEmbedding):
+            spec["kind"] = "embedding"
+        layout["layers"][name] = spec
+        if name in shared:  # a tied head: its codes are the embeddings' (an alias)
+            spec["shares"] = shared[name]
+            continue
         for buf, codec in layer.qweight.integer_codecs().items():
             key = f"{name}.qweight.{buf}"
             codes = state[key]
@@ -88,29 +97,36 @@ def storage_report(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Any]
     """Bits per parameter from the bytes of the packed ``state`` (what a save writes).
 
     Overall: every stored byte over every parameter (tied weights counted once, a compressed
-    matrix counted as its ``out * in`` weights). Linears: the bytes of the compressed layers'
-    representations (codes, scales, codebooks; biases excluded) over their weights. Plus a
-    per-layer table.
+    matrix counted as its ``out * in`` weights). Linears: the bytes of the compressed linear
+    layers' representations (codes, scales, codebooks; biases excluded) over their weights,
+    compressed embeddings and the head tied to them excluded. Plus a per-layer table.
     """
     layers = quantized_layers(model)
+    shared = shared_layers(layers)
     nbytes = {k: t.numel() * t.element_size() for k, t in state.items()}
-    table, linear_bytes, compressed = {}, 0, 0
+    table, linear_bytes, linear_weights, compressed = {}, 0, 0, 0
     for name, layer in layers.items():
+        if name in shared:
+            table[name] = {"shape": [layer.out_features, layer.in_features],
+                           "representation": f"shared with {shared[name]}"}
+            continue
         prefix = f"{name}.qweight."
         size = sum(b for k, b in nbytes.items() if k.startswith(prefix))
         weights = layer.in_features * layer.out_features
         table[name] = {"shape": [layer.out_features, layer.in_features],
                        "representation": layer.qweight.config.type_name,
                        "bytes": size, "bits_per_param": 8 * size / weights}
-        linear_bytes += size
         compressed += weights
+        if not isinstance(layer, QuantizedEmbedding) and name not in shared.values():
+            linear_bytes += size
+            linear_weights += weights
     quantized_ids = {id(p) for m in layers.values() for p in m.qweight.parameters()}
     dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
                 if id(p) not in quantized_ids)
     total_params, total_bytes = compressed + dense, sum(nbytes.values())
     return {
         "overall_bits_per_param": 8 * total_bytes / total_params if total_params else 0.0,
-        "linear_bits_per_param": 8 * linear_bytes / compressed if compressed else 0.0,
+        "linear_bits_per_param": 8 * linear_bytes / linear_weights if linear_weights else 0.0,
         "params_total": total_params,
         "params_compressed": compressed,
         "stored_bytes": total_bytes,
@@ -245,6 +261,11 @@ def _check_layout_entries(layout: dict[str, Any], path: Path) -> None:
                 or not isinstance(spec.get("bias"), bool):
             raise _fail(path, f"layer {name!r} needs config (object), out_features and "
                               f"in_features (positive ints) and bias (true/false), got {spec!r}")
+        if spec.get("kind", "linear") not in ("linear", "embedding") \
+                or not isinstance(spec.get("shares", ""), str) \
+                or spec.get("shares", name) not in layout["layers"]:
+            raise _fail(path, f"layer {name!r}: 'kind' must be linear or embedding and "
+                              f"'shares' must name another layer, got {spec!r}")
     for key, spec in layout["packed"].items():
         if not isinstance(spec, dict) or spec.get("dtype") not in CODE_DTYPES \
                 or not isinstance(spec.get("shape"), list) \
@@ -338,8 +359,10 @@ def unpack_state(state: dict[str, Tensor], layout: dict[str, Any],
     return state
 
 
-def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str):
-    """The empty QuantizedLinear for layer ``name``, checked against the model's layer."""
+def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str,
+                 done: dict[str, QuantizedLinear]):
+    """The empty QuantizedLinear (or QuantizedEmbedding) for layer ``name``, checked against
+    the model's layer; a layer that shares another's representation gets that one."""
     if not name:
         raise CheckpointError(f"{source}: a layer without a name cannot be placed in a model")
     try:
@@ -347,6 +370,21 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str)
     except AttributeError:
         raise CheckpointError(f"{source}: layer {name!r} does not exist in the model (a "
                               "checkpoint of another architecture?)") from None
+    if spec.get("kind") == "embedding":
+        if not isinstance(current, nn.Embedding | QuantizedEmbedding):
+            raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
+                                  "the model, not an embedding table")
+        shape = (spec["out_features"], spec["in_features"])
+        have = (current.num_embeddings, current.embedding_dim)
+        if have != shape:
+            raise CheckpointError(f"{source}: embedding {name!r} is {have[0]}x{have[1]} in the "
+                                  f"model but {shape[0]}x{shape[1]} in the checkpoint")
+        try:
+            config = ReprConfig.from_dict(spec["config"])
+            rep = representation_for(config)(*shape, config)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
+        return QuantizedEmbedding(rep, current.padding_idx)
     if not isinstance(current, nn.Linear | QuantizedLinear):
         raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in the "
                               "model, not a linear layer")
@@ -362,6 +400,12 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str)
             f"{source}: layer {name!r} {has} bias in the model but the checkpoint says "
             f"bias={spec['bias']} (a checkpoint of another architecture?)"
         )
+    if "shares" in spec:
+        first = done.get(spec["shares"])
+        if first is None or (first.out_features, first.in_features) != shape:
+            raise CheckpointError(f"{source}: layer {name!r} shares {spec['shares']!r}, which "
+                                  "is missing or of another shape")
+        return QuantizedLinear(first.qweight, torch.zeros(shape[0]) if spec["bias"] else None)
     try:
         config = ReprConfig.from_dict(spec["config"])
         return QuantizedLinear.empty(*shape, config, spec["bias"])
@@ -401,8 +445,9 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
         if layout["version"] == 1 and spec["config"].get("type") == "nm_sparse":
             raise CheckpointError(f"{directory} stores N:M layers in pvtune's v1 layout (every "
                                   "value kept); this pvtune cannot read it: compress again")
-        replacements[name] = _replacement(model, name, spec, source)
-        _check_codes_match(replacements[name], name, layout, source)
+        replacements[name] = _replacement(model, name, spec, source, replacements)
+        if "shares" not in spec:
+            _check_codes_match(replacements[name], name, layout, source)
     state = unpack_state(read_state(directory, layout), layout, source=source)
     expected = {k: v for k, v in model.state_dict().items()
                 if not any(k == n or k.startswith(n + ".") for n in replacements)}

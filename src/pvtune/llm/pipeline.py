@@ -26,6 +26,7 @@ from pvtune.init.registry import get_init
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.model import BlockStructure, find_blocks
 from pvtune.nn.quantize import _set_submodule
+from pvtune.nn.quantized_embedding import EmbeddingCompression, compress_embeddings_
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
 
@@ -58,7 +59,8 @@ class CompressConfig:
     ``method_config`` its settings (its defaults when None); ``representation`` is the
     weight format of every linear layer inside the decoder blocks. ``dense_storage`` says how
     the parameters left uncompressed (embeddings, norms, head) are stored: ``float16`` rounds
-    them to float16 values, ``float32`` keeps them.
+    them to float16 values, ``float32`` keeps them. ``embeddings``, when set, compresses the
+    token embeddings (round to nearest; a tied head shares them) in that representation.
     """
 
     method: str
@@ -68,6 +70,7 @@ class CompressConfig:
     block_finetune: BlockFinetuneConfig | None = None
     batch_size: int = 8
     dense_storage: str = "float16"
+    embeddings: ReprConfig | None = None
 
     def __post_init__(self) -> None:
         init = get_init(self.method)  # KeyError lists the known methods
@@ -229,6 +232,13 @@ def check_layers_fit(model: nn.Module, structure: BlockStructure, config: Compre
                     raise ConfigError(
                         f"cannot compress layer {full!r} ({m.out_features}x{m.in_features}): {err}"
                     ) from None
+    emb = model.get_input_embeddings() if config.embeddings is not None else None
+    if isinstance(emb, nn.Embedding):
+        try:
+            config.embeddings.check_shape(emb.num_embeddings, emb.embedding_dim)
+        except ValueError as err:
+            raise ConfigError(f"cannot compress the embeddings ({emb.num_embeddings}x"
+                              f"{emb.embedding_dim}): {err}") from None
 
 
 def compress_model(
@@ -252,6 +262,9 @@ def compress_model(
         if calibration_ids is None:
             raise ConfigError(f"method {config.method!r} needs calibration token ids")
         _compress_with_data(model, structure, calibration_ids, config, report, progress)
+    if config.embeddings is not None:
+        done = compress_embeddings_(model, EmbeddingCompression(config.embeddings))
+        log.info("embeddings compressed: %s", done)
     _round_storage(model, config.dense_storage)
     report.seconds = time.perf_counter() - start
     return report

@@ -81,9 +81,20 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def decoder_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """The :class:`QuantizedLinear` layers that are not compressed embeddings nor share their
+    representation with another layer (a head tied to the embeddings)."""
+    from pvtune.nn.quantized_embedding import QuantizedEmbedding
+
+    layers = quantized_layers(model)
+    owners = {id(m.qweight) for m in layers.values() if isinstance(m, QuantizedEmbedding)}
+    return {n: m for n, m in layers.items() if id(m.qweight) not in owners}
+
+
 def linear_bits_per_param(model: nn.Module) -> float:
-    """Weighted average bits per weight over the quantized linear layers (0 if none)."""
-    layers = quantized_layers(model).values()
+    """Weighted average bits per weight over the quantized linear layers, compressed
+    embeddings and a head tied to them excluded (0 if none)."""
+    layers = decoder_layers(model).values()
     total = sum(m.in_features * m.out_features for m in layers)
     bits = sum(m.bits_per_param() * m.in_features * m.out_features for m in layers)
     return bits / total if total else 0.0

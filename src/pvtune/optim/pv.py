@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from pvtune.errors import ConfigError
-from pvtune.nn.quantize import quantized_layers
+from pvtune.nn.quantize import decoder_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.optim.precision import StoredPrecision, storage_dtypes
 from pvtune.optim.strategies import STRATEGIES, VStepConfig, WeightState, apply_trust_ratio
@@ -63,7 +63,9 @@ class PVOptimizer:
         self.config = config
         self.base = base
         self.strategy = STRATEGIES.get(config.strategy)
-        self.layers: dict[str, QuantizedLinear] = quantized_layers(model)
+        # code steps act on the decoder's linears; compressed embeddings (and a head tied to
+        # them) keep their codes, their continuous parameters train with the base optimizer
+        self.layers: dict[str, QuantizedLinear] = decoder_layers(model)
         if not self.layers and config.strategy != "frozen":
             raise ConfigError("the model has no QuantizedLinear layers: quantize it first")
         self.states: dict[str, WeightState] = {}
