@@ -8,6 +8,11 @@ from torch import Tensor, nn
 
 from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 
+# inputs of at most this many tokens go through a representation's lookup-table kernel
+# (when it has one); larger ones decode the weight and multiply densely (see
+# benchmarks/results/decode_kernel.md for the crossover)
+LUT_MAX_TOKENS = 4
+
 
 class QuantizedLinear(nn.Module):
     """``y = x W^T + b`` with ``W = qweight()`` decoded from codes on every call.
@@ -64,6 +69,10 @@ class QuantizedLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and x.numel() <= LUT_MAX_TOKENS * x.shape[-1]:
+            y = self.qweight.lut_matmul(x)  # decoding a token or a few: no dense weight
+            if y is not None:
+                return y.to(x.dtype) if self.bias is None else (y + self.bias).to(x.dtype)
         w = self._dense_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -193,6 +193,11 @@ class QuantizedWeight(nn.Module):
         with torch.no_grad():
             return self().pow(2).mean(-1, keepdim=True).sqrt()
 
+    def lut_matmul(self, x: Tensor) -> Tensor | None:
+        """``x @ W.T`` computed from the codes without decoding ``W`` (a lookup-table
+        kernel), or None when this representation has no such kernel for ``x``."""
+        return None
+
     def bits_per_param(self) -> float:
         """Exact storage cost in bits per weight of the packed format (codes + theta)."""
         raise NotImplementedError

@@ -218,6 +218,16 @@ class AdditiveWeight(QuantizedWeight):
     def _books(self) -> Tensor:
         return self.codebooks[:, :, 0, :]  # [M, K, g]
 
+    def lut_matmul(self, x: Tensor) -> Tensor | None:
+        """``x @ W.T`` by the lookup-table kernel (8-bit codebooks, float32 on the CPU;
+        :mod:`pvtune.kernels.lut`); None otherwise."""
+        from pvtune.kernels.lut import additive_lut_matmul, lut_available
+
+        if self.config.nbits_per_codebook != 8 or x.device.type != "cpu" \
+                or x.dtype != torch.float32 or not lut_available():
+            return None
+        return additive_lut_matmul(x, self.codes, self.codebooks, self.scales)
+
     def _unit_vectors(self, w: Tensor) -> Tensor:
         """``w / scale`` as ``[out * in/g, g]`` vectors."""
         scale = self.scales.detach().reshape(-1, 1)
