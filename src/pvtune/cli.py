@@ -626,8 +626,9 @@ def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pvtune.errors import DataError
+    from pvtune.llm.chat import stream_generate
     from pvtune.llm.checkpoint import read_meta
-    from pvtune.llm.evaluate import generate
+    from pvtune.llm.evaluate import prompt_ids
     from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
 
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -638,9 +639,60 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
     bos = _bos_choice(model_dir, tokenizer, model.config, args.bos,
                       read_meta(args.model) if checkpoint else None)
+    if args.max_new_tokens == 0:
+        for prompt in prompts:
+            print(prompt)
+        return 0
     for prompt in prompts:
-        print(prompt + generate(model, tokenizer, prompt, args.max_new_tokens, chat=args.chat,
-                                bos=bos))
+        print(prompt, end="", flush=True)
+        _, stats = stream_generate(model, tokenizer, prompt_ids(tokenizer, prompt, args.chat, bos),
+                                   args.max_new_tokens, _print_now)
+        print()
+        print(_speed_line(stats), file=sys.stderr)
+    return 0
+
+
+def _print_now(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def _speed_line(stats) -> str:
+    return (f"[prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_second:.0f} "
+            f"tok/s; decode {stats.new_tokens} tokens at {stats.decode_tokens_per_second:.1f} "
+            "tok/s]")
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from pvtune.llm.chat import ChatSession
+    from pvtune.llm.model import load_causal_lm
+
+    model_dir = _model_dir(args.model)
+    model, tokenizer = load_causal_lm(model_dir or args.model)
+    session = ChatSession(model, tokenizer, system=args.system,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model; /reset forgets the conversation, /exit or Ctrl-D "
+              "leaves.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            break
+        if message == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        print("model> " if interactive else "", end="", flush=True)
+        _, stats = session.reply(message, _print_now)
+        print()
+        print(_speed_line(stats), file=sys.stderr)
     return 0
 
 
@@ -774,7 +826,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("generate", help="greedy generation from prompts")
+    p = sub.add_parser("chat", help="chat with a model or checkpoint (streaming, chat "
+                                    "template, conversation history)")
+    p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "
+                   "(default: the offline default model)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_nonnegative_float, default=0.0,
+                   help="sampling temperature (0: greedy, the default)")
+    p.set_defaults(handler=_cmd_chat)
+
+    p = sub.add_parser("generate", help="greedy generation from prompts (streamed, with "
+                                        "prefill and decode tokens/s)")
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory")
     p.add_argument("--prompt", type=_prompt, action="append",
                    help="a prompt (repeatable; default: stdin lines)")

@@ -54,6 +54,21 @@ def perplexity(
     return PerplexityResult(value, count, windows.shape[0], seconds)
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool = False,
+               bos: BosChoice | None = None) -> Tensor:
+    """``[1, L]`` token ids of ``prompt``: through the chat template when ``chat`` (and the
+    tokenizer has one), else as plain text with the BOS token when ``bos`` says so."""
+    if not prompt:
+        raise DataError("the prompt is empty: give some text to continue")
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True,
+            return_tensors="pt", return_dict=True,
+        )["input_ids"]
+    return with_bos(tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+                    .input_ids, bos)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
              chat: bool = False, bos: BosChoice | None = None) -> str:
@@ -64,14 +79,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
     if max_new_tokens < 0:
         raise DataError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True,
-            return_tensors="pt", return_dict=True,
-        )["input_ids"]
-    else:
-        ids = with_bos(tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-                       .input_ids, bos)
+    ids = prompt_ids(tokenizer, prompt, chat, bos)
     if max_new_tokens == 0:
         return ""
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
