@@ -572,6 +572,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pvtune.report import format_table
 
     source = Path(args.checkpoint)
+    if args.to == "aqlm":
+        return _export_aqlm(args, source)
     config = GGUFExportConfig(embedding_type=args.embedding_type, head_type=args.head_type)
     output = Path(args.output or source.with_name(f"{source.name}.gguf"))
     if output.exists() and not args.overwrite:
@@ -598,6 +600,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
                  f"{bits['overall_bits_per_param']:.3f}, {bits['linear_bits_per_param']:.3f}"])
     print(format_table(["export", "value"], rows))
     print(f"Run it: llama-cli -m {output} -cnv   (or: ollama create NAME with FROM {output})")
+    return 0
+
+
+def _export_aqlm(args, source: Path) -> int:
+    from pvtune.export.aqlm import export_aqlm
+    from pvtune.llm.checkpoint import load_compressed
+    from pvtune.report import format_table
+
+    output = Path(args.output or source.with_name(f"{source.name}-aqlm"))
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise OutputError(f"{output} exists and is not an empty folder; pass --overwrite")
+    model, tokenizer = load_compressed(source)
+    report = export_aqlm(model, tokenizer, output)
+    rows = [["folder", str(output)], ["weights", f"{report.weights_bytes / 2**20:.2f} MiB"],
+            ["AQLM layers", str(report.layers)],
+            ["left dense", ", ".join(report.not_quantized) or "none"]]
+    if report.decoded_embeddings:
+        rows.append(["note", "compressed embeddings were decoded (the format has no place "
+                             "for them)"])
+    print(format_table(["export", "value"], rows))
+    print(f"Run it: pip install aqlm; AutoModelForCausalLM.from_pretrained('{output}', "
+          "dtype=torch.float32)")
     return 0
 
 
@@ -808,11 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("export", help="write a checkpoint in another engine's format "
-                                      "(GGUF for llama.cpp and Ollama)")
-    p.add_argument("checkpoint", help="a pvtune checkpoint whose linears are in a GGUF block "
-                   "type (`pvtune compress --format q2_0`, then fine-tuned or not)")
-    p.add_argument("--to", choices=["gguf"], default="gguf", help="target format")
-    p.add_argument("--output", help="output file (default CHECKPOINT.gguf beside it)")
+                                      "(GGUF for llama.cpp and Ollama, AQLM for transformers "
+                                      "and vLLM)")
+    p.add_argument("checkpoint", help="a pvtune checkpoint: GGUF block types (`pvtune compress "
+                   "--format q2_0`) for --to gguf, AQLM for --to aqlm; fine-tuned or not")
+    p.add_argument("--to", choices=["gguf", "aqlm"], default="gguf",
+                   help="gguf: one file for llama.cpp and Ollama (GGUF block types); aqlm: a "
+                        "Hugging Face folder for transformers + aqlm and vLLM (AQLM models)")
+    p.add_argument("--output", help="output file or folder (default beside the checkpoint: "
+                                    "CHECKPOINT.gguf or CHECKPOINT-aqlm)")
     p.add_argument("--embedding-type", choices=["f32", "f16", *sorted(BLOCK_FORMATS)],
                    default="q8_0", help="GGUF type of dense token embeddings (default q8_0); "
                    "embeddings pvtune compressed are written as stored")

@@ -11,8 +11,9 @@ import torch
 from pvtune import AQLMConfig, quantize_
 from pvtune.errors import ConfigError
 from pvtune.export.aqlm import export_aqlm, from_signed_codes, import_aqlm, to_signed_codes
+from pvtune.llm.checkpoint import load_compressed
 from pvtune.nn.quantize import quantized_layers
-from tests.export.test_gguf import tiny, tokenizer  # noqa: F401
+from tests.export.conftest import tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CFG = AQLMConfig(num_codebooks=2, nbits_per_codebook=8, in_group_size=8, kmeans_iters=2,
@@ -35,7 +36,7 @@ def test_signed_codes_round_trip():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_export_import_bit_exact(kind, tokenizer, tmp_path):  # noqa: F811
+def test_export_import_bit_exact(kind, tokenizer, tmp_path):
     model = aqlm_model(kind, tokenizer)
     report = export_aqlm(model, tokenizer, tmp_path / "aqlm")
     assert report.layers == 14
@@ -63,14 +64,14 @@ def test_export_import_bit_exact(kind, tokenizer, tmp_path):  # noqa: F811
         assert torch.equal(model(ids).logits, back(ids).logits)
 
 
-def test_export_refuses_a_model_without_aqlm_layers(tokenizer, tmp_path):  # noqa: F811
+def test_export_refuses_a_model_without_aqlm_layers(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="--method aqlm"):
         export_aqlm(tiny("llama", tokenizer), tokenizer, tmp_path / "x")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_transformers_with_aqlm_package_reproduces_pvtune(kind, tokenizer, tmp_path):  # noqa: F811
+def test_transformers_with_aqlm_package_reproduces_pvtune(kind, tokenizer, tmp_path):
     """transformers + aqlm (its CPU lookup-table kernel, row by row) gives pvtune's logits.
 
     The kernel runs on one numba thread: aqlm 1.1.7's CPU kernel parallelises over input
@@ -92,3 +93,21 @@ def test_transformers_with_aqlm_package_reproduces_pvtune(kind, tokenizer, tmp_p
         torch.testing.assert_close(theirs(ids).logits, ref, rtol=1e-4, atol=1e-4)
         one = ids[:, :1]
         torch.testing.assert_close(theirs(one).logits, model(one).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_export_to_aqlm(llama_dir, text_file, tmp_path, capsys):
+    from pvtune.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["compress", str(llama_dir), "--method", "aqlm", "--codebooks", "1x6g8",
+                 "--preset", "demo", "--calib-text", str(text_file), "--no-eval",
+                 "--num-seqs", "2", "--seq-len", "16", "--block-finetune-steps", "0",
+                 "--max-new-tokens", "0", "--output", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "--to", "aqlm", "--output", str(tmp_path / "out")]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    back, _ = import_aqlm(tmp_path / "out")
+    model, _ = load_compressed(ckpt)
+    for name, layer in quantized_layers(model).items():
+        assert torch.equal(layer.qweight.codes, quantized_layers(back)[name].qweight.codes)
+    assert main(["export", str(ckpt), "--to", "aqlm", "--output", str(tmp_path / "out")]) == 2

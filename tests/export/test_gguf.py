@@ -13,27 +13,9 @@ from pvtune.export import GGUFExportConfig, export_gguf, import_gguf_linears, re
 from pvtune.export.gguf import rotary_row_order
 from pvtune.llm.checkpoint import load_compressed
 from pvtune.nn.quantize import quantized_layers
-from tests.llm.conftest import build_tokenizer
+from tests.export.conftest import tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def tiny(kind: str, tokenizer):
-    """A tiny model wide enough for every block type (rows of 128)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

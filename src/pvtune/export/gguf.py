@@ -44,14 +44,16 @@ class GGUFExportConfig:
     ``f16`` or a GGUF block type (``q8_0``, ``q4_0``, ``q4_1``, ``q2_0``, ``q1_0``). Weights
     pvtune already holds in a GGUF block type are always written as they are.
     ``tokenizer_pre`` names llama.cpp's pre-tokenizer (None: the one recorded from the
-    source GGUF, else ``gpt-2`` for plain byte-level BPE)."""
+    source GGUF, else ``gpt-2`` for plain byte-level BPE). ``dense_type``: the type of
+    decoder linears pvtune did not compress (``f16``; ``f32`` for an exact reference file)."""
 
     embedding_type: str = "q8_0"
     head_type: str | None = None
     tokenizer_pre: str | None = None
+    dense_type: str = "f16"
 
     def __post_init__(self) -> None:
-        for name in ("embedding_type", "head_type"):
+        for name in ("embedding_type", "head_type", "dense_type"):
             value = getattr(self, name)
             if value is None and name == "head_type":
                 continue
@@ -286,7 +288,7 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
             gname = names.get_name(hf_name)
             if gname is None:
                 raise ModelError(f"no GGUF name for layer {hf_name!r} in architecture {arch!r}")
-            data, ggml_type, n = _weight_tensor(module, "f16")
+            data, ggml_type, n = _weight_tensor(module, config.dense_type)
             order = _row_order(arch, hf_name, module.out_features, hf)
             if order is not None:
                 data = data[order]
