@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# the main job: compress SmolLM2 to llama.cpp's 2-bit Q2_0 blocks (GPTQ), PV-tune it through
+# its codes, and write a GGUF file that llama.cpp and Ollama run
 demo: $(STAMP)
-	$(VENV)/bin/pvtune compress --preset demo --output compressed-demo --overwrite
+	$(VENV)/bin/pvtune compress --method gptq --format q2_0 --preset demo \
+		--output demo-q2_0 --overwrite --max-new-tokens 0
+	$(VENV)/bin/pvtune finetune demo-q2_0 --steps 20 --eval-windows 32 \
+		--output demo-q2_0-pv --overwrite
+	$(VENV)/bin/pvtune export demo-q2_0-pv --to gguf --output demo-q2_0-pv.gguf --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest

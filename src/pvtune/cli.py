@@ -635,7 +635,7 @@ def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
     bos = BosChoice.from_dict(meta["bos"]) if "bos" in meta else None
     windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
                            _eval_config(args, EvalConfig(window=512, max_windows=32)))
-    ours = _evaluate(model, windows, "the checkpoint in pvtune", bos)
+    ours = _evaluate(model, windows, "checkpoint in pvtune", bos)
     log.info("evaluating %s in llama.cpp on the same %d windows", output, windows.shape[0])
     theirs = llamacpp_perplexity(output, windows, bos)
     gap = theirs.perplexity / ours["perplexity"] - 1
