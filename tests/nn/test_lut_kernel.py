@@ -27,7 +27,7 @@ def random_rep(out_f, in_f, books, g, seed=0):
 @pytest.mark.parametrize(("out_f", "in_f", "books", "g"), [
     (37, 64, 1, 8), (13, 160, 2, 8), (64, 48, 3, 4), (17, 256, 2, 16), (96, 72, 2, 8),
 ])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("tokens", range(1, 10))
 def test_lut_equals_dequantize_then_matmul(out_f, in_f, books, g, tokens):
     rep = random_rep(out_f, in_f, books, g, seed=out_f + tokens)
     x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(tokens))
