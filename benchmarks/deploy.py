@@ -51,7 +51,10 @@ def _peak_mib() -> float:
 
 
 def _hf_speed(model, ids) -> tuple[float, float]:
-    """Prefill tokens/s of ``ids[:, :PROMPT]`` and decode tokens/s of DECODE greedy tokens."""
+    """Prefill tokens/s of ``ids[:, :PROMPT]`` and decode tokens/s of DECODE greedy tokens
+    (``ids`` is one sequence, ``[1, L]``)."""
+    if ids.shape[0] != 1:
+        raise ValueError(f"speed is measured on one sequence, got a batch of {ids.shape[0]}")
     import torch
 
     prompt = ids[:, :PROMPT]
@@ -109,7 +112,7 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
         numba.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if (Path(path) / "RANDOM_CODES").is_file():
-            prefill, decode = _hf_speed(model, windows)
+            prefill, decode = _hf_speed(model, windows[:1])
             return {**row, "perplexity": None, "prefill_tok_s": prefill, "decode_tok_s": decode,
                     "peak_mib": _peak_mib()}
     elif kind == "pvtune_dense":
@@ -134,7 +137,7 @@ def measure(kind: str, path: str, windows_n: int, threads: int) -> dict:
     speed_only = "random codes" in json.dumps(_meta(path))
     ppl = None if speed_only else perplexity(model, windows, bos=no_bos,
                                              progress=False).perplexity
-    prefill, decode = _hf_speed(model, windows)
+    prefill, decode = _hf_speed(model, windows[:1])
     row.update(perplexity=ppl, prefill_tok_s=prefill, decode_tok_s=decode,
                peak_mib=_peak_mib())
     if kind.startswith("pvtune") and kind != "pvtune_dense":
