@@ -27,6 +27,7 @@ from pvtune.checkpoint.files import TMP_MARK, replace_durably
 from pvtune.errors import ConfigError, ModelError
 from pvtune.export.gguf_file import read_gguf
 from pvtune.llm.model import find_blocks
+from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWeight
 
@@ -342,11 +343,6 @@ def import_gguf_linears(model: nn.Module, path: str | Path) -> dict[str, Any]:
             rep = GGUFBlockWeight.from_gguf_blocks(data, out_f, in_f,
                                                    GGUFBlockConfig(by_type[tensor.ggml_type].name))
             bias = getattr(module, "bias", None)
-            _set_child(block, lname, QuantizedLinear(rep, None if bias is None else bias))
+            _set_submodule(block, lname, QuantizedLinear(rep, None if bias is None else bias))
     return contents.metadata
 
-
-def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvtune.errors import ConfigError
+from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, representation_for
 
@@ -82,21 +83,15 @@ def compress_embeddings_(model: nn.Module, config: EmbeddingCompression) -> dict
                           f"{emb.embedding_dim}): {err}") from None
     names = {id(m): n for n, m in model.named_modules()}
     done = {}
-    _replace(model, names[id(emb)], QuantizedEmbedding(rep, emb.padding_idx))
+    _set_submodule(model, names[id(emb)], QuantizedEmbedding(rep, emb.padding_idx))
     done[names[id(emb)]] = config.embeddings.type_name
     if tied:
-        _replace(model, names[id(head)], QuantizedLinear(rep, head.bias))
+        _set_submodule(model, names[id(head)], QuantizedLinear(rep, head.bias))
         done[names[id(head)]] = "tied to the embeddings"
     elif head is not None and config.head is not None and isinstance(head, nn.Linear):
-        _replace(model, names[id(head)], QuantizedLinear.from_linear(head, config.head))
+        _set_submodule(model, names[id(head)], QuantizedLinear.from_linear(head, config.head))
         done[names[id(head)]] = config.head.type_name
     return done
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def shared_layers(layers: dict[str, QuantizedLinear]) -> dict[str, str]:
