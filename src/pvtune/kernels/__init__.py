@@ -1,5 +1,5 @@
 """Compiled CPU kernels (numba) for running compressed weights without decoding them."""
 
-from pvtune.kernels.lut import additive_lut_matmul, lut_available
+from pvtune.kernels.lut import AdditiveLUTOperands, additive_lut_matmul, lut_available
 
-__all__ = ["additive_lut_matmul", "lut_available"]
+__all__ = ["AdditiveLUTOperands", "additive_lut_matmul", "lut_available"]

@@ -1,16 +1,21 @@
 """Lookup-table matrix-vector products for additive (AQLM) codes with 8-bit codebooks.
 
 For each token, a table of dot products between every input group and every codeword is
-built once (``lut[j, m, k] = x[j g : (j+1) g] . codebook[m, k]``, one small matmul); each
-output is then ``scale[o] * sum_j sum_m lut[j, m, codes[o, j, m]]``: ``in/g * M`` gathers
-and adds per output instead of ``in`` multiply-adds, and the weight is never decoded.
+built once (``lut[t, j M + m, k] = x[t, j g : (j+1) g] . codebook[m, k]``); each output is
+then ``scale[o] * sum_j sum_m lut[t, j M + m, codes[o, j, m]]``: ``in/g * M`` gathers and
+adds per output instead of ``in`` multiply-adds, and the weight is never decoded.
 
-The kernel parallelises over output rows (each thread owns its outputs: no shared
-accumulator) and handles a few tokens per call; prefill-sized inputs are faster decoded and
-multiplied densely, which :class:`~pvtune.nn.QuantizedLinear` chooses automatically.
+The codes are kept slot-major (``[in/g * M, out]``, see :class:`AdditiveLUTOperands`): for
+one slot, the 256-entry table (1 KiB) sits in L1 while a block of outputs gathers from it
+with contiguous codes and register accumulators. Both the table and the gathers run in one
+compiled call, parallel over input groups and then over output blocks (each thread owns its
+outputs: no shared accumulator). Prefill-sized inputs are faster decoded and multiplied
+densely, which :class:`~pvtune.nn.QuantizedLinear` chooses automatically.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +26,8 @@ try:
 except ImportError:  # the kernel is optional: dequantize-then-matmul always works
     numba = None
 
+_OUT_BLOCK = 64  # outputs per thread task: accumulators stay in registers / L1
+
 
 def lut_available() -> bool:
     """Whether the compiled kernel can run (numba importable)."""
@@ -30,37 +37,94 @@ def lut_available() -> bool:
 if numba is not None:
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _lut_gemv(lut, codes, scales, out):  # pragma: no cover - compiled
-        # lut [T, J*M*K] float32 (table jm at offset jm*K), codes [O, J*M] uint8,
-        # scales [O] float32, out [T, O]
-        tokens, slots = lut.shape[0], codes.shape[1]
-        size = lut.shape[1] // slots
-        for o in numba.prange(codes.shape[0]):
-            row = codes[o]
-            for t in range(tokens):
-                table = lut[t]
-                acc = np.float32(0.0)
-                for jm in range(slots):
-                    acc += table[jm * size + row[jm]]
-                out[t, o] = acc * scales[o]
+    def _lut_matvec(x, books_t, codes_t, scales, out):  # pragma: no cover - compiled
+        # x [T, J*g] f32, books_t [M, g, K] f32, codes_t [J*M, O] u8, scales [O] f32,
+        # out [T, O] f32
+        tokens = x.shape[0]
+        books, g, size = books_t.shape
+        groups = x.shape[1] // g
+        lut = np.empty((tokens, groups * books, size), np.float32)
+        for tj in numba.prange(tokens * groups):
+            t = tj // groups
+            j = tj - t * groups
+            for m in range(books):
+                row = lut[t, j * books + m]
+                x0 = x[t, j * g]
+                for k in range(size):
+                    row[k] = x0 * books_t[m, 0, k]
+                for d in range(1, g):
+                    xv = x[t, j * g + d]
+                    for k in range(size):
+                        row[k] += xv * books_t[m, d, k]
+        slots, outs = codes_t.shape
+        blocks = (outs + _OUT_BLOCK - 1) // _OUT_BLOCK
+        for tb in numba.prange(tokens * blocks):
+            t = tb // blocks
+            o0 = (tb - t * blocks) * _OUT_BLOCK
+            n = min(_OUT_BLOCK, outs - o0)
+            acc = np.zeros(_OUT_BLOCK, np.float32)
+            for s in range(slots):
+                table = lut[t, s]
+                codes = codes_t[s]
+                for i in range(n):
+                    acc[i] += table[codes[o0 + i]]
+            for i in range(n):
+                out[t, o0 + i] = acc[i] * scales[o0 + i]
+
+
+@dataclass(frozen=True)
+class AdditiveLUTOperands:
+    """An AQLM weight laid out for the kernel: ``codes_t [in/g * M, out]`` uint8 (slot-major),
+    ``books_t [M, g, 256]`` and ``scales [out]``, float32 numpy arrays. Build it once per
+    weight with :meth:`from_weight` and reuse it for every token."""
+
+    codes_t: np.ndarray
+    books_t: np.ndarray
+    scales: np.ndarray
+
+    @classmethod
+    def from_weight(cls, codes: Tensor, codebooks: Tensor, scales: Tensor) -> AdditiveLUTOperands:
+        """From AQLM tensors: ``codes [out, in/g, M]`` (uint8), ``codebooks [M, 256, 1, g]``,
+        ``scales [out, 1, 1, 1]``."""
+        if codes.dtype != torch.uint8 or codebooks.shape[1] != 256:
+            raise ValueError("the lookup-table kernel takes 8-bit codebooks (uint8 codes, "
+                             f"256 codewords), got {codes.dtype} codes and "
+                             f"{codebooks.shape[1]} codewords")
+        with torch.no_grad():
+            codes_t = codes.detach().cpu().reshape(codes.shape[0], -1).T.contiguous().numpy()
+            books_t = (codebooks.detach().cpu().to(torch.float32)[:, :, 0, :]
+                       .permute(0, 2, 1).contiguous().numpy())
+            flat_scales = scales.detach().cpu().to(torch.float32).reshape(-1).contiguous()
+        return cls(codes_t, books_t, flat_scales.numpy().copy())
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input rows."""
+        return self.codes_t.shape[0] // self.books_t.shape[0] * self.books_t.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Width of the outputs."""
+        return self.codes_t.shape[1]
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` for ``x [..., in]`` (CPU); returns float32 ``[..., out]``."""
+        if numba is None:
+            raise RuntimeError("the lookup-table kernel needs numba (pip install numba)")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the weight takes "
+                             f"{self.in_features}")
+        lead = x.shape[:-1]
+        xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+        out = np.empty((xs.shape[0], self.out_features), dtype=np.float32)
+        _lut_matvec(xs.numpy(), self.books_t, self.codes_t, self.scales, out)
+        return torch.from_numpy(out).reshape(*lead, self.out_features)
 
 
 def additive_lut_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
     """``x @ W.T`` for ``W`` decoded from AQLM codes ``[out, in/g, M]`` (uint8),
     ``codebooks [M, 256, 1, g]`` and ``scales [out, 1, 1, 1]``, without decoding ``W``.
 
-    ``x`` is ``[..., in]`` (float32, CPU); returns ``[..., out]`` in float32."""
-    if numba is None:
-        raise RuntimeError("the lookup-table kernel needs numba (pip install numba)")
-    books, size, _, g = codebooks.shape
-    lead = x.shape[:-1]
-    xs = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    groups = xs.shape[1] // g
-    with torch.no_grad():
-        table = codebooks.detach().to(torch.float32).reshape(books * size, g)
-        lut = (xs.reshape(-1, g) @ table.T).reshape(xs.shape[0], groups, books, size)
-        out = np.empty((xs.shape[0], codes.shape[0]), dtype=np.float32)
-        _lut_gemv(lut.reshape(xs.shape[0], -1).numpy(),
-                  codes.reshape(codes.shape[0], -1).contiguous().numpy(),
-                  scales.detach().to(torch.float32).reshape(-1).contiguous().numpy(), out)
-    return torch.from_numpy(out).reshape(*lead, codes.shape[0])
+    ``x`` is ``[..., in]`` (CPU); returns ``[..., out]`` in float32. Lays the weight out on
+    every call: for repeated calls keep an :class:`AdditiveLUTOperands`."""
+    return AdditiveLUTOperands.from_weight(codes, codebooks, scales).matmul(x)

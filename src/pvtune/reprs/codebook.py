@@ -221,12 +221,21 @@ class AdditiveWeight(QuantizedWeight):
     def lut_matmul(self, x: Tensor) -> Tensor | None:
         """``x @ W.T`` by the lookup-table kernel (8-bit codebooks, float32 on the CPU;
         :mod:`pvtune.kernels.lut`); None otherwise."""
-        from pvtune.kernels.lut import additive_lut_matmul, lut_available
+        from pvtune.kernels.lut import AdditiveLUTOperands, lut_available
 
         if self.config.nbits_per_codebook != 8 or x.device.type != "cpu" \
-                or x.dtype != torch.float32 or not lut_available():
+                or self.codes.device.type != "cpu" or x.dtype != torch.float32 \
+                or not lut_available():
             return None
-        return additive_lut_matmul(x, self.codes, self.codebooks, self.scales)
+        # the kernel's layout is rebuilt only when a tensor changes (in-place updates bump
+        # its version; .to() or load_state_dict swap its storage)
+        key = tuple((t.data_ptr(), t._version) for t in (self.codes, self.codebooks, self.scales))
+        cached = self.__dict__.get("_lut_operands")
+        if cached is None or cached[0] != key:
+            cached = (key, AdditiveLUTOperands.from_weight(self.codes, self.codebooks,
+                                                           self.scales))
+            self.__dict__["_lut_operands"] = cached
+        return cached[1].matmul(x)
 
     def _unit_vectors(self, w: Tensor) -> Tensor:
         """``w / scale`` as ``[out * in/g, g]`` vectors."""
