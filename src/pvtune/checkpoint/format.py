@@ -36,9 +36,12 @@ from pvtune.checkpoint.files import (
 )
 from pvtune.errors import CheckpointError
 from pvtune.nn.quantize import _set_submodule, quantized_layers
+from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_embedding import QuantizedEmbedding, shared_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.packing import codec_from_dict
+from pvtune.qat.convert import activation_spec, quantizer_from_spec
+from pvtune.qat.layers import QATConv2d
 from pvtune.reprs.base import ReprConfig, representation_for
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,11 @@ def pack_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         }
         if isinstance(layer, QuantizedEmbedding):
             spec["kind"] = "embedding"
+        elif isinstance(layer, QuantizedConv2d):
+            spec["kind"] = "conv2d"
+            spec["conv"] = layer.conv_spec()
+        if layer.input_quantizer is not None:
+            spec["activations"] = activation_spec(layer.input_quantizer)
         layout["layers"][name] = spec
         if name in shared:  # a tied head: its codes are the embeddings' (an alias)
             spec["shares"] = shared[name]
@@ -261,11 +269,17 @@ def _check_layout_entries(layout: dict[str, Any], path: Path) -> None:
                 or not isinstance(spec.get("bias"), bool):
             raise _fail(path, f"layer {name!r} needs config (object), out_features and "
                               f"in_features (positive ints) and bias (true/false), got {spec!r}")
-        if spec.get("kind", "linear") not in ("linear", "embedding") \
+        if spec.get("kind", "linear") not in ("linear", "embedding", "conv2d") \
                 or not isinstance(spec.get("shares", ""), str) \
                 or spec.get("shares", name) not in layout["layers"]:
-            raise _fail(path, f"layer {name!r}: 'kind' must be linear or embedding and "
-                              f"'shares' must name another layer, got {spec!r}")
+            raise _fail(path, f"layer {name!r}: 'kind' must be linear, embedding or conv2d "
+                              f"and 'shares' must name another layer, got {spec!r}")
+        if spec.get("kind") == "conv2d" and not _conv_spec_ok(spec.get("conv")):
+            raise _fail(path, f"layer {name!r}: a conv2d layer needs 'conv' with in_channels, "
+                              f"groups (positive ints), kernel_size, stride, padding and "
+                              f"dilation (pairs of ints), got {spec.get('conv')!r}")
+        if not isinstance(spec.get("activations", {}), dict):
+            raise _fail(path, f"layer {name!r}: 'activations' must be an object")
     for key, spec in layout["packed"].items():
         if not isinstance(spec, dict) or spec.get("dtype") not in CODE_DTYPES \
                 or not isinstance(spec.get("shape"), list) \
@@ -292,6 +306,15 @@ def _check_layout_entries(layout: dict[str, Any], path: Path) -> None:
         if not isinstance(layout.get("meta", {}), dict) \
                 or not isinstance(layout.get("companions", {}), dict):
             raise _fail(path, "'meta' and 'companions' must be objects")
+
+
+def _conv_spec_ok(conv: Any) -> bool:
+    if not isinstance(conv, dict) or not _is_int(conv.get("in_channels"), 1) \
+            or not _is_int(conv.get("groups"), 1):
+        return False
+    pairs = ("kernel_size", "stride", "padding", "dilation")
+    return all(isinstance(conv.get(k), list) and len(conv[k]) == 2
+               and all(_is_int(v) for v in conv[k]) for k in pairs)
 
 
 def weights_path(directory: str | Path, layout: dict[str, Any]) -> Path:
@@ -370,6 +393,16 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str,
     except AttributeError:
         raise CheckpointError(f"{source}: layer {name!r} does not exist in the model (a "
                               "checkpoint of another architecture?)") from None
+    layer = _replacement_layer(current, name, spec, source, done)
+    if "activations" in spec:
+        layer.input_quantizer = quantizer_from_spec(spec["activations"])
+    return layer
+
+
+def _replacement_layer(current: nn.Module, name: str, spec: dict[str, Any], source: str,
+                       done: dict[str, QuantizedLinear]):
+    if spec.get("kind") == "conv2d":
+        return _conv_replacement(current, name, spec, source)
     if spec.get("kind") == "embedding":
         if not isinstance(current, nn.Embedding | QuantizedEmbedding):
             raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
@@ -409,6 +442,36 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str,
     try:
         config = ReprConfig.from_dict(spec["config"])
         return QuantizedLinear.empty(*shape, config, spec["bias"])
+    except ValueError as err:
+        raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
+
+
+def _conv_replacement(current: nn.Module, name: str, spec: dict[str, Any], source: str
+                      ) -> QuantizedConv2d:
+    conv = spec["conv"]
+    geometry = (spec["out_features"], conv["in_channels"], tuple(conv["kernel_size"]),
+                conv["groups"])
+    if isinstance(current, nn.Conv2d):
+        have = (current.out_channels, current.in_channels, tuple(current.kernel_size),
+                current.groups)
+    elif isinstance(current, QuantizedConv2d | QATConv2d):
+        have = (current.out_channels, current.in_channels, tuple(current.kernel_size),
+                current.groups)
+    else:
+        raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in the "
+                              "model, not a 2-d convolution")
+    if have != geometry or (current.bias is not None) != spec["bias"]:
+        raise CheckpointError(f"{source}: convolution {name!r} is (out, in, kernel, groups) = "
+                              f"{have} in the model but {geometry} in the checkpoint, or its "
+                              "bias differs")
+    try:
+        config = ReprConfig.from_dict(spec["config"])
+        rep = representation_for(config)(spec["out_features"], spec["in_features"], config)
+        bias = torch.zeros(spec["out_features"]) if spec["bias"] else None
+        return QuantizedConv2d(rep, bias, in_channels=conv["in_channels"],
+                               kernel_size=tuple(conv["kernel_size"]),
+                               stride=tuple(conv["stride"]), padding=tuple(conv["padding"]),
+                               dilation=tuple(conv["dilation"]), groups=conv["groups"])
     except ValueError as err:
         raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
 

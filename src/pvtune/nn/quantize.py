@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -11,6 +12,9 @@ from tqdm.auto import tqdm
 from pvtune.errors import ConfigError
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, representation_for
+
+if TYPE_CHECKING:
+    from pvtune.qat.config import QATConfig
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -23,7 +27,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_(
     model: nn.Module,
-    config: ReprConfig,
+    config: ReprConfig | QATConfig,
     filter_fn: FilterFn | None = None,
     *,
     progress: bool = False,
@@ -34,9 +38,17 @@ def quantize_(
 
     All or nothing: every layer is compressed before any is swapped in, so a failure leaves
     ``model`` untouched. Raises :class:`ConfigError` naming the layer when ``config`` cannot
-    represent its shape. A bare ``nn.Linear`` cannot replace itself in place: use
+    represent its shape. A :class:`~pvtune.qat.QATConfig` instead prepares the model for
+    training through an estimator (:func:`pvtune.qat.prepare_qat_`; convolutions too).
+    A bare ``nn.Linear`` cannot replace itself in place: use
     ``QuantizedLinear.from_linear(linear, config)``.
     """
+    from pvtune.qat.config import QATConfig
+
+    if isinstance(config, QATConfig):  # train through an estimator instead of compressing
+        from pvtune.qat.convert import prepare_qat_
+
+        return prepare_qat_(model, config, filter_fn)
     if not isinstance(config, ReprConfig):
         raise TypeError(f"quantize_ needs a representation config, got {type(config).__name__}")
     representation_for(config)  # fail early on an unregistered config type
@@ -69,10 +81,11 @@ def quantize_(
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every :class:`QuantizedLinear` with an ``nn.Linear`` of its decoded weight."""
+    """Replace every :class:`QuantizedLinear` with an ``nn.Linear`` of its decoded weight
+    (a :class:`~pvtune.nn.QuantizedConv2d` with an ``nn.Conv2d``)."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, qlinear in targets:
-        _set_submodule(model, name, qlinear.to_linear())
+        _set_submodule(model, name, qlinear.to_dense_module())
     return model
 
 

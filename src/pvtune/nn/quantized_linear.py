@@ -32,6 +32,9 @@ class QuantizedLinear(nn.Module):
         # ``dense_weight.grad`` holds dL/dW for discrete (V) steps.
         self.track_dense_grad = False
         self.dense_weight: Tensor | None = None
+        # an optional module applied to the input first (activation quantization, e.g. the
+        # sign of a binary network frozen by pvtune.qat.freeze_)
+        self.input_quantizer: nn.Module | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: ReprConfig) -> QuantizedLinear:
@@ -69,6 +72,8 @@ class QuantizedLinear(nn.Module):
         return self._cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         if not torch.is_grad_enabled() and x.numel() <= LUT_MAX_TOKENS * x.shape[-1]:
             y = self.qweight.lut_matmul(x)  # decoding a token or a few: no dense weight
             if y is not None:
@@ -86,6 +91,13 @@ class QuantizedLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
+
+    def to_dense_module(self) -> nn.Module:
+        """The plain module this layer replaces (``nn.Linear``), behind its input quantizer
+        when it has one."""
+        dense = self.to_linear()
+        return dense if self.input_quantizer is None else nn.Sequential(self.input_quantizer,
+                                                                      dense)
 
     def bits_per_param(self) -> float:
         """Bits per weight of the compressed matrix (bias excluded)."""

@@ -1,0 +1,72 @@
+"""``QuantizedConv2d``: a 2-d convolution whose kernel is a :class:`QuantizedWeight`.
+
+The kernel ``[out, in/groups, kh, kw]`` is held as the matrix ``[out, in/groups * kh * kw]``,
+so every representation, checkpoint and bit count treats it like a linear layer's weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.reprs.base import QuantizedWeight
+
+
+class QuantizedConv2d(QuantizedLinear):
+    """``conv2d(x, W)`` with ``W`` decoded from ``qweight`` and reshaped to the kernel."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: Tensor | None, *, in_channels: int,
+                 kernel_size: tuple[int, int], stride: tuple[int, int] = (1, 1),
+                 padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1),
+                 groups: int = 1) -> None:
+        super().__init__(qweight, bias)
+        kh, kw = kernel_size
+        if in_channels % groups or qweight.in_features != in_channels // groups * kh * kw:
+            raise ValueError(f"a {qweight.out_features}x{qweight.in_features} weight cannot "
+                             f"hold a conv kernel of {in_channels} channels, groups={groups}, "
+                             f"kernel {kh}x{kw}")
+        self.in_channels, self.out_channels = in_channels, qweight.out_features
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation, self.groups = tuple(padding), tuple(dilation), groups
+
+    def conv_spec(self) -> dict[str, Any]:
+        """The convolution's geometry, as a checkpoint layout records it."""
+        return {"in_channels": self.in_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups}
+
+    def kernel(self) -> Tensor:
+        """The decoded kernel ``[out, in/groups, kh, kw]``."""
+        w = self._dense_weight()
+        return w.reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.kernel().to(x.dtype), bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    def to_linear(self) -> nn.Linear:  # a kernel is no linear layer
+        raise TypeError("a QuantizedConv2d decodes to an nn.Conv2d: use to_dense_module()")
+
+    def to_dense_module(self) -> nn.Module:
+        """An ``nn.Conv2d`` holding the decoded kernel (behind the input quantizer, if any)."""
+        with torch.no_grad():
+            w = self.kernel().detach()
+            conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                             self.stride, self.padding, self.dilation, self.groups,
+                             bias=self.bias is not None).to(device=w.device, dtype=w.dtype)
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv if self.input_quantizer is None else nn.Sequential(self.input_quantizer,
+                                                                     conv)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")
