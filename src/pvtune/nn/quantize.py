@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pvtune.errors import ConfigError
+from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, representation_for
 
@@ -31,10 +32,12 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     *,
     progress: bool = False,
+    include_conv: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` inside ``model`` for which ``filter_fn(module, name)`` is
     true (all by default) with a :class:`QuantizedLinear` compressed by ``config``; returns
-    ``model``.
+    ``model``. ``include_conv`` also compresses ``nn.Conv2d`` layers (as
+    :class:`~pvtune.nn.QuantizedConv2d`, the kernel seen as ``[out, in/groups * kh * kw]``).
 
     All or nothing: every layer is compressed before any is swapped in, so a failure leaves
     ``model`` untouched. Raises :class:`ConfigError` naming the layer when ``config`` cannot
@@ -57,23 +60,27 @@ def quantize_(
             "quantize_ replaces the linear layers inside a model, and this model is itself an "
             "nn.Linear; use QuantizedLinear.from_linear(linear, config) instead"
         )
+    kinds = (nn.Linear, nn.Conv2d) if include_conv else (nn.Linear,)
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name))
+        if type(module) in kinds and (filter_fn is None or filter_fn(module, name))
     ]
-    for name, linear in targets:  # shapes first: no compression work before a shape error
+    for name, layer in targets:  # shapes first: no compression work before a shape error
+        out_f, in_f = layer.weight.shape[0], layer.weight[0].numel()
         try:
-            config.check_shape(linear.out_features, linear.in_features)
+            config.check_shape(out_f, in_f)
         except ValueError as err:
-            shape = f"{linear.out_features}x{linear.in_features}"
-            raise ConfigError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
+            raise ConfigError(f"cannot quantize layer {name!r} ({out_f}x{in_f}): {err}") from None
     replacements = []
-    for name, linear in tqdm(targets, desc="quantize", disable=not progress):
+    for name, layer in tqdm(targets, desc="quantize", disable=not progress):
         try:
-            replacements.append((name, QuantizedLinear.from_linear(linear, config)))
+            if isinstance(layer, nn.Conv2d):
+                replacements.append((name, QuantizedConv2d.from_conv(layer, config)))
+            else:
+                replacements.append((name, QuantizedLinear.from_linear(layer, config)))
         except ValueError as err:
-            shape = f"{linear.out_features}x{linear.in_features}"
+            shape = f"{layer.weight.shape[0]}x{layer.weight[0].numel()}"
             raise ConfigError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
     for name, qlinear in replacements:
         _set_submodule(model, name, qlinear)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pvtune.nn.quantized_linear import QuantizedLinear
-from pvtune.reprs.base import QuantizedWeight
+from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 
 
 class QuantizedConv2d(QuantizedLinear):
@@ -32,6 +32,19 @@ class QuantizedConv2d(QuantizedLinear):
         self.in_channels, self.out_channels = in_channels, qweight.out_features
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation, self.groups = tuple(padding), tuple(dilation), groups
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: ReprConfig) -> QuantizedConv2d:
+        """Compress ``conv``'s kernel with the representation registered for ``config``."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("only numeric zero padding is supported, got padding="
+                             f"{conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        flat = conv.weight.reshape(conv.out_channels, -1)
+        qweight = representation_for(config).from_dense(flat, config).to(flat.device)
+        return cls(qweight, conv.bias, in_channels=conv.in_channels,
+                   kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
+                   padding=tuple(conv.padding), dilation=tuple(conv.dilation),
+                   groups=conv.groups)
 
     def conv_spec(self) -> dict[str, Any]:
         """The convolution's geometry, as a checkpoint layout records it."""

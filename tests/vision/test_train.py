@@ -1,0 +1,74 @@
+"""Image training: datasets, the model, and a short digits run per estimator that learns
+and whose frozen model is what was trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pvtune.errors import ConfigError
+from pvtune.nn import QuantizedConv2d, QuantizedLinear
+from pvtune.qat import ActivationQuantConfig, QATConfig
+from pvtune.reprs import BinaryConfig, NMSparseConfig, TernaryConfig, UniformConfig
+from pvtune.vision import PVMethod, SmallCNN, TrainConfig, load_images, train_classifier
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return load_images("digits", root=tmp_path_factory.mktemp("datasets"))
+
+
+def test_digits_split_is_fixed_and_disjoint(digits, tmp_path):
+    again = load_images("digits", root=tmp_path)
+    assert torch.equal(again.train_x, digits.train_x) and torch.equal(again.test_y, digits.test_y)
+    assert digits.train_x.shape[1:] == (1, 8, 8) and len(digits.train_x) + len(digits.test_x) \
+        == 1797
+    assert 0.0 <= float(digits.train_x.min()) and float(digits.train_x.max()) <= 1.0
+    train = {tuple(x.flatten().tolist()) for x in digits.train_x}
+    assert sum(tuple(x.flatten().tolist()) in train for x in digits.test_x) < 10  # duplicates
+
+
+SIGN = ActivationQuantConfig(bits=1)
+RUNS = [
+    ("fp32", None, "relu"),
+    ("binary ste", QATConfig(BinaryConfig(), "ste"), "relu"),
+    ("binary clipped", QATConfig(BinaryConfig(), "clipped_ste"), "relu"),
+    ("binary approx_sign W/A", QATConfig(BinaryConfig(), "approx_sign", SIGN), "identity"),
+    ("binary reste W/A", QATConfig(BinaryConfig(), "reste", SIGN), "identity"),
+    ("ternary lsq", QATConfig(TernaryConfig(), "lsq"), "relu"),
+    ("ternary stochastic", QATConfig(TernaryConfig(), "stochastic_rounding"), "relu"),
+    ("uniform2 ste", QATConfig(UniformConfig(bits=2, group_size=None)), "relu"),
+    ("2:4 sr_ste", QATConfig(NMSparseConfig(2, 4), "sr_ste"), "relu"),
+    ("2:4 ste", QATConfig(NMSparseConfig(2, 4), "ste"), "relu"),
+    ("pv binary", PVMethod(BinaryConfig()), "relu"),
+]
+
+
+@pytest.mark.parametrize(("label", "method", "act"), RUNS, ids=[r[0] for r in RUNS])
+def test_two_epochs_on_digits_learn(digits, label, method, act):
+    config = TrainConfig(method=method, epochs=2, batch_size=32, act=act, seed=0)
+    result = train_classifier(config, digits, progress=False)
+    assert result.test_accuracy > 0.5, (label, result.history)  # chance is 0.1
+    assert len(result.history) == 2
+    if method is not None:  # the hidden layers now hold codes
+        assert isinstance(result.model.conv1, QuantizedConv2d)
+        assert isinstance(result.model.fc, QuantizedLinear)
+        assert result.bits_per_param < 32
+    if isinstance(method, QATConfig):
+        assert "flips" in result.history[0] and result.history[0]["flips"] >= 0
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="method"):
+        TrainConfig(method=BinaryConfig())
+
+
+def test_small_cnn_shapes():
+    net = SmallCNN(1, 28, 10, width=4, hidden=8)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SmallCNN(1, 30)
