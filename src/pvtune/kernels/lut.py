@@ -6,11 +6,13 @@ then ``scale[o] * sum_j sum_m lut[t, j M + m, codes[o, j, m]]``: ``in/g * M`` ga
 adds per output instead of ``in`` multiply-adds, and the weight is never decoded.
 
 The codes are kept slot-major (``[in/g * M, out]``, see :class:`AdditiveLUTOperands`): for
-one slot, the 256-entry table (1 KiB) sits in L1 while a block of outputs gathers from it
-with contiguous codes and register accumulators. Both the table and the gathers run in one
-compiled call, parallel over input groups and then over output blocks (each thread owns its
-outputs: no shared accumulator). Prefill-sized inputs are faster decoded and multiplied
-densely, which :class:`~pvtune.nn.QuantizedLinear` chooses automatically.
+one slot, the 256-entry table (1 KiB) sits in L1 while a chunk of outputs gathers from it
+with contiguous codes into an accumulator that stays in L1. The table and the gathers run
+in one compiled call: the table serially (it is small), the gathers in one parallel region
+over contiguous output chunks, one per thread (each thread owns its outputs: no shared
+accumulator, unlike the ``aqlm`` package's CPU kernel). Prefill-sized inputs are faster
+decoded and multiplied densely, which :class:`~pvtune.nn.QuantizedLinear` chooses
+automatically.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ try:
 except ImportError:  # the kernel is optional: dequantize-then-matmul always works
     numba = None
 
-_OUT_BLOCK = 64  # outputs per thread task: accumulators stay in registers / L1
-
 
 def lut_available() -> bool:
     """Whether the compiled kernel can run (numba importable)."""
@@ -36,19 +36,13 @@ def lut_available() -> bool:
 
 if numba is not None:
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
-    def _lut_matvec(x, books_t, codes_t, scales, out):  # pragma: no cover - compiled
-        # x [T, J*g] f32, books_t [M, g, K] f32, codes_t [J*M, O] u8, scales [O] f32,
-        # out [T, O] f32
-        tokens = x.shape[0]
+    @numba.njit(fastmath=True, inline="always", cache=True)
+    def _build_table(x, t, books_t, lut):  # pragma: no cover - compiled
+        # lut[j M + m, k] = x[t, j g : (j+1) g] . codebook[m, k]; books_t [M, g, K]
         books, g, size = books_t.shape
-        groups = x.shape[1] // g
-        lut = np.empty((tokens, groups * books, size), np.float32)
-        for tj in numba.prange(tokens * groups):
-            t = tj // groups
-            j = tj - t * groups
+        for j in range(x.shape[1] // g):
             for m in range(books):
-                row = lut[t, j * books + m]
+                row = lut[j * books + m]
                 x0 = x[t, j * g]
                 for k in range(size):
                     row[k] = x0 * books_t[m, 0, k]
@@ -56,20 +50,34 @@ if numba is not None:
                     xv = x[t, j * g + d]
                     for k in range(size):
                         row[k] += xv * books_t[m, d, k]
-        slots, outs = codes_t.shape
-        blocks = (outs + _OUT_BLOCK - 1) // _OUT_BLOCK
-        for tb in numba.prange(tokens * blocks):
-            t = tb // blocks
-            o0 = (tb - t * blocks) * _OUT_BLOCK
-            n = min(_OUT_BLOCK, outs - o0)
-            acc = np.zeros(_OUT_BLOCK, np.float32)
-            for s in range(slots):
-                table = lut[t, s]
-                codes = codes_t[s]
-                for i in range(n):
-                    acc[i] += table[codes[o0 + i]]
-            for i in range(n):
-                out[t, o0 + i] = acc[i] * scales[o0 + i]
+
+    @numba.njit(fastmath=True, inline="always", cache=True)
+    def _gather_rows(lut, codes_t, scales, out, t, lo, hi):  # pragma: no cover - compiled
+        # out[t, o] = scale[o] * sum_s lut[s, codes_t[s, o]] for o in [lo, hi)
+        acc = np.zeros(hi - lo, np.float32)
+        for s in range(codes_t.shape[0]):
+            table = lut[s]
+            codes = codes_t[s, lo:hi]
+            for i in range(hi - lo):
+                acc[i] += table[codes[i]]
+        for i in range(hi - lo):
+            out[t, lo + i] = acc[i] * scales[lo + i]
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def _lut_matvec(x, books_t, codes_t, scales, out, chunks):  # pragma: no cover - compiled
+        # x [T, J*g] f32, books_t [M, g, K] f32, codes_t [J*M, O] u8, scales [O] f32,
+        # out [T, O] f32. Per token: the table (serial: small), then one parallel region
+        # over ``chunks`` contiguous output chunks (one per thread).
+        lut = np.empty((codes_t.shape[0], books_t.shape[2]), np.float32)
+        outs = codes_t.shape[1]
+        chunk = (outs + chunks - 1) // chunks
+        for t in range(x.shape[0]):
+            _build_table(x, t, books_t, lut)
+            for c in numba.prange(chunks):
+                lo = c * chunk
+                hi = min(outs, lo + chunk)
+                if lo < hi:
+                    _gather_rows(lut, codes_t, scales, out, t, lo, hi)
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,13 @@ class AdditiveLUTOperands:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the weight takes "
                              f"{self.in_features}")
-        lead = x.shape[:-1]
-        xs = x.detach().reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-        out = np.empty((xs.shape[0], self.out_features), dtype=np.float32)
-        _lut_matvec(xs.numpy(), self.books_t, self.codes_t, self.scales, out)
-        return torch.from_numpy(out).reshape(*lead, self.out_features)
+        xs = x.detach().reshape(-1, x.shape[-1])
+        if xs.dtype != torch.float32 or not xs.is_contiguous():
+            xs = xs.to(torch.float32).contiguous()
+        out = torch.empty(xs.shape[0], self.out_features)
+        _lut_matvec(xs.numpy(), self.books_t, self.codes_t, self.scales, out.numpy(),
+                    numba.get_num_threads())
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def additive_lut_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:
