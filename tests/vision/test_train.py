@@ -72,3 +72,31 @@ def test_small_cnn_shapes():
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError, match="divisible by 4"):
         SmallCNN(1, 30)
+
+
+def test_torch_pruning_peer_learns_with_exact_2_4_masks(digits):
+    from pvtune.vision import TorchPruningPeer
+
+    config = TrainConfig(method=TorchPruningPeer(2, 4), arch="mlp", hidden=64, epochs=2,
+                         batch_size=32)
+    result = train_classifier(config, digits, progress=False)
+    assert result.test_accuracy > 0.5
+    for layer in result.model.hidden:
+        kept = (layer.weight.reshape(layer.out_features, -1, 4) != 0).sum(-1)
+        assert int(kept.max()) <= 2
+    assert (result.model.stem.weight != 0).float().mean() > 0.9  # the stem stays dense
+
+
+def test_mlp_arch_with_qat_quantizes_hidden_layers_only(digits):
+    config = TrainConfig(method=QATConfig(NMSparseConfig(2, 4), "sr_ste"), arch="mlp",
+                         hidden=64, epochs=1, batch_size=32)
+    model = train_classifier(config, digits, progress=False).model
+    assert all(isinstance(layer, QuantizedLinear) for layer in model.hidden)
+    assert type(model.stem) is torch.nn.Linear and type(model.head) is torch.nn.Linear
+
+
+def test_peer_needs_the_mlp():
+    from pvtune.vision import TorchPruningPeer
+
+    with pytest.raises(ConfigError, match="linear layers only"):
+        TrainConfig(method=TorchPruningPeer())

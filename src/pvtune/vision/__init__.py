@@ -3,7 +3,14 @@ and the estimator studies."""
 
 from pvtune.vision.data import DATASETS, ImageData, load_images
 from pvtune.vision.models import MLP, SmallCNN, hidden_layers_only
-from pvtune.vision.train import PVMethod, TrainConfig, TrainResult, accuracy, train_classifier
+from pvtune.vision.train import (
+    PVMethod,
+    TorchPruningPeer,
+    TrainConfig,
+    TrainResult,
+    accuracy,
+    train_classifier,
+)
 
 __all__ = [
     "DATASETS",
@@ -11,6 +18,7 @@ __all__ = [
     "ImageData",
     "PVMethod",
     "SmallCNN",
+    "TorchPruningPeer",
     "TrainConfig",
     "TrainResult",
     "accuracy",

@@ -51,25 +51,28 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Fully connected ``sizes[0] - ... - sizes[-1]`` with ReLU between layers."""
+    """Fully connected ``sizes[0] - ... - sizes[-1]`` with ReLU between layers: ``stem``,
+    ``hidden`` (a list) and ``head``, so :func:`hidden_layers_only` keeps the first and last
+    layers full precision here too."""
 
     def __init__(self, sizes: tuple[int, ...] = (784, 512, 512, 512, 10)) -> None:
         super().__init__()
-        if len(sizes) < 2:
-            raise ValueError(f"an MLP needs at least an input and an output size, got {sizes}")
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:],
+        if len(sizes) < 3:
+            raise ValueError(f"an MLP needs input, hidden and output sizes, got {sizes}")
+        self.stem = nn.Linear(sizes[0], sizes[1])
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[1:-2], sizes[2:-1],
                                                                      strict=True))
+        self.head = nn.Linear(sizes[-2], sizes[-1])
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.layers) - 1:
-                h = h.relu()
-        return h
+        h = self.stem(x.flatten(1)).relu()
+        for layer in self.hidden:
+            h = layer(h).relu()
+        return self.head(h)
 
 
 def hidden_layers_only(module: nn.Module, name: str) -> bool:
-    """Filter for ``quantize_``: every layer but a :class:`SmallCNN`'s ``stem`` and ``head``
-    (binary-network practice: the first and last layers stay full precision)."""
+    """Filter for ``quantize_``: every layer but the ``stem`` and ``head`` of a
+    :class:`SmallCNN` or :class:`MLP` (binary-network practice: the first and last layers stay
+    full precision)."""
     return name not in ("stem", "head")

@@ -24,7 +24,7 @@ from pvtune.qat.convert import QATSchedule, freeze_, qat_layers
 from pvtune.qat.diagnostics import FlipTracker, layer_bits, reste_layer_indicators
 from pvtune.reprs.base import ReprConfig
 from pvtune.vision.data import ImageData
-from pvtune.vision.models import ACTIVATIONS, SmallCNN, hidden_layers_only
+from pvtune.vision.models import ACTIVATIONS, MLP, SmallCNN, hidden_layers_only
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,28 @@ class PVMethod:
 
 
 @dataclass(frozen=True)
+class TorchPruningPeer:
+    """The peer for N:M sparsity: PyTorch's own ``torch.ao.pruning.WeightNormSparsifier``
+    (``n`` of every ``m`` input weights kept by magnitude, the mask recomputed after every
+    optimizer step, pruned weights receive no gradient through the parametrization). It
+    handles linear layers only (not 4-d convolution kernels): use it with ``arch="mlp"``."""
+
+    n: int = 2
+    m: int = 4
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run of :class:`~pvtune.vision.models.SmallCNN`.
 
-    ``method``: None (full precision), a :class:`~pvtune.qat.QATConfig` or a
-    :class:`PVMethod`; the hidden layers are the discrete ones, the first conv and the head
-    stay full precision. Adam with a cosine learning rate over ``epochs``."""
+    ``method``: None (full precision), a :class:`~pvtune.qat.QATConfig`, a
+    :class:`PVMethod` or the :class:`TorchPruningPeer`; the hidden layers are the discrete
+    ones, the first layer and the head stay full precision. ``arch``: ``cnn``
+    (:class:`SmallCNN`, ``width`` channels) or ``mlp`` (:class:`MLP`, three hidden layers of
+    ``hidden`` units). Adam with a cosine learning rate over ``epochs``."""
 
-    method: QATConfig | PVMethod | None = None
+    method: QATConfig | PVMethod | TorchPruningPeer | None = None
+    arch: str = "cnn"
     epochs: int = 2
     batch_size: int = 128
     lr: float = 2e-3
@@ -56,9 +70,16 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method is not None and not isinstance(self.method, QATConfig | PVMethod):
-            raise ConfigError("TrainConfig.method must be None (full precision), a QATConfig "
-                              f"or a PVMethod, got {type(self.method).__name__}")
+        if self.method is not None and not isinstance(self.method, QATConfig | PVMethod
+                                                      | TorchPruningPeer):
+            raise ConfigError("TrainConfig.method must be None (full precision), a QATConfig, "
+                              f"a PVMethod or a TorchPruningPeer, got "
+                              f"{type(self.method).__name__}")
+        if self.arch not in ("cnn", "mlp"):
+            raise ConfigError(f"TrainConfig.arch must be cnn or mlp, got {self.arch!r}")
+        if isinstance(self.method, TorchPruningPeer) and self.arch != "mlp":
+            raise ConfigError("torch.ao.pruning's sparsifier handles linear layers only: use "
+                              "arch='mlp' with TorchPruningPeer")
         for name in ("epochs", "batch_size", "width", "hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -71,9 +92,12 @@ class TrainConfig:
 
     @property
     def method_name(self) -> str:
-        """``fp32``, ``qat`` or ``pv``."""
-        return "fp32" if self.method is None else "qat" if isinstance(self.method,
-                                                                      QATConfig) else "pv"
+        """``fp32``, ``qat``, ``pv`` or ``peer``."""
+        if self.method is None:
+            return "fp32"
+        if isinstance(self.method, TorchPruningPeer):
+            return "peer"
+        return "qat" if isinstance(self.method, QATConfig) else "pv"
 
 
 @dataclass
@@ -107,8 +131,13 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 def build_model(config: TrainConfig, data: ImageData) -> nn.Module:
     """The network of ``config`` for ``data``, prepared for its method."""
     torch.manual_seed(config.seed)
-    channels, height, _ = data.image_shape
-    model = SmallCNN(channels, height, data.num_classes, config.width, config.hidden, config.act)
+    channels, height, width = data.image_shape
+    if config.arch == "mlp":
+        h = config.hidden
+        model = MLP((channels * height * width, h, h, h, data.num_classes))
+    else:
+        model = SmallCNN(channels, height, data.num_classes, config.width, config.hidden,
+                         config.act)
     if isinstance(config.method, QATConfig):
         quantize_(model, config.method, filter_fn=hidden_layers_only)
     elif isinstance(config.method, PVMethod):
@@ -136,6 +165,8 @@ def train_classifier(config: TrainConfig, data: ImageData, *, progress: bool = T
     pv = None
     if isinstance(config.method, PVMethod):
         pv = PVOptimizer(model, base, config.method.vstep)
+    peer = _prepare_peer(model, config.method) if isinstance(config.method,
+                                                            TorchPruningPeer) else None
     qat = isinstance(config.method, QATConfig)
     schedule = QATSchedule(model, total) if qat else None
     flips = FlipTracker(model) if qat else None
@@ -162,6 +193,8 @@ def train_classifier(config: TrainConfig, data: ImageData, *, progress: bool = T
                 for group in base.param_groups:
                     group["lr"] = config.lr * scale
                 base.step()
+                if peer is not None:
+                    peer.step()  # the sparsifier recomputes its masks
                 if qat and i + config.batch_size >= len(order):  # the epoch's last step
                     indicators = reste_layer_indicators(model)  # needs the gradients
                 base.zero_grad(set_to_none=True)
@@ -201,7 +234,21 @@ def train_classifier(config: TrainConfig, data: ImageData, *, progress: bool = T
                                f"model's {before}: freeze_ is broken")
         bits_pp = sum(bits[n] * weights[n] for n in bits) / sum(weights.values())
     else:
+        if peer is not None:
+            peer.squash_mask()  # plain weights with the zeros in them
         frozen = accuracy(model, data.test_x, data.test_y)
         bits_pp = linear_bits_per_param(model) if pv is not None else 32.0
     return TrainResult(history, frozen, bits_pp, time.perf_counter() - start, model)
 
+
+def _prepare_peer(model: nn.Module, peer: TorchPruningPeer):
+    """torch.ao.pruning's N:M sparsifier on the hidden linear layers of ``model``."""
+    from torch.ao.pruning import WeightNormSparsifier
+
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, peer.m),
+                                      zeros_per_block=peer.m - peer.n)
+    layers = [{"tensor_fqn": f"{n}.weight"} for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and hidden_layers_only(m, n)]
+    sparsifier.prepare(model, layers)
+    sparsifier.step()
+    return sparsifier

@@ -1,0 +1,75 @@
+"""Studies and the train/study commands, on the offline digits data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pvtune import cli
+from pvtune.errors import ConfigError
+from pvtune.qat import QATConfig
+from pvtune.vision import PVMethod
+from pvtune.vision.studies import STUDIES, Arm, Study, method_for, run_study
+
+pytest.importorskip("sklearn")
+
+
+def test_method_names():
+    assert method_for("fp32") is None
+    assert isinstance(method_for("binary", "reste", activations="sign"), QATConfig)
+    assert isinstance(method_for("ternary", pv=True), PVMethod)
+    with pytest.raises(ConfigError, match="unknown representation"):
+        method_for("septenary")
+    with pytest.raises(ConfigError, match="weights only"):
+        method_for("binary", pv=True, activations="sign")
+    with pytest.raises(ConfigError, match="does not apply"):
+        method_for("2:4", "reste")
+
+
+def test_every_study_arm_builds():
+    for study in STUDIES.values():
+        for arm in study.arms:
+            arm.config(study.base, seed=0)
+
+
+def test_study_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+    tiny = Study("tiny", "a smoke test", (Arm("fp32", "fp32"), Arm("bin", "binary", "reste")),
+                 dataset="digits")
+    monkeypatch.setitem(STUDIES, "tiny", tiny)
+    record = run_study("tiny", tmp_path, seeds=2, epochs=1, progress=False,
+                       command="pvtune study tiny")
+    assert [a["label"] for a in record["arms"]] == ["fp32", "bin"]
+    assert all(len(a["runs"]) == 2 for a in record["arms"])
+    saved = json.loads((tmp_path / "study_tiny.json").read_text())
+    assert saved["arms"][1]["bits_per_param"] == record["arms"][1]["bits_per_param"]
+    md = (tmp_path / "study_tiny.md").read_text()
+    assert "Reproduce: `pvtune study tiny`" in md and "| bin" in md
+    assert (tmp_path / "study_tiny.png").stat().st_size > 1000
+
+
+def test_cli_train_saves_a_loadable_frozen_model(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--dataset", "digits", "--representation", "ternary",
+                     "--estimator", "lsq", "--epochs", "1", "--batch-size", "32",
+                     "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "frozen model: test accuracy" in printed
+    record = json.loads((out / "train_result.json").read_text())
+    assert record["test_accuracy"] > 0.2
+
+    import torch
+
+    from pvtune import load_quantized
+    from pvtune.vision import SmallCNN, accuracy, load_images
+
+    model = load_quantized(SmallCNN(1, 8, 10, width=16), out)
+    data = load_images("digits")
+    assert accuracy(model, data.test_x, data.test_y) == pytest.approx(record["test_accuracy"])
+    assert isinstance(model.conv1.qweight.codes, torch.Tensor)
+
+
+def test_cli_refuses_bad_combinations(capsys):
+    assert cli.main(["train", "--representation", "2:4", "--estimator", "reste"]) == 2
+    assert "does not apply" in capsys.readouterr().err
