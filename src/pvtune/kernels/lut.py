@@ -119,16 +119,17 @@ class AdditiveLUTOperands:
         """``x @ W.T`` for ``x [..., in]`` (CPU); returns float32 ``[..., out]``."""
         if numba is None:
             raise RuntimeError("the lookup-table kernel needs numba (pip install numba)")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, the weight takes "
+        width, outs = x.shape[-1], self.codes_t.shape[1]
+        if width * self.books_t.shape[0] != self.codes_t.shape[0] * self.books_t.shape[1]:
+            raise ValueError(f"input has {width} features, the weight takes "
                              f"{self.in_features}")
-        xs = x.detach().reshape(-1, x.shape[-1])
+        xs = x.detach().reshape(-1, width)
         if xs.dtype != torch.float32 or not xs.is_contiguous():
             xs = xs.to(torch.float32).contiguous()
-        out = torch.empty(xs.shape[0], self.out_features)
+        out = torch.empty(xs.shape[0], outs)
         _lut_matvec(xs.numpy(), self.books_t, self.codes_t, self.scales, out.numpy(),
                     numba.get_num_threads())
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], outs)
 
 
 def additive_lut_matmul(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Tensor) -> Tensor:

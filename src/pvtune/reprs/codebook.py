@@ -221,19 +221,22 @@ class AdditiveWeight(QuantizedWeight):
     def lut_matmul(self, x: Tensor) -> Tensor | None:
         """``x @ W.T`` by the lookup-table kernel (8-bit codebooks, float32 on the CPU;
         :mod:`pvtune.kernels.lut`); None otherwise."""
-        from pvtune.kernels.lut import AdditiveLUTOperands, lut_available
-
-        if self.config.nbits_per_codebook != 8 or x.device.type != "cpu" \
-                or self.codes.device.type != "cpu" or x.dtype != torch.float32 \
-                or not lut_available():
+        if x.dtype != torch.float32 or not x.is_cpu or self.config.nbits_per_codebook != 8:
             return None
         # the kernel's layout is rebuilt only when a tensor changes (in-place updates bump
-        # its version; .to() or load_state_dict swap its storage)
-        key = tuple((t.data_ptr(), t._version) for t in (self.codes, self.codebooks, self.scales))
+        # its version; .to() or load_state_dict swap its storage); the attribute lookups go
+        # straight to the module's dicts: this runs once per layer per decoded token
+        codes, books = self._buffers["codes"], self._parameters["codebooks"]
+        scales = self._parameters["scales"]
+        key = (codes._version, books._version, scales._version, codes.data_ptr(),
+               books.data_ptr(), scales.data_ptr())
         cached = self.__dict__.get("_lut_operands")
         if cached is None or cached[0] != key:
-            cached = (key, AdditiveLUTOperands.from_weight(self.codes, self.codebooks,
-                                                           self.scales))
+            from pvtune.kernels.lut import AdditiveLUTOperands, lut_available
+
+            if not codes.is_cpu or not lut_available():
+                return None
+            cached = (key, AdditiveLUTOperands.from_weight(codes, books, scales))
             self.__dict__["_lut_operands"] = cached
         return cached[1].matmul(x)
 
