@@ -9,9 +9,10 @@ from torch import Tensor, nn
 from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 
 # inputs of at most this many tokens go through a representation's lookup-table kernel
-# (when it has one); larger ones decode the weight and multiply densely (see
-# benchmarks/results/decode_kernel.md for the crossover)
-LUT_MAX_TOKENS = 4
+# (when it has one); larger ones decode the weight and multiply densely. Measured on
+# SmolLM2 AQLM 2x8g8, 2 threads (benchmarks/results/decode_kernel.md): the kernel is 1.28x,
+# 1.34x, 1.04x the dense path at 1, 2, 3 tokens per step and 0.83x at 4
+LUT_MAX_TOKENS = 3
 
 
 class QuantizedLinear(nn.Module):
