@@ -42,3 +42,23 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
     }
+
+
+def source_commit() -> dict[str, Any]:
+    """The git commit of the pvtune source that runs (an editable install inside a clone) and
+    whether its tracked code has uncommitted changes; ``unknown`` outside a clone."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, check=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    return {"commit": commit or "unknown", "dirty": dirty if commit else None}

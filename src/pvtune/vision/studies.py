@@ -21,7 +21,7 @@ from typing import Any
 from pvtune.errors import ConfigError
 from pvtune.optim.strategies import VStepConfig
 from pvtune.qat.config import ActivationQuantConfig, EstimatorConfig, QATConfig
-from pvtune.report import format_table, machine_info
+from pvtune.report import format_table, machine_info, source_commit
 from pvtune.reprs.base import ReprConfig
 from pvtune.reprs.binary import BinaryConfig, TernaryConfig
 from pvtune.reprs.sparse import NMSparseConfig
@@ -122,7 +122,7 @@ STUDIES: dict[str, Study] = {
          Arm("clipped STE", estimator="clipped_ste", **_BINARY_WA),
          Arm("ApproxSign", estimator="approx_sign", **_BINARY_WA),
          Arm("ReSTE (o 1->3)", estimator="reste", **_BINARY_WA)),
-        train_examples=20000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
+        train_examples=25000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
         paper="ReSTE (Wu et al. 2023): CIFAR-10 ResNet-20, 1-bit W/A, 1000 epochs, 86.75%; "
               "ReSTE at least as accurate as STE with a better estimating-error / stability "
               "trade-off."),
@@ -133,7 +133,7 @@ STUDIES: dict[str, Study] = {
         (Arm("fp32", "fp32"), Arm("ternary STE", "ternary", "ste"),
          Arm("ternary LSQ", "ternary", "lsq"), Arm("2-bit STE", "uniform2", "ste"),
          Arm("2-bit LSQ", "uniform2", "lsq")),
-        train_examples=20000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
+        train_examples=25000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
         paper="BitNet b1.58 (Ma et al. 2024): LLMs trained from scratch with absmean ternary "
               "weights and STE; LSQ (Esser et al. 2019): ImageNet ResNets at 2-4 bits, the "
               "learned step beats fixed ranges."),
@@ -146,7 +146,7 @@ STUDIES: dict[str, Study] = {
         "MLP).",
         (Arm("dense", "fp32"), Arm("2:4 STE", "2:4", "ste"), Arm("2:4 SR-STE", "2:4", "sr_ste"),
          Arm("2:4 torch.ao.pruning (peer)", "2:4", peer=True)),
-        train_examples=20000,
+        train_examples=25000,
         base=TrainConfig(epochs=3, batch_size=128, lr=1e-3, arch="mlp", hidden=512),
         paper="SR-STE (Zhou et al. 2021): ImageNet ResNet-50, 2:4 at 77.0% vs dense 77.3%; "
               "more accurate than STE with far lower SAD."),
@@ -158,7 +158,7 @@ STUDIES: dict[str, Study] = {
         (Arm("binary STE", "binary", "ste"), Arm("binary ReSTE", "binary", "reste"),
          Arm("binary PV", "binary", pv=True), Arm("ternary LSQ", "ternary", "lsq"),
          Arm("ternary PV", "ternary", pv=True)),
-        train_examples=20000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
+        train_examples=25000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
         paper="PV-Tuning (Malinovskii et al. 2024): LLM fine-tuning at 1-2 bits per weight, "
               "PV beats STE-style fine-tuning; this asks whether that holds for small CNNs "
               "trained from scratch."),
@@ -195,6 +195,8 @@ def run_study(name: str, output: Path, *, seeds: int = 3, epochs: int | None = N
         "test_examples": len(data.test_x), "seeds": seeds,
         "train_config": {k: v for k, v in dataclasses.asdict(base).items() if k != "method"},
         "arms": arms, "seconds": time.perf_counter() - start, "machine": machine_info(),
+        "source": source_commit(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command or "pvtune " + shlex.join(sys.argv[1:]),
     }
     write_study(record, output)
@@ -249,7 +251,9 @@ def write_study(record: dict[str, Any], output: Path) -> None:
           "gradient stability: ReSTE's indicators at the last step, summed over layers.", "",
           f"Paper setting and claim: {record['paper']}", "",
           f"Reproduce: `{record['command']}`", "",
-          f"Measured in {record['seconds'] / 60:.1f} min; load average "
+          f"Measured at commit {record['source']['commit']}"
+          f"{'+dirty' if record['source']['dirty'] else ''}, {record['utc']}, in "
+          f"{record['seconds'] / 60:.1f} min; load average "
           f"{m['loadavg_1m']}/{m['loadavg_5m']}/{m['loadavg_15m']}, torch {m['torch']}, "
           f"{m['torch_threads']} threads, {m['cpu_count']} CPUs."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
