@@ -212,3 +212,23 @@ def test_shape_errors_name_the_layer():
 def test_freeze_without_qat_layers_is_an_error():
     with pytest.raises(ConfigError, match="no QAT layer"):
         freeze_(make_net())
+
+
+def test_a_frozen_qat_model_fine_tunes_with_pv():
+    """The frozen model is an ordinary pvtune model: PV-Tuning continues from it."""
+    from pvtune.optim import PVOptimizer, VStepConfig, continuous_parameters
+
+    net = make_net()
+    quantize_(net, QATConfig(TernaryConfig(), estimator="lsq"), filter_fn=lambda m, n: n != "fc2")
+    x, y = torch.randn(16, 8, 4, 4), torch.randint(0, 8, (16,))
+    net(x).sum().backward()
+    freeze_(net)
+    base = torch.optim.Adam(continuous_parameters(net), lr=1e-3)
+    opt = PVOptimizer(net, base, VStepConfig(strategy="subspace_v_ste", tau=0.5, lr=1.0))
+    codes = net.fc1.qweight.codes.clone()
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(codes, net.fc1.qweight.codes)  # the V step moved codes
+    assert int(net.fc1.qweight.codes.max()) <= 2
