@@ -26,8 +26,12 @@ def wide_llama_dir(tmp_path_factory, tokenizer):
     return directory
 
 
+def width_for(block_type: str) -> int:
+    return 256 if block_type == "tq2_0" else 128
+
+
 def compressed_model(kind, tokenizer, block_type):
-    model = tiny(kind, tokenizer)
+    model = tiny(kind, tokenizer, width_for(block_type))
     quantize_(model, GGUFBlockConfig(block_type), lambda m, n: n.startswith("model.layers"))
     return model
 
@@ -47,11 +51,11 @@ def test_rotary_row_order_is_transformers_inverse():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("block_type", ["q2_0", "q4_1", "q1_0"])
+@pytest.mark.parametrize("block_type", ["q2_0", "q4_1", "q1_0", "tq2_0"])
 def test_export_then_import_is_bit_exact(kind, block_type, tokenizer, tmp_path):
     model = compressed_model(kind, tokenizer, block_type)
     report = export_gguf(model, tokenizer, tmp_path / "m.gguf")
-    fresh = tiny(kind, tokenizer)
+    fresh = tiny(kind, tokenizer, width_for(block_type))
     import_gguf_linears(fresh, tmp_path / "m.gguf")
     ours, theirs = quantized_layers(model), quantized_layers(fresh)
     assert ours.keys() == theirs.keys() and len(ours) == 14
@@ -130,7 +134,7 @@ def test_cli_export_of_a_non_gguf_checkpoint_says_what_to_do(llama_dir, text_fil
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("block_type", ["q4_0", "q4_1", "q8_0", "q2_0", "q1_0"])
+@pytest.mark.parametrize("block_type", ["q4_0", "q4_1", "q8_0", "q2_0", "q1_0", "tq2_0"])
 def test_llama_cpp_reproduces_pvtune_logits(kind, block_type, tokenizer, tmp_path):
     """llama.cpp (quantizing activations to 8 bits inside its matmuls) gives the logits
     pvtune gives, to 2% of their range, and the same next token everywhere."""

@@ -48,6 +48,7 @@ def make(config, weight):
     (GGUFBlockConfig("q4_1"), 5.0),
     (GGUFBlockConfig("q2_0"), 2.25),
     (GGUFBlockConfig("q1_0"), 1.125),
+    (GGUFBlockConfig("tq2_0"), 2.0625),
 ])
 def test_bits_per_param_formula_is_what_is_stored(config, expected, gaussian_weight, tmp_path):
     """The formula of the paper or format, and the bytes a save actually writes for the
@@ -96,6 +97,7 @@ SQNR_BOUNDS = [
     (GGUFBlockConfig("q4_1"), 22.1, 20.0),
     (GGUFBlockConfig("q2_0"), 8.8, 6.9),
     (GGUFBlockConfig("q1_0"), 4.1, 2.1),
+    (GGUFBlockConfig("tq2_0"), 7.1, 4.1),
 ]
 
 

@@ -24,7 +24,16 @@ def reference_dequantize(data: np.ndarray, name: str, inp: int) -> np.ndarray:
             blk = rows[r, b * fmt.type_size:(b + 1) * fmt.type_size]
             d = float(blk[0:2].view(np.float16)[0])
             base = b * fmt.block_size
-            if name == "q8_0":
+            if name == "tq2_0":  # block_tq2_0 { qs[64]; d }: dequantize_row_tq2_0
+                d = float(blk[64:66].view(np.float16)[0])
+                k = 0
+                for j in range(0, 64, 32):
+                    for ll in range(4):
+                        for m in range(32):
+                            q = (int(blk[j + m]) >> (ll * 2)) & 3
+                            out[r, base + k] = (q - 1) * d
+                            k += 1
+            elif name == "q8_0":
                 qs = blk[2:].view(np.int8)
                 for j in range(32):
                     out[r, base + j] = int(qs[j]) * d
@@ -62,7 +71,7 @@ def test_decode_equals_ggml_definition_bit_for_bit(name, weight):
     np.testing.assert_array_equal(rep().detach().numpy(), ref)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", "tq2_0"])
 def test_decode_equals_the_gguf_package(name, weight):
     import gguf
 
@@ -72,7 +81,7 @@ def test_decode_equals_the_gguf_package(name, weight):
     np.testing.assert_array_equal(rep().detach().numpy(), ref)
 
 
-@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", "tq2_0"])
 def test_llama_cpp_reference_quantizer_bytes_import_and_export_unchanged(name, weight):
     """Blocks made by ggml's reference quantizer (the gguf package's port; negative ``d``
     for Q4_0) read into pvtune and write back byte for byte."""
@@ -92,7 +101,9 @@ def test_random_bytes_round_trip(name):
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, size=(3, 4 * fmt.type_size), dtype=np.uint8)
     for k in range(0, data.shape[1], fmt.type_size):  # finite fp16 scales
-        data[:, k:k + 2] = np.float16(rng.standard_normal(3) * 1e-3).reshape(3, 1).view(np.uint8)
+        at = k + fmt.type_size - 2 if fmt.interleaved else k  # TQ2_0 stores d last
+        data[:, at:at + 2] = np.float16(rng.standard_normal(3) * 1e-3).reshape(3, 1).view(
+            np.uint8)
         if fmt.has_min:
             data[:, k + 2:k + 4] = np.float16(rng.standard_normal(3)).reshape(3, 1).view(np.uint8)
     codes, d, m = unpack_blocks(data, 3, 4 * fmt.block_size, fmt)
@@ -105,7 +116,7 @@ def test_bits_are_the_gguf_type_size(name):
 
     fmt = BLOCK_FORMATS[name]
     assert fmt.bits_per_weight == {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q2_0": 2.25,
-                                   "q1_0": 1.125}[name]
+                                   "q1_0": 1.125, "tq2_0": 2.0625}[name]
     if name != "q2_0":  # the gguf package predates Q2_0
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(fmt.ggml_type)]
         assert (block, size) == (fmt.block_size, fmt.type_size)
@@ -128,3 +139,22 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ConfigError, match="multiple of 64"):
         GGUFBlockWeight(4, 96, GGUFBlockConfig("q2_0"))
     assert GGUFBlockConfig("Q4_0").block_type == "q4_0"
+
+
+def test_tq2_0_is_ternary_and_fits_better_than_the_reference_quantizer(weight):
+    """TQ2_0 codes stay in {0, 1, 2} (ternary); pvtune's fit of ``d`` beats the reference
+    quantizer's ``d = max|w|`` on Gaussian weights by more than 3x in squared error."""
+    import gguf
+
+    rep = GGUFBlockWeight.from_dense(weight, GGUFBlockConfig("tq2_0"))
+    assert int(rep.codes.max()) <= 2
+    ours = float((rep().detach() - weight).pow(2).sum())
+    data = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.TQ2_0)
+    theirs = float(((torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType
+                                                             .TQ2_0)) - weight) ** 2).sum())
+    assert ours * 3 < theirs
+
+
+def test_tq2_0_needs_rows_of_256():
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        GGUFBlockWeight.from_dense(torch.randn(4, 128), GGUFBlockConfig("tq2_0"))

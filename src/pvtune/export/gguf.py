@@ -42,8 +42,8 @@ GGUF_VERSION_NOTE = "pvtune GGUF export"
 class GGUFExportConfig:
     """How dense tensors are written: ``embedding_type`` for the token embeddings and
     ``head_type`` for an untied output head (None: as the embeddings); each one of ``f32``,
-    ``f16`` or a GGUF block type (``q8_0``, ``q4_0``, ``q4_1``, ``q2_0``, ``q1_0``). Weights
-    pvtune already holds in a GGUF block type are always written as they are.
+    ``f16`` or a GGUF block type (``q8_0``, ``q4_0``, ``q4_1``, ``q2_0``, ``q1_0``,
+    ``tq2_0``). Weights pvtune already holds in a GGUF block type are always written as they are.
     ``tokenizer_pre`` names llama.cpp's pre-tokenizer (None: the one recorded from the
     source GGUF, else ``gpt-2`` for plain byte-level BPE). ``dense_type``: the type of
     decoder linears pvtune did not compress (``f16``; ``f32`` for an exact reference file)."""
@@ -147,7 +147,7 @@ def _weight_tensor(module: nn.Module, type_name: str) -> tuple[np.ndarray, int, 
             raise ConfigError(
                 f"GGUF export writes GGUF block types; a layer is stored as "
                 f"{type(rep.config).__name__}. Compress with `pvtune compress --format q4_0` "
-                f"(or q8_0, q4_1, q2_0, q1_0), or export AQLM models with `--to aqlm`")
+                f"(or q8_0, q4_1, q2_0, q1_0, tq2_0), or export AQLM models with `--to aqlm`")
         data, ggml_type = _block_tensor(rep)
         return data, ggml_type, rep.out_features * rep.in_features
     weight = module.weight

@@ -14,13 +14,17 @@ format    block  bits  step  zero  m    values                                bi
 ``q4_1``  32     4     1     0     yes  ``d * q + m``                         5.0
 ``q2_0``  64     2     1     1     no   ``d * (q - 1)``: {-d, 0, d, 2d}       2.25
 ``q1_0``  128    1     2     1     no   ``q ? d : -d``                        1.125
+``tq2_0`` 256    2     1     1     no   ``d * (q - 1)``, q <= 2: {-d, 0, d}   2.0625
 ========  =====  ====  ====  ====  ===  ====================================  ============
 
 The block layouts (what :func:`pack_blocks` writes) follow ggml's ``ggml-common.h``:
 ``Q4_x`` put weight ``j`` in the low nibble of byte ``j`` and weight ``j + 16`` in its high
 nibble; ``Q8_0`` stores signed bytes; ``Q2_0`` puts weight ``j`` at bits ``2 (j % 4)`` of byte
 ``j / 4``; ``Q1_0`` puts weight ``j`` at bit ``j % 8`` of byte ``j / 8`` (1 means ``+d``).
-``d`` may be negative, as llama.cpp's own ``Q4_0`` quantizer makes it.
+``TQ2_0`` (ternary, BitNet-style) stores its ``d`` *after* the codes and interleaves them:
+weight ``128 c + 32 l + i`` sits at bits ``2 l`` of byte ``32 c + i``; it needs rows whose
+width is a multiple of 256. ``d`` may be negative, as llama.cpp's own ``Q4_0`` quantizer
+makes it.
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ class BlockFormat:
     step: int
     zero: int
     has_min: bool
+    max_code: int | None = None  # largest code when below 2^bits - 1 (TQ2_0: ternary)
+    interleaved: bool = False  # TQ2_0's layout: 4 runs of 32 weights per 32 bytes, d last
 
     @property
     def maxq(self) -> int:
         """Largest integer code."""
-        return (1 << self.bits) - 1
+        return (1 << self.bits) - 1 if self.max_code is None else self.max_code
 
     @property
     def type_size(self) -> int:
@@ -85,6 +91,7 @@ BLOCK_FORMATS: dict[str, BlockFormat] = {
         BlockFormat("q4_1", 3, 3, 32, 4, 1, 0, True),
         BlockFormat("q2_0", 42, 41, 64, 2, 1, 1, False),
         BlockFormat("q1_0", 41, 40, 128, 1, 2, 1, False),
+        BlockFormat("tq2_0", 35, 37, 256, 2, 1, 1, False, max_code=2, interleaved=True),
     )
 }
 
@@ -100,8 +107,8 @@ def block_format(name: str) -> BlockFormat:
 
 @dataclass(frozen=True)
 class GGUFBlockConfig(ReprConfig):
-    """A GGUF block type (``q8_0``, ``q4_0``, ``q4_1``, ``q2_0`` or ``q1_0``); the row
-    width must be a multiple of its block size (32, 64 or 128)."""
+    """A GGUF block type (``q8_0``, ``q4_0``, ``q4_1``, ``q2_0``, ``q1_0`` or ``tq2_0``); the
+    row width must be a multiple of its block size (32, 64, 128 or 256)."""
 
     block_type: str = "q4_0"
 
@@ -313,6 +320,11 @@ def pack_blocks(codes: Tensor, d: Tensor, m: Tensor, fmt: BlockFormat) -> np.nda
     out, inp = codes.shape
     nb, bs = inp // fmt.block_size, fmt.block_size
     q = codes.to(torch.int64).reshape(out, nb, bs).numpy()
+    if fmt.interleaved:  # TQ2_0: byte 32 c + i holds weights 128 c + 32 l + i at bits 2 l
+        runs = q.reshape(out, nb, bs // 128, 4, 32) << (2 * np.arange(4)).reshape(4, 1)
+        qs = runs.sum(-2).reshape(out, nb, bs // 4).astype(np.uint8)
+        return np.concatenate([qs, _fp16_bytes(d.reshape(out, nb, 1))],
+                              axis=-1).reshape(out, nb * fmt.type_size)
     parts = [_fp16_bytes(d.reshape(out, nb, 1))]
     if fmt.has_min:
         parts.append(_fp16_bytes(m.reshape(out, nb, 1)))
@@ -338,6 +350,11 @@ def unpack_blocks(data: np.ndarray, out: int, inp: int,
         raise ValueError(f"{fmt.name} tensor of shape {(out, inp)} needs {expected} bytes, "
                          f"got {data.size}")
     blocks = data.reshape(out, nb, fmt.type_size)
+    if fmt.interleaved:
+        d = torch.from_numpy(blocks[..., -2:].copy().view("<f2").astype(np.float32)[..., 0])
+        qs = blocks[..., :-2].astype(np.int64).reshape(out, nb, bs // 128, 1, 32)
+        q = ((qs >> (2 * np.arange(4)).reshape(4, 1)) & 3).reshape(out, inp)
+        return torch.from_numpy(q.astype(np.uint8)), d, torch.zeros(out, nb)
     d = torch.from_numpy(blocks[..., :2].copy().view("<f2").astype(np.float32)[..., 0])
     start = 2
     m = torch.zeros(out, nb)

@@ -245,10 +245,13 @@ def write_study(record: dict[str, Any], output: Path) -> None:
           f"{record['dataset']}: {record['train_examples']} training and "
           f"{record['test_examples']} test images; {record['seeds']} seeds per arm; "
           f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']} (cosine), "
-          f"SmallCNN width {cfg['width']}, first conv and head full precision. Accuracy of "
+          f"{_network(cfg)}, first and last layers full precision. Accuracy of "
           "the frozen model (codes), as saved. Flips: entries of the discrete state that "
           "changed, summed over steps; SAD: the same for N:M masks; estimating error and "
           "gradient stability: ReSTE's indicators at the last step, summed over layers.", "",
+          *(["The peer keeps its weights dense (fp32, the pruned ones zero): its bits/weight "
+             "is what it stores; pvtune's 2:4 layers store 8.75.", ""]
+            if any(a.get("peer") for a in record["arms"]) else []),
           f"Paper setting and claim: {record['paper']}", "",
           f"Reproduce: `{record['command']}`", "",
           f"Measured at commit {record['source']['commit']}"
@@ -258,6 +261,13 @@ def write_study(record: dict[str, Any], output: Path) -> None:
           f"{m['torch_threads']} threads, {m['cpu_count']} CPUs."]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     _plot(record, stem.with_suffix(".png"))
+
+
+def _network(cfg: dict[str, Any]) -> str:
+    if cfg.get("arch") == "mlp":
+        h = cfg["hidden"]
+        return f"MLP (input)-{h}-{h}-{h}-(classes)"
+    return f"SmallCNN width {cfg['width']}"
 
 
 def _fmt(v: float | None) -> str:
