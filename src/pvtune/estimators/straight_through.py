@@ -86,6 +86,28 @@ class RectifiedStraightThrough(torch.autograd.Function):
         return grad * slope, None, None, None
 
 
+class HardForward(torch.autograd.Function):
+    """Forward the value of ``hard`` exactly; backward the gradient to ``soft`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, hard: Tensor, soft: Tensor) -> Tensor:
+        return hard.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return None, grad
+
+
+def hard_forward(hard: Tensor, soft: Tensor) -> Tensor:
+    """``hard`` in the forward pass (bit for bit, unlike ``soft + (hard - soft).detach()``),
+    the identity to ``soft`` in the backward pass: the straight-through pattern for a discrete
+    choice (a codeword, a one-hot, a mask) whose surrogate is ``soft``."""
+    if hard.shape != soft.shape:
+        raise ValueError(f"hard_forward: shapes differ, {list(hard.shape)} vs "
+                         f"{list(soft.shape)}")
+    return HardForward.apply(hard.detach(), soft)
+
+
 @register_estimator("ste")
 def ste(x: Tensor, quantize: Callable[[Tensor], Tensor] = torch.round) -> Tensor:
     """Straight-through estimator: ``quantize(x)`` forward, identity backward."""
