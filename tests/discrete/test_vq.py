@@ -28,13 +28,25 @@ def test_forward_is_the_nearest_codeword(update):
     vq = _vq(update)
     z = torch.randn(3, 5, 4)
     book = vq.effective_codebook().detach().clone()  # (EMA moves it during the call)
+    encoded = vq.encode(z)
     out = vq(z)
     brute = torch.cdist(z.reshape(-1, 4), book).argmin(-1).reshape(3, 5)
     assert torch.equal(out.codes, brute)
     torch.testing.assert_close(out.quantized, book[brute], rtol=0, atol=1e-6)
-    assert torch.equal(vq.encode(z), brute)
+    assert torch.equal(encoded, brute)
     if update != "ema":
         torch.testing.assert_close(vq.decode(brute), book[brute])
+
+
+def test_normalized_lookup_uses_unit_vectors():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(VQBottleneckConfig(32, 4, normalize=True, init="normal"))
+    z = 5 * torch.randn(20, 4)
+    out = vq(z)
+    book = torch.nn.functional.normalize(vq.codebook.detach(), dim=-1)
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    assert torch.equal(out.codes, (zn @ book.t()).argmax(-1))
+    torch.testing.assert_close(out.quantized.norm(dim=-1), torch.ones(20))
 
 
 def test_straight_through_passes_the_gradient_unchanged():

@@ -33,10 +33,10 @@ from pvtune.discrete.topn import (
 )
 from pvtune.discrete.vq import (
     CodebookUsage,
+    VectorQuantizer,
     VQBottleneckConfig,
     VQBridge,
     VQOutput,
-    VectorQuantizer,
     learning_annealing,
     rotate_to,
 )

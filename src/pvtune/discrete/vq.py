@@ -40,6 +40,9 @@ class VQBottleneckConfig:
     codebook passed through a projector, FVQ). ``commitment``: weight of
     ``||z - sg(zq)||^2``. ``bridge_group``: codewords merged into one token of the projector;
     ``bridge_hidden`` / ``bridge_blocks``: its width and number of residual MLP blocks.
+    ``normalize``: unit-normalise latents and codewords before the lookup (LlamaGen's
+    ``codebook_l2_norm``, which FVQ builds on). ``init``: the codebook's starting values,
+    ``uniform`` in ``[-1/K, 1/K]`` (VQGAN, LlamaGen) or ``normal`` with std ``1/sqrt(dim)``.
     """
 
     num_codes: int
@@ -52,6 +55,8 @@ class VQBottleneckConfig:
     bridge_hidden: int = 256
     bridge_blocks: int = 2
     usage_window: int = USAGE_WINDOW
+    normalize: bool = False
+    init: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.num_codes < 2 or self.dim < 1:
@@ -68,6 +73,8 @@ class VQBottleneckConfig:
             raise ConfigError(f"VQBridge groups {self.bridge_group} codewords per token: "
                               f"num_codes {self.num_codes} must be a multiple of it (or set "
                               "bridge_group to a divisor)")
+        if self.init not in ("uniform", "normal"):
+            raise ConfigError(f"init must be uniform or normal, got {self.init!r}")
         if self.usage_window < 1:
             raise ConfigError(f"usage_window must be >= 1, got {self.usage_window}")
 
@@ -157,7 +164,10 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.config = config
         k, d = config.num_codes, config.dim
-        init = torch.randn(k, d) / math.sqrt(d)
+        if config.init == "uniform":
+            init = torch.empty(k, d).uniform_(-1.0 / k, 1.0 / k)
+        else:
+            init = torch.randn(k, d) / math.sqrt(d)
         if config.update == "ema":
             self.register_buffer("codebook", init.clone())
             self.register_buffer("ema_count", torch.ones(k))
@@ -169,13 +179,16 @@ class VectorQuantizer(nn.Module):
         self.tracker = CodebookUsage(k, config.usage_window)
 
     def effective_codebook(self) -> Tensor:
-        """The codewords the lookup uses: the codebook, projected by VQBridge if present."""
-        return self.bridge(self.codebook) if self.bridge is not None else self.codebook
+        """The codewords the lookup uses: the codebook, projected by VQBridge if present
+        (and unit-normalised with ``normalize``)."""
+        book = self.bridge(self.codebook) if self.bridge is not None else self.codebook
+        return F.normalize(book, dim=-1) if self.config.normalize else book
 
     @torch.no_grad()
     def encode(self, z: Tensor) -> Tensor:
         """Index of each vector's nearest codeword (squared Euclidean distance)."""
         self._check(z)
+        z = F.normalize(z, dim=-1) if self.config.normalize else z
         return self._nearest(z.reshape(-1, self.config.dim),
                              self.effective_codebook()).reshape(z.shape[:-1])
 
@@ -193,6 +206,8 @@ class VectorQuantizer(nn.Module):
         self._check(z)
         cfg = self.config
         flat = z.reshape(-1, cfg.dim)
+        if cfg.normalize:
+            flat = F.normalize(flat, dim=-1)
         book = self.effective_codebook()
         codes = self._nearest(flat.detach(), book.detach())
         e = book[codes]
@@ -229,7 +244,7 @@ class VectorQuantizer(nn.Module):
     def _ema_step(self, flat: Tensor, codes: Tensor) -> None:
         cfg = self.config
         counts = torch.bincount(codes, minlength=cfg.num_codes).to(flat.dtype)
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, flat)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, flat)  # (normalised)
         self.ema_count.mul_(cfg.ema_decay).add_(counts, alpha=1 - cfg.ema_decay)
         self.ema_sum.mul_(cfg.ema_decay).add_(sums, alpha=1 - cfg.ema_decay)
         n = self.ema_count.sum()
