@@ -149,12 +149,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="run the peer's vq_bridge arm only up to this K (it is about 10x "
                         "slower than pvtune's quantizer at K = 16,384 here)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long check run")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="image data (sides a multiple of 4; digits: the offline 8x8 set)")
     p.add_argument("--name", default="vq_bottleneck")
     args = p.parse_args(argv)
     if args.smoke:
         args.codes, args.steps, args.test_examples = [64], 3, 100
     torch.set_num_threads(torch.get_num_threads())
-    data = load_images("fashion-mnist").subset(test=args.test_examples)
+    data = load_images(args.dataset).subset(test=args.test_examples)
     arms = [a for a in args.arms if a in PVTUNE_ARMS or peer_available()]
     skipped = [a for a in args.arms if a not in arms]
     rows = []
@@ -176,14 +178,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"K={k} {arm}: mse {row['test_mse']:.5f} usage {row['usage_train']:.3f} "
                   f"(test {row['usage_test']:.3f}) {row['train_s']:.0f} s", flush=True)
             rows.append(row)
-    notes = (f"Fashion-MNIST, {args.steps} steps of batch {args.batch} (Adam lr {args.lr} "
+    notes = (f"{args.dataset}, {args.steps} steps of batch {args.batch} (Adam lr {args.lr} "
              "with FVQ's learning annealing for every arm: warm-up 5%, hold to 30%, cosine "
              "to 1%), latents 7x7x16, commitment 0.25; test MSE per pixel on "
              f"{len(data.test_x)} test images through the quantizer; usage_train: distinct "
              "codes among the last 65,536 training assignments / K (the paper's metric); "
              "usage_test: distinct codes over all test assignments / K. pvtune's vqbridge: "
-             "groups of 16 codewords -> 256-wide tokens, 2 residual MLP blocks, last layer "
-             "zero; the peer's vq_bridge gets a per-codeword residual MLP (it ships none). "
+             "its defaults (each codeword one 64-wide token, input LayerNorm, 2 residual MLP "
+             "blocks, last layer zero; in trial runs before this one, groups of 16 codewords "
+             "per 256-wide token kept only 14% of K = 1,024 in use); the peer's vq_bridge "
+             "gets a per-codeword residual MLP of width 256 (it ships none). "
              "Peer default: EMA (decay 0.99) + rotation trick. Paper setting (FVQ/VQBridge): "
              "ImageNet tokenizers, K up to 262,144, many GPUs, near 100% usage at every K. "
              "Gap: a 7x7x16 latent on 28x28 images for a few hundred steps; at K = 16,384 "

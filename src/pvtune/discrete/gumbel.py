@@ -72,9 +72,14 @@ class GumbelSoftmaxST(nn.Module):
         """Advance the temperature schedule by one step."""
         self.steps_taken += 1
 
-    def forward(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One sample per row of ``logits``."""
-        if not self.training and not self.sample_in_eval:
+    def forward(self, logits: Tensor, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> Tensor:
+        """One sample per row of ``logits``; ``noise`` fixes the Gumbel noise."""
+        if noise is not None:
+            if noise.shape != logits.shape:
+                raise ConfigError(f"noise has shape {list(noise.shape)}, logits "
+                                  f"{list(logits.shape)}")
+        elif not self.training and not self.sample_in_eval:
             noise = torch.zeros_like(logits)
         else:
             noise = sample_gumbel(logits.shape, generator=generator, dtype=logits.dtype,

@@ -51,8 +51,8 @@ class VQBottleneckConfig:
     commitment: float = 0.25
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
-    bridge_group: int = 16
-    bridge_hidden: int = 256
+    bridge_group: int = 1
+    bridge_hidden: int = 64
     bridge_blocks: int = 2
     usage_window: int = USAGE_WINDOW
     normalize: bool = False
@@ -100,6 +100,7 @@ class VQBridge(nn.Module):
     def __init__(self, dim: int, group: int, hidden: int, blocks: int) -> None:
         super().__init__()
         self.group = group
+        self.norm_in = nn.LayerNorm(group * dim)  # codebooks start tiny: mix their shapes
         self.compress = nn.Linear(group * dim, hidden)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2 * hidden), nn.GELU(),
@@ -112,7 +113,7 @@ class VQBridge(nn.Module):
     def forward(self, codebook: Tensor) -> Tensor:
         """The projected codebook ``[K, dim]``."""
         k, d = codebook.shape
-        h = self.compress(codebook.reshape(k // self.group, self.group * d))
+        h = self.compress(self.norm_in(codebook.reshape(k // self.group, self.group * d)))
         for block in self.blocks:
             h = h + block(h)
         return codebook + self.recover(self.norm(h)).reshape(k, d)
