@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "ImageNet tokenizers, K up to 262,144, many GPUs, near 100% usage at every K. "
              "Gap: a 7x7x16 latent on 28x28 images for a few hundred steps; at K = 16,384 "
              "one step sees 1,568 latents, so the window holds about 42 steps; one seed per arm "
-             "(the 15-minute budget: the peer takes about 1.2 s per step at K = 16,384, so "
-             f"its vq_bridge arm runs only up to K = {args.peer_bridge_max_codes}). Codebook "
+             f"(the 15-minute budget{_peer_speed(rows)}: the peer's vq_bridge arm runs only "
+             f"up to K = {args.peer_bridge_max_codes}). Codebook "
              "init: uniform in [-1/K, 1/K] (VQGAN/LlamaGen) for pvtune's arms, the peer's "
              "own for its arms."
              + (f" Peer arms skipped (vector-quantize-pytorch not installed): {skipped}."
@@ -203,6 +203,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            notes=notes)
     plot(merged, common.RESULTS / f"{args.name}.png")
     return rows
+
+
+def _peer_speed(rows: list[dict]) -> str:
+    """How much slower the peer's default arm trained than pvtune's plain arm, per K."""
+    parts = []
+    for k in sorted({r["codes"] for r in rows}):
+        ours = next((r for r in rows if r["codes"] == k and r["method"] == "plain"), None)
+        peer = next((r for r in rows if r["codes"] == k and r["method"] == "peer-default"),
+                    None)
+        if ours and peer:
+            parts.append(f"{peer['train_s'] / ours['train_s']:.1f}x at K = {k}")
+    return f"; the peer's default trained {', '.join(parts)} slower than plain" if parts else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
