@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _script(name):
-    sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -23,6 +21,7 @@ def _script(name):
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
     import common  # the benchmarks' helper module, as the scripts import it
 
     monkeypatch.setattr(common, "RESULTS", tmp_path)
