@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--short-steps", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--train-strings", type=int, default=20000)
@@ -152,11 +153,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.samples, args.steps, args.train_strings = 1, 64, 3, 2000
-    schedule = TemperatureSchedule(1.0, 0.1, max(1, args.steps - 1))
-    per_arm: dict[str, list[dict]] = {"unguided": [], "guided (straight-through)": [],
-                                      "guided (relaxed samples)": []}
+        args.short_steps = 2
+    settings = {f"tau 1 -> 0.1, {args.steps} steps":
+                (TemperatureSchedule(1.0, 0.1, max(1, args.steps - 1)), args.steps),
+                f"tau 1 fixed, {args.short_steps} steps":
+                (TemperatureSchedule(1.0, 1.0, 1), args.short_steps)}
     modes = {"unguided": "none", "guided (straight-through)": "st",
              "guided (relaxed samples)": "soft"}
+    per_arm: dict[tuple[str, str], list[dict]] = {}
     facts = []
     for seed in range(args.seeds):
         start, trans = markov_chain(seed)
@@ -175,27 +179,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
         facts.append({"seed": seed, "threshold": threshold,
                       "base_rate": (high_count(held) >= threshold).float().mean().item(),
                       "classifier_accuracy": clf_acc})
-        for arm, mode in modes.items():
-            x = guide(model, clf, args.samples, mode, args.steps, seed, schedule, args.lr,
-                      args.prior_weight)
-            with torch.no_grad():
-                judged = clf(F.one_hot(x, VOCAB).float()).argmax(-1).float().mean().item()
-            per_arm[arm].append({
-                "seed": seed,
-                "success": (high_count(x) >= threshold).float().mean().item(),
-                "valid": valid(x, trans).float().mean().item(),
-                "classifier_says_target": judged,
-                "model_nll": -_loglik(model, x).mean().item(),
-                "distinct": len({tuple(r) for r in x.tolist()}) / len(x)})
+        for setting, (schedule, steps) in settings.items():
+            for arm, mode in modes.items():
+                if mode == "none" and setting != next(iter(settings)):
+                    continue  # unguided sampling has no setting
+                x = guide(model, clf, args.samples, mode, steps, seed, schedule, args.lr,
+                          args.prior_weight)
+                with torch.no_grad():
+                    judged = clf(F.one_hot(x, VOCAB).float()).argmax(-1).float().mean().item()
+                per_arm.setdefault((setting if mode != "none" else "-", arm), []).append({
+                    "seed": seed,
+                    "success": (high_count(x) >= threshold).float().mean().item(),
+                    "valid": valid(x, trans).float().mean().item(),
+                    "classifier_says_target": judged,
+                    "model_nll": -_loglik(model, x).mean().item(),
+                    "distinct": len({tuple(r) for r in x.tolist()}) / len(x)})
     rows = []
-    for arm, runs in per_arm.items():
-        row = {"arm": arm, "seeds": args.seeds, "samples": args.samples, "runs": runs}
+    for (setting, arm), runs in per_arm.items():
+        row = {"setting": setting, "arm": arm, "seeds": args.seeds, "samples": args.samples,
+               "runs": runs}
         for key in ("success", "valid", "classifier_says_target", "model_nll", "distinct"):
             vals = [r[key] for r in runs]
             row[key] = statistics.mean(vals)
             row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(stamped(row))
-        print(f"{arm}: success {row['success']:.3f} valid {row['valid']:.3f} "
+        print(f"{setting} {arm}: success {row['success']:.3f} valid {row['valid']:.3f} "
               f"nll {row['model_nll']:.2f}", flush=True)
     base = statistics.mean(f["base_rate"] for f in facts)
     notes = (f"Digit strings of length {LENGTH} from a Markov chain whose digits have "
@@ -206,7 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"accuracy {statistics.mean(f['classifier_accuracy'] for f in facts):.3f}. "
              f"Guidance: {args.steps} Adam steps (lr {args.lr}) on per-position logit "
              f"offsets, objective log p(target|x) + {args.prior_weight} * log p_model(x) / "
-             f"{LENGTH}, tau 1 -> 0.1 (exponential), each sample's Gumbel noise fixed; the "
+             f"{LENGTH}, each sample's Gumbel noise fixed, in two settings (tau annealed "
+             "exponentially 1 -> 0.1 over the steps, or fixed at 1 for fewer steps); the "
              "final sample is the hard one. success: share of final samples in the target "
              "class by the rule (not the classifier); valid: every transition allowed by the "
              "chain; model_nll: the bigram model's negative log-likelihood; distinct: share "
@@ -215,8 +224,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
              "matching on the simplex for DNA/protein/text-like sequences, guidance by a "
              "classifier through the straight-through estimator; here a bigram sampler "
              "stands in for the flow model.")
-    columns = ["arm", "success", "valid", "classifier_says_target", "model_nll", "distinct"]
-    write_results(args.name, QUESTION, rows, columns, key=["arm"], notes=notes,
+    columns = ["setting", "arm", "success", "valid", "classifier_says_target", "model_nll",
+               "distinct"]
+    write_results(args.name, QUESTION, rows, columns, key=["setting", "arm"], notes=notes,
                   extra={"facts": facts})
     plot(rows, base, common.RESULTS / f"{args.name}.png")
     return rows
@@ -234,15 +244,16 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [r["arm"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [r["arm"].replace("guided ", "").replace(" (", "\n(")
+              + ("" if r["setting"] == "-" else "\n" + r["setting"]) for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["success"] for r in rows], 0.4,
            yerr=[r["success_std"] for r in rows], label="target class (rule)")
     ax.bar([x + 0.2 for x in xs], [r["valid"] for r in rows], 0.4,
            yerr=[r["valid_std"] for r in rows], label="valid strings")
     ax.axhline(base, color="gray", ls="--", lw=1, label="base rate")
-    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("share of samples")
     ax.legend(fontsize=8)
