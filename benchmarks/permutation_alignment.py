@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--points", type=int, default=21)
-    p.add_argument("--ste-steps", type=int, default=300)
+    p.add_argument("--ste-steps", type=int, default=200)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--dataset", default="mnist", help="image data (digits: the offline 8x8 set)")
     p.add_argument("--name", default="permutation_alignment")

@@ -51,6 +51,15 @@ def test_weight_matching_recovers_a_known_permutation_exactly():
     assert all(torch.equal(f, i) for f, i in zip(found, inverse, strict=True))
 
 
+def test_weight_matching_from_a_given_start_keeps_an_optimum():
+    chain = _chain()
+    perms = _random_perms(chain)
+    shuffled = permute_chain(chain, perms)
+    inverse = [torch.argsort(p) for p in perms]
+    found = weight_matching(chain, shuffled, init=inverse, max_iter=1)
+    assert all(torch.equal(f, i) for f, i in zip(found, inverse, strict=True))
+
+
 def test_weight_matching_brings_a_noisy_copy_closer():
     chain = _chain()
     noisy = [(w + 0.05 * torch.randn_like(w), b) for w, b in chain]

@@ -66,15 +66,20 @@ def permute_chain(chain: Chain, perms: Sequence[Tensor]) -> Chain:
     return out
 
 
-def weight_matching(target: Chain, source: Chain, *, max_iter: int = 100, seed: int = 0
-                    ) -> list[Tensor]:
+def weight_matching(target: Chain, source: Chain, *, max_iter: int = 100, seed: int = 0,
+                    init: Sequence[Tensor] | None = None) -> list[Tensor]:
     """Permutations that make ``permute_chain(source, perms)`` as close as possible to
     ``target`` in the sum of inner products of all weights and biases (Git Re-Basin's weight
     matching: coordinate descent over hidden layers in random order, each a linear
-    assignment, until a full pass changes nothing)."""
+    assignment, until a full pass changes nothing). ``init`` starts the descent from given
+    permutations (the identity otherwise)."""
     _check_pair(target, source)
     widths = [w.shape[0] for w, _ in target[:-1]]
-    perms = [torch.arange(n) for n in widths]
+    if init is not None:
+        _check_perms(source, init)
+        perms = [p.clone() for p in init]
+    else:
+        perms = [torch.arange(n) for n in widths]
     rng = np.random.default_rng(seed)
     a = [(w.detach().double(), b.detach().double()) for w, b in target]
     s = [(w.detach().double(), b.detach().double()) for w, b in source]
@@ -160,8 +165,9 @@ def learn_permutation_ste(target: Chain, source: Chain, loss: Callable[[Chain], 
     batch_iter = iter(batches) if batches is not None else None
     perms = weight_matching(target, source, seed=seed)
     for step in range(steps):
+        # theta moves little per step: the last projection is a close start
         perms = weight_matching([(w.detach(), b.detach()) for w, b in theta], source,
-                                seed=seed + step, max_iter=20)
+                                seed=seed + step, init=perms)
         hard = permute_chain(source, perms)
         through = [(wt + (wh - wt).detach(), bt + (bh - bt).detach())
                    for (wt, bt), (wh, bh) in zip(theta, hard, strict=True)]
@@ -172,7 +178,8 @@ def learn_permutation_ste(target: Chain, source: Chain, loss: Callable[[Chain], 
         opt.step()
         if progress is not None:
             progress(step, float(value))
-    return weight_matching([(w.detach(), b.detach()) for w, b in theta], source, seed=seed)
+    return weight_matching([(w.detach(), b.detach()) for w, b in theta], source, seed=seed,
+                           init=perms)
 
 
 def _check_pair(a: Chain, b: Chain) -> None:
