@@ -38,6 +38,7 @@ from pvtune.checkpoint.files import (
     sha256_file,
     write_json_atomic,
 )
+from pvtune.distributed import DistributedContext
 from pvtune.errors import CheckpointError, ConfigError, TrainingError
 from pvtune.llm.bos import BosChoice, model_logits
 from pvtune.llm.evaluate import perplexity
@@ -218,6 +219,7 @@ def finetune(
     stop_at: int | None = None,
     bos: BosChoice | None = None,
     identity: dict[str, Any] | None = None,
+    dist: DistributedContext | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (with QuantizedLinear layers) in place; see the module docstring.
 
@@ -226,10 +228,16 @@ def finetune(
     arguments continues from it); ``stop_at`` ends this call after that many steps (resume
     later from ``checkpoint_dir``); ``bos`` is applied to every sequence; ``identity``
     (JSON values, e.g. digests of the source checkpoint and the teacher) joins what a resumed
-    run must match. Raises :class:`TrainingError` when the loss becomes non-finite (the best
-    model so far has been saved by then).
+    run must match. ``dist`` runs data-parallel (:mod:`pvtune.distributed`): each rank takes
+    its shard of every global micro-batch, gradients are averaged once per step, every rank
+    takes the same P and V steps; rank 0 alone shows progress, saves the best model and the
+    resume state (which any number of processes can resume). Raises :class:`TrainingError`
+    when the loss becomes non-finite (the best model so far has been saved by then).
     """
     torch.manual_seed(config.seed)
+    dist = dist or DistributedContext()
+    if not dist.is_main:
+        progress, save_best = False, None
     params = continuous_parameters(student)
     if not config.train_dense:
         from pvtune.nn.quantize import quantized_layers
@@ -259,11 +267,14 @@ def finetune(
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(config.grad_accum):
-            index = batch_indices(config, step, micro, ids.shape[0])
+            index = dist.shard(batch_indices(config, step, micro, ids.shape[0]))
             target = teacher_logits(index)
             loss = kl_loss(model_logits(student, ids[index], bos), target) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
+        if dist.active:
+            _average_gradients(dist, params, opt)
+            total = dist.mean(total)
         done = step + 1
         if not math.isfinite(total):
             bar.close()
@@ -289,7 +300,9 @@ def finetune(
             evaluated_at = done
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
-            _save_resume(checkpoint_dir, student, base, opt, result, done, config, run)
+            if dist.is_main:
+                _save_resume(checkpoint_dir, student, base, opt, result, done, config, run)
+            dist.barrier()
         if stop_at is not None and done >= stop_at:
             break
     bar.close()
@@ -299,6 +312,21 @@ def finetune(
         _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress)
     student.eval()
     return result
+
+
+def _average_gradients(dist: DistributedContext, params: list[nn.Parameter],
+                       opt: PVOptimizer) -> None:
+    """Average, over the ranks, the continuous gradients and the dense weight gradients the
+    V step reads (a missing gradient counts as zero, so every rank sends the same tensors)."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    for layer in opt.layers.values():
+        if layer.dense_weight is not None and layer.dense_weight.grad is not None:
+            grads.append(layer.dense_weight.grad)
+    dist.average_(grads)
 
 
 def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,

@@ -1,0 +1,126 @@
+"""Data parallelism on PyTorch's own engine (``torch.distributed``, started by ``torchrun``).
+
+Each process reads its rank and the world size from the environment ``torchrun`` sets, joins
+the process group (``gloo`` on CPU, ``nccl`` on CUDA) and takes a contiguous shard of every
+global micro-batch. After the backward passes of a step, one all-reduce averages the
+gradients of the continuous parameters *and* the dense weight gradients the discrete (V) step
+reads, so every rank takes the identical P and V steps from identical gradients and the
+models stay equal without broadcasting codes. (DDP would reduce only ``nn.Parameter``
+gradients, and during every backward; the dense gradients need the same reduction, once per
+step, so one flat all-reduce does both.)
+
+Example::
+
+    ctx = DistributedContext.from_environment()   # rank 0 of 1 outside torchrun
+    index = ctx.shard(global_index)                # this rank's sequences
+    ...backward...
+    ctx.average_([p.grad for p in params])
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pvtune.errors import ConfigError, PvtuneError
+
+
+class DistributedError(PvtuneError, RuntimeError):
+    """A process of a distributed run failed or could not join (the message names the rank)."""
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a data-parallel run: ``rank`` of ``world_size``."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} of world size {self.world_size} is impossible")
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that logs, shows progress and writes files)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, backend: str | None = None, timeout_s: float = 300.0
+                         ) -> DistributedContext:
+        """The context ``torchrun`` describes in ``RANK`` / ``WORLD_SIZE`` (joining the
+        process group, ``gloo`` on CPU or ``nccl`` with CUDA unless ``backend`` says), or a
+        single process when they are absent. ``timeout_s`` bounds every collective: a rank
+        that died makes the others fail with an error instead of hanging."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        rank = int(os.environ.get("RANK", "0"))
+        if not torch.distributed.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            try:
+                torch.distributed.init_process_group(
+                    backend, timeout=datetime.timedelta(seconds=timeout_s))
+            except Exception as err:  # the store or a peer is unreachable
+                raise DistributedError(f"rank {rank} of {world} could not join the process "
+                                       f"group ({err}); check MASTER_ADDR / MASTER_PORT or "
+                                       "the --rdzv-endpoint torchrun was given") from None
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+    def shard(self, index: Tensor) -> Tensor:
+        """This rank's contiguous part of a global micro-batch of sequence indices (every
+        rank gets the same number, so averaged gradients equal the global batch's)."""
+        if not self.active:
+            return index
+        if len(index) % self.world_size:
+            raise ConfigError(f"a micro-batch of {len(index)} sequences cannot be split evenly "
+                              f"across {self.world_size} processes: make --batch-size a "
+                              f"multiple of {self.world_size}")
+        size = len(index) // self.world_size
+        return index[self.rank * size:(self.rank + 1) * size]
+
+    def average_(self, tensors: list[Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks, in place (one flat all-reduce)."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        self._collective(lambda: torch.distributed.all_reduce(flat))
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].reshape(t.shape))
+            offset += n
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the ranks."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        self._collective(lambda: torch.distributed.all_reduce(t))
+        return float(t) / self.world_size
+
+    def barrier(self) -> None:
+        """Wait until every rank arrives."""
+        if self.active:
+            self._collective(torch.distributed.barrier)
+
+    def _collective(self, call) -> None:
+        try:
+            call()
+        except Exception as err:
+            raise DistributedError(f"rank {self.rank} of {self.world_size}: a collective "
+                                   f"failed ({type(err).__name__}: {err}); another rank has "
+                                   "probably died, see its output") from None
+
+
+__all__ = ["DistributedContext", "DistributedError"]

@@ -1,0 +1,92 @@
+"""Data-parallel PV-Tuning on torch.distributed (gloo, CPU): 2 processes started by torchrun
+equal 1 process with the same global batch; a killed rank stops the job with an error (no
+hang); a run resumes from its checkpoint at another process count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pvtune.distributed import DistributedContext
+from pvtune.errors import ConfigError
+from pvtune.llm.finetune import TeacherLogits, finetune
+from tests.llm.finetune_worker import REPRESENTATION, config
+from tests.llm.test_finetune import setup
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def torchrun(nproc: int, llama_dir, strategy: str, out: Path, checkpoint: Path | None = None,
+             die_rank: int = -1, die_at: int = 0, timeout: float = 240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", str(ROOT / "tests" / "llm" / "finetune_worker.py"),
+           str(llama_dir), strategy, str(STEPS), str(out), str(checkpoint or ""),
+           str(die_rank), str(die_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def single_process(llama_dir, strategy: str):
+    torch.set_num_threads(1)
+    student, teacher, ids = setup(llama_dir, REPRESENTATION, n=8)
+    result = finetune(student, TeacherLogits(teacher, ids), ids, config(strategy, STEPS),
+                      progress=False)
+    return student.state_dict(), result.losses
+
+
+def codes_of(state):
+    return {k: v for k, v in state.items() if v.dtype in (torch.uint8, torch.int8, torch.int16,
+                                                          torch.int32, torch.int64)}
+
+
+@pytest.mark.parametrize("strategy", ["subspace_v_ste", "stochastic_rounding"])
+def test_two_processes_equal_one(llama_dir, tmp_path, strategy):
+    run = torchrun(2, llama_dir, strategy, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    want_state, want_losses = single_process(llama_dir, strategy)
+    states = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for r in range(2):
+        losses = json.loads((tmp_path / f"rank{r}.json").read_text())["losses"]
+        assert losses == pytest.approx(want_losses, rel=1e-4)
+    want_codes = codes_of(want_state)
+    assert want_codes
+    for state in states:
+        assert all(torch.equal(state[k], v) for k, v in want_codes.items())
+        for k, v in want_state.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-3, atol=1e-4)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks agree
+
+
+def test_a_killed_rank_stops_the_job_and_it_resumes_at_another_process_count(llama_dir,
+                                                                             tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    # rank 1 dies in step 4, after the step-2 resume state was written
+    run = torchrun(2, llama_dir, "stochastic_rounding", tmp_path / "a", checkpoint,
+                   die_rank=1, die_at=4, timeout=120)
+    assert run.returncode != 0
+    assert "exitcode" in run.stderr and "17" in run.stderr  # torchrun names the dead rank
+    assert (checkpoint / "resume_state.json").is_file()
+    assert json.loads((checkpoint / "resume_state.json").read_text())["step"] == 2
+    resumed = torchrun(1, llama_dir, "stochastic_rounding", tmp_path / "b", checkpoint)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want_state, _ = single_process(llama_dir, "stochastic_rounding")
+    state = load_file(str(tmp_path / "b" / "rank0.safetensors"))
+    assert all(torch.equal(state[k], v) for k, v in codes_of(want_state).items())
+
+
+def test_context_shards_evenly_or_says_what_to_change():
+    ctx = DistributedContext(rank=1, world_size=2)
+    assert ctx.shard(torch.arange(6)).tolist() == [3, 4, 5]
+    assert DistributedContext().shard(torch.arange(3)).tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        ctx.shard(torch.arange(5))
+    with pytest.raises(ConfigError, match="impossible"):
+        DistributedContext(rank=2, world_size=2)
