@@ -90,3 +90,37 @@ def test_context_shards_evenly_or_says_what_to_change():
         ctx.shard(torch.arange(5))
     with pytest.raises(ConfigError, match="impossible"):
         DistributedContext(rank=2, world_size=2)
+
+
+def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir, text_file,
+                                                                       tmp_path):
+    from pvtune.cli import main
+    from pvtune.llm.checkpoint import read_meta
+    from pvtune.llm.model import load_causal_lm
+
+    ckpt = tmp_path / "c"
+    assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "2",
+                 "--group-size", "16", "--calib-text", str(text_file), "--no-eval",
+                 "--num-seqs", "2", "--seq-len", "16", "--output", str(ckpt),
+                 "--max-new-tokens", "0"]) == 0
+    common = ["finetune", str(ckpt), "--steps", "3", "--num-seqs", "4", "--seq-len", "16",
+              "--batch-size", "2", "--calib-text", str(text_file), "--eval-text",
+              str(text_file), "--eval-window", "16", "--checkpoint-every", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    assert main([*common, "--output", str(one)]) == 0
+    pvtune = Path(sys.executable).parent / "pvtune"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", str(pvtune), *common, "--output", str(two)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("perplexity, start -> best") == 1  # rank 0 alone reports
+    a, _ = load_causal_lm(one)
+    b, _ = load_causal_lm(two)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sb[k], v) for k, v in codes_of(sa).items())
+    la = read_meta(one)["finetune_result"]["losses"]
+    lb = read_meta(two)["finetune_result"]["losses"]
+    assert lb == pytest.approx(la, rel=1e-4)
+    assert not (two / "resume").exists()  # finished: the resume state is cleared

@@ -373,6 +373,7 @@ def _checked_meta(meta: dict, source: Path) -> dict:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pvtune.distributed import DistributedContext
     from pvtune.errors import ModelError, TrainingError
     from pvtune.llm.checkpoint import read_meta, save_compressed, size_on_disk, write_meta
     from pvtune.llm.data import (
@@ -425,12 +426,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     output = Path(args.output or f"{source}-finetuned-{args.strategy}")
     resume = output / "resume"
     resuming = (resume / RESUME_META).is_file() and not args.overwrite
-    _prepare_output(output, args.overwrite or resuming,
-                    {"source checkpoint": source, "teacher model folder": teacher_dir})
+    dist = DistributedContext.from_environment()  # one process unless started by torchrun
+    if not dist.is_main:
+        logging.getLogger("pvtune").setLevel(logging.WARNING)  # rank 0 reports
     student, tokenizer = load_causal_lm(source)
-    _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
-    if args.overwrite and resume.is_dir():
-        shutil.rmtree(resume)
+    if dist.is_main:  # rank 0 prepares the output; the others wait for it
+        _prepare_output(output, args.overwrite or resuming,
+                        {"source checkpoint": source, "teacher model folder": teacher_dir})
+        _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
+        if args.overwrite and resume.is_dir():
+            shutil.rmtree(resume)
+    dist.barrier()
     if teacher_src is None:
         from pvtune.llm.assets import default_model_dir
 
@@ -484,11 +490,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                           checkpoint_dir=resume if args.checkpoint_every else None,
                           save_best=save_best if windows is not None else None, bos=bos,
                           identity={"source": model_fingerprint(source),
-                                    "teacher": teacher_print})
+                                    "teacher": teacher_print}, dist=dist)
     except TrainingError:
-        if is_pvtune_checkpoint(output):
+        if dist.is_main and is_pvtune_checkpoint(output):
             log.error("the best model so far stays in %s", output)
         raise
+    if not dist.is_main:  # every rank holds the same model; rank 0 writes and reports
+        dist.close()
+        return 0
     if windows is None:
         save_compressed(student, tokenizer, output, {**record, "best_step": config.steps})
     saved = read_meta(output)
@@ -515,6 +524,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"Fine-tuning did not improve on the starting model (perplexity "
               f"{result.start_perplexity:.3f}): {output} holds the starting model. Try a "
               "smaller --lr or --code-lr.")
+    dist.close()
     return 0
 
 

@@ -114,6 +114,12 @@ class DistributedContext:
         if self.active:
             self._collective(torch.distributed.barrier)
 
+    def close(self) -> None:
+        """Leave the process group after every rank has arrived (call once, at the end)."""
+        if self.active and torch.distributed.is_initialized():
+            self.barrier()
+            torch.distributed.destroy_process_group()
+
     def _collective(self, call) -> None:
         try:
             call()
