@@ -124,3 +124,41 @@ def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir
     lb = read_meta(two)["finetune_result"]["losses"]
     assert lb == pytest.approx(la, rel=1e-4)
     assert not (two / "resume").exists()  # finished: the resume state is cleared
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_torchrun_pvtune_compress_gives_the_single_process_codes(llama_dir, text_file,
+                                                                 tmp_path, method):
+    from pvtune.cli import main
+    from pvtune.llm.checkpoint import read_meta
+    from pvtune.llm.model import load_causal_lm
+
+    args = ["compress", str(llama_dir), "--method", method, "--bits", "2", "--group-size",
+            "16", "--calib-text", str(text_file), "--no-eval", "--num-seqs", "4",
+            "--seq-len", "16", "--max-new-tokens", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    assert main([*args, "--output", str(one)]) == 0
+    pvtune = Path(sys.executable).parent / "pvtune"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", str(pvtune), *args, "--output", str(two)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, _ = load_causal_lm(one)
+    b, _ = load_causal_lm(two)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # codes and scales, bit for bit
+    layers_one = [r["name"] for r in read_meta(one)["layers"]]
+    assert layers_one == [r["name"] for r in read_meta(two)["layers"]]
+
+
+def test_layers_are_split_by_size():
+    from pvtune.llm.pipeline import assign_layers
+
+    owner = assign_layers({"q": 4, "k": 1, "v": 1, "o": 4, "up": 8, "down": 8}, 2)
+    load = [sum(s for n, s in {"q": 4, "k": 1, "v": 1, "o": 4, "up": 8, "down": 8}.items()
+                if owner[n] == r) for r in range(2)]
+    assert load == [13, 13]
+    assert set(assign_layers({"a": 1}, 3).values()) == {0}

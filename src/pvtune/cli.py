@@ -270,6 +270,7 @@ def _compress_config(args: argparse.Namespace, preset):
 def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
+    from pvtune.distributed import DistributedContext
     from pvtune.llm.bos import with_bos
     from pvtune.llm.checkpoint import save_compressed, size_on_disk
     from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
@@ -285,11 +286,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     source, source_dir = _source_record(args.model)
     kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
     output = Path(args.output or f"compressed-{args.method}-{kind}")
-    _prepare_output(output, args.overwrite, {"source model folder": source_dir})
+    dist = DistributedContext.from_environment()  # one process unless started by torchrun
+    if not dist.is_main:
+        logging.getLogger("pvtune").setLevel(logging.WARNING)  # rank 0 reports
+    if dist.is_main:
+        _prepare_output(output, args.overwrite, {"source model folder": source_dir})
+    dist.barrier()
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(source_dir or args.model)
     params = count_params(model)
-    _check_space(output, 2 * params)  # float16 everything: more than any compressed form
+    if dist.is_main:
+        _check_space(output, 2 * params)  # float16 everything: more than any compressed form
     check_layers_fit(model, find_blocks(model), config)  # before any long work
     bos = _bos_choice(source_dir, tokenizer, model.config, args.bos)
     log.info("loaded %s (%.1fM parameters) in %.1f s; BOS: %s (%s)", source, params / 1e6,
@@ -301,14 +308,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                   config.calibration)
     results: dict = {}
     windows = None
-    if not args.no_eval:
+    if not args.no_eval and dist.is_main:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
                                                                       "evaluation")),
                                eval_config)
         results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
     log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
              config.method, config.representation, calib_ids.shape[0], calib_ids.shape[1])
-    report = compress_model(model, with_bos(calib_ids, bos), config)
+    report = compress_model(model, with_bos(calib_ids, bos), config, dist=dist)
+    if not dist.is_main:  # every rank holds the compressed model; rank 0 writes and reports
+        dist.close()
+        return 0
     if windows is not None:
         results["compressed"] = _evaluate(model, windows, "compressed model", bos)
     meta = {"source_model": source,
@@ -337,6 +347,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.model is None:
         print(f"Reference: {REFERENCE_NOTE}.")
     _sample(model, tokenizer, args, bos)
+    dist.close()
     return 0
 
 

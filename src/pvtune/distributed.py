@@ -55,13 +55,18 @@ class DistributedContext:
         return self.world_size > 1
 
     @classmethod
-    def from_environment(cls, backend: str | None = None, timeout_s: float = 300.0
+    def from_environment(cls, backend: str | None = None, timeout_s: float | None = None
                          ) -> DistributedContext:
         """The context ``torchrun`` describes in ``RANK`` / ``WORLD_SIZE`` (joining the
         process group, ``gloo`` on CPU or ``nccl`` with CUDA unless ``backend`` says), or a
         single process when they are absent. ``timeout_s`` bounds every collective: a rank
-        that died makes the others fail with an error instead of hanging."""
+        that died makes the others fail with an error instead of hanging (default
+        ``$PVTUNE_DIST_TIMEOUT`` or 1800 s: rank 0 may spend minutes writing a checkpoint
+        while the others wait). ``torchrun`` itself stops every rank when one exits with an
+        error."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("PVTUNE_DIST_TIMEOUT", "1800"))
         if world <= 1:
             return cls()
         rank = int(os.environ.get("RANK", "0"))
@@ -109,15 +114,21 @@ class DistributedContext:
         self._collective(lambda: torch.distributed.all_reduce(t))
         return float(t) / self.world_size
 
+    def broadcast_objects(self, objects: list, src: int) -> None:
+        """Replace ``objects`` on every rank by rank ``src``'s, in place (pickled between
+        processes of this run only)."""
+        if self.active:
+            self._collective(lambda: torch.distributed.broadcast_object_list(objects, src=src))
+
     def barrier(self) -> None:
         """Wait until every rank arrives."""
         if self.active:
             self._collective(torch.distributed.barrier)
 
     def close(self) -> None:
-        """Leave the process group after every rank has arrived (call once, at the end)."""
+        """Leave the process group (call once, after this rank's last collective; rank 0
+        may still be writing files, so there is no barrier)."""
         if self.active and torch.distributed.is_initialized():
-            self.barrier()
             torch.distributed.destroy_process_group()
 
     def _collective(self, call) -> None:

@@ -178,3 +178,36 @@ def test_corrupted_and_truncated_checkpoints(llama_dir, tmp_path):
     weights.unlink()
     with pytest.raises(CheckpointError, match="named by pvtune_layout.json, is missing"):
         load_compressed(ckpt)
+
+
+def test_xtx_collector_never_mixes_inputs_that_reuse_memory():
+    """Two layers fed different tensors at the same address (what the allocator does when a
+    temporary is freed and the next one takes its memory): each layer must get its own
+    product; layers fed the same tensor object share one."""
+    from torch import nn
+
+    from pvtune.llm.pipeline import XTXCollector
+
+    class SameAddress(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.third = (nn.Linear(8, 4), nn.Linear(8, 4),
+                                                   nn.Linear(8, 4))
+            self.memory = torch.empty(16, 8)
+
+        def forward(self, x):
+            self.memory.copy_(x * 2)
+            a = self.first(self.memory[:])  # a view: a new tensor object at that address
+            self.memory.copy_(x + 1)
+            b = self.second(self.memory[:])  # same address, shape and strides, new values
+            return a + b + self.third(self.memory[:])
+
+    module = SameAddress()
+    collector = XTXCollector(module)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        collector.new_call()
+        module(x)
+    collector.remove()
+    for name, inp in (("first", x * 2), ("second", x + 1), ("third", x + 1)):
+        torch.testing.assert_close(collector.xtx(name), inp.T @ inp / 16)

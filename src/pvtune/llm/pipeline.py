@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pvtune.distributed import DistributedContext
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
 from pvtune.llm.data import CalibrationConfig
@@ -182,7 +183,7 @@ class XTXCollector:
     def __init__(self, module: nn.Module) -> None:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
-        self._cache: dict[tuple, Tensor] = {}
+        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
         self._handles = [
             m.register_forward_pre_hook(self._hook(name))
             for name, m in module.named_modules() if isinstance(m, nn.Linear)
@@ -190,12 +191,17 @@ class XTXCollector:
 
     def _hook(self, name: str):
         def hook(module, inputs):
-            x = inputs[0].detach()
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
-            if key not in self._cache:
-                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-                self._cache[key] = flat.T @ flat
-            prod = self._cache[key]
+            x = inputs[0]
+            # Share the product between layers fed the *same tensor object*. The cache holds
+            # that tensor, so neither its id nor its memory can be reused by another input
+            # during the call (keying by data_ptr alone once gave the MLP the attention's
+            # inputs whenever the allocator reused the address: nondeterministic XTX).
+            cached = self._cache.get(id(x))
+            if cached is None or cached[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                cached = (x, flat.T @ flat)
+                self._cache[id(x)] = cached
+            prod = cached[1]
             self.sums[name] = self.sums[name] + prod if name in self.sums else prod.clone()
             self.counts[name] = self.counts.get(name, 0) + x.numel() // x.shape[-1]
 
@@ -243,13 +249,19 @@ def check_layers_fit(model: nn.Module, structure: BlockStructure, config: Compre
 
 def compress_model(
     model: nn.Module, calibration_ids: Tensor | None, config: CompressConfig,
-    progress: bool = True,
+    progress: bool = True, dist: DistributedContext | None = None,
 ) -> CompressReport:
     """Compress every linear layer inside ``model``'s decoder blocks in place.
 
     ``calibration_ids`` (``[N, L]`` token ids) may be None only for methods that need no
-    calibration (``rtn``).
+    calibration (``rtn``). With ``dist`` (several processes, :mod:`pvtune.distributed`) the
+    linear layers of each block are split across the ranks, balanced by size; each rank
+    initialises its own and the results are broadcast, so every rank ends with the whole
+    compressed model (the same codes as one process: each layer's initialisation depends only
+    on its weight and its inputs).
     """
+    dist = dist or DistributedContext()
+    progress = progress and dist.is_main
     structure = find_blocks(model)
     check_layers_fit(model, structure, config)
     init = get_init(config.method)
@@ -257,11 +269,11 @@ def compress_model(
     start = time.perf_counter()
     model.eval()
     if not init.needs_calibration:
-        _compress_without_data(structure, config, report, progress)
+        _compress_without_data(structure, config, report, progress, dist)
     else:
         if calibration_ids is None:
             raise ConfigError(f"method {config.method!r} needs calibration token ids")
-        _compress_with_data(model, structure, calibration_ids, config, report, progress)
+        _compress_with_data(model, structure, calibration_ids, config, report, progress, dist)
     if config.embeddings is not None:
         done = compress_embeddings_(model, EmbeddingCompression(config.embeddings))
         log.info("embeddings compressed: %s", done)
@@ -287,16 +299,49 @@ def _quantize_linear(block, name, xtx, config, prefix) -> LayerReport:
                        qweight.bits_per_param(), err, time.perf_counter() - t0)
 
 
-def _compress_without_data(structure, config, report, progress) -> None:
+def assign_layers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """A deterministic partition of layers across ranks, balanced by size: largest first,
+    each to the least loaded rank (the lowest on ties)."""
+    load = [0] * world_size
+    owner = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += sizes[name]
+    return owner
+
+
+def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedContext
+                    ) -> list[LayerReport]:
+    """Quantize the linear layers ``names`` of ``block``: all here, or each on its owner
+    rank, the compressed weight then sent to every rank."""
+    if not dist.active:
+        return [_quantize_linear(block, n, xtx_of(n), config, prefix) for n in names]
+    sizes = {n: block.get_submodule(n).weight.numel() for n in names}
+    owner = assign_layers(sizes, dist.world_size)
+    mine = {n: _quantize_linear(block, n, xtx_of(n), config, prefix)
+            for n in names if owner[n] == dist.rank}
+    reports = []
+    for n in names:
+        # process-to-process only (never a file): the compressed module travels pickled
+        payload = [(block.get_submodule(n).qweight, mine[n])] if n in mine else [None]
+        dist.broadcast_objects(payload, src=owner[n])
+        qweight, layer_report = payload[0]
+        if n not in mine:
+            linear = block.get_submodule(n)
+            _set_submodule(block, n, QuantizedLinear(qweight, linear.bias))
+        reports.append(layer_report)
+    return reports
+
+
+def _compress_without_data(structure, config, report, progress, dist) -> None:
     for i, block in enumerate(tqdm(structure.blocks, desc=f"compress ({config.method})",
                                    disable=not progress, unit="block")):
-        for name in structure.linear_names(i):
-            report.layers.append(
-                _quantize_linear(block, name, None, config, f"{structure.path}.{i}")
-            )
+        report.layers += _quantize_block(block, structure.linear_names(i), lambda n: None,
+                                         config, f"{structure.path}.{i}", dist)
 
 
-def _compress_with_data(model, structure, ids, config, report, progress) -> None:
+def _compress_with_data(model, structure, ids, config, report, progress, dist) -> None:
     batch = _largest_divisor_at_most(ids.shape[0], config.batch_size)
     inputs, extras = capture_block_inputs(model, structure, ids, batch)
     bar = tqdm(total=len(structure.blocks), desc=f"compress ({config.method})",
@@ -310,8 +355,8 @@ def _compress_with_data(model, structure, ids, config, report, progress) -> None
                 collector.new_call()
                 targets[sl] = run_block(block, inputs[sl], extras[i])
         collector.remove()
-        for name in structure.linear_names(i):
-            report.layers.append(_quantize_linear(block, name, collector.xtx(name), config, prefix))
+        report.layers += _quantize_block(block, structure.linear_names(i), collector.xtx,
+                                         config, prefix, dist)
         del collector
         if config.block_finetune is not None and config.block_finetune.steps > 0:
             report.block_losses.append(
