@@ -301,3 +301,20 @@ def test_cli_finetune(llama_dir, text_file, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     shutil.rmtree(out)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(llama_dir):
+    """Two micro-batches of 1 sequence take the step one batch of 2 takes: the V step reads
+    the dense gradient accumulated over both (not only the last micro-batch's)."""
+    states = []
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+        cfg = FinetuneConfig(steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2,
+                             vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1, tau=0.05))
+        result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
+        states.append((student.state_dict(), result.losses))
+    (a, la), (b, lb) = states
+    assert la == pytest.approx(lb, rel=1e-4)
+    codes = [k for k, v in a.items() if v.dtype == torch.uint8]
+    assert codes and all(torch.equal(a[k], b[k]) for k in codes)
+    assert any(f > 0 for f in result.fraction_changed)

@@ -134,7 +134,8 @@ def batch_indices(config: FinetuneConfig, step: int, micro: int, pool: int) -> T
 @dataclass
 class FinetuneResult:
     """History of a fine-tuning run: losses and code changes per step, evaluations as
-    ``(step, perplexity)`` (step 0 is the starting model), the best of them, and time."""
+    ``(step, perplexity)`` (step 0 is the starting model), the best of them, and time (the
+    gradient all-reduce of a distributed run apart from forward+backward)."""
 
     losses: list[float] = field(default_factory=list)
     fraction_changed: list[float] = field(default_factory=list)
@@ -144,6 +145,7 @@ class FinetuneResult:
     seconds_forward_backward: float = 0.0
     seconds_discrete: float = 0.0
     seconds_continuous: float = 0.0
+    seconds_allreduce: float = 0.0
 
     @property
     def start_perplexity(self) -> float | None:
@@ -265,6 +267,7 @@ def finetune(
     for step in bar:
         factor = lr_factor(config, step)  # scales the continuous and the code step alike
         t0 = time.perf_counter()
+        reduced_before = result.seconds_allreduce
         total = 0.0
         for micro in range(config.grad_accum):
             index = dist.shard(batch_indices(config, step, micro, ids.shape[0]))
@@ -273,8 +276,10 @@ def finetune(
             loss.backward()
             total += float(loss.detach())
         if dist.active:
+            t_reduce = time.perf_counter()
             _average_gradients(dist, params, opt)
             total = dist.mean(total)
+            result.seconds_allreduce += time.perf_counter() - t_reduce
         done = step + 1
         if not math.isfinite(total):
             bar.close()
@@ -287,7 +292,8 @@ def finetune(
         t1 = time.perf_counter()
         stats = opt.step(lr_scale=factor)
         opt.zero_grad()
-        result.seconds_forward_backward += t1 - t0
+        result.seconds_forward_backward += t1 - t0 - (result.seconds_allreduce
+                                                      - reduced_before)
         result.seconds_continuous += stats.seconds_continuous
         result.seconds_discrete += stats.seconds_discrete
         result.losses.append(total)

@@ -64,6 +64,10 @@ class QuantizedLinear(nn.Module):
                 if not w.requires_grad:  # no continuous parameter needs grad: make W a leaf
                     w = w.detach().requires_grad_(True)
                 w.retain_grad()
+                previous = self.dense_weight
+                if previous is not None and previous.grad is not None:
+                    # micro-batches accumulate into dL/dW until zero_grad drops it
+                    w.grad = previous.grad
                 self.dense_weight = w
             return w
         tensors = [*self.qweight.parameters(), *self.qweight.buffers()]
