@@ -105,7 +105,8 @@ def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir
                  "--max-new-tokens", "0"]) == 0
     common = ["finetune", str(ckpt), "--steps", "3", "--num-seqs", "4", "--seq-len", "16",
               "--batch-size", "2", "--calib-text", str(text_file), "--eval-text",
-              str(text_file), "--eval-window", "16", "--checkpoint-every", "2"]
+              str(text_file), "--eval-window", "16", "--checkpoint-every", "2",
+              "--cache-teacher"]
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     assert main([*common, "--output", str(one)]) == 0

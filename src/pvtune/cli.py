@@ -496,6 +496,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         save_compressed(model, tokenizer, output, {**record, "best_step": step})
         log.info("saved the best model so far (step %d) to %s", step, output)
 
+    dist.barrier()  # every rank has tidied the shared teacher cache before any writes to it
     try:
         result = finetune(student, teacher_logits, ids, config, windows,
                           checkpoint_dir=resume if args.checkpoint_every else None,
