@@ -127,16 +127,19 @@ def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir
     assert not (two / "resume").exists()  # finished: the resume state is cleared
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", [
+    ["rtn", "--bits", "2", "--group-size", "16"],
+    ["gptq", "--bits", "2", "--group-size", "16"],
+    ["aqlm", "--codebooks", "1x4g8", "--preset", "demo"],  # with block fine-tuning
+], ids=lambda m: m[0])
 def test_torchrun_pvtune_compress_gives_the_single_process_codes(llama_dir, text_file,
                                                                  tmp_path, method):
     from pvtune.cli import main
     from pvtune.llm.checkpoint import read_meta
     from pvtune.llm.model import load_causal_lm
 
-    args = ["compress", str(llama_dir), "--method", method, "--bits", "2", "--group-size",
-            "16", "--calib-text", str(text_file), "--no-eval", "--num-seqs", "4",
-            "--seq-len", "16", "--max-new-tokens", "0"]
+    args = ["compress", str(llama_dir), "--method", *method, "--calib-text", str(text_file),
+            "--no-eval", "--num-seqs", "4", "--seq-len", "16", "--max-new-tokens", "0"]
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     assert main([*args, "--output", str(one)]) == 0
