@@ -158,3 +158,12 @@ def test_bad_settings_say_what_to_change():
         VQBottleneckConfig(10, 2, update="vqbridge", bridge_group=4)
     with pytest.raises(ConfigError, match="last axis has 3"):
         _vq("plain")(torch.randn(2, 3))
+
+
+def test_lookup_in_small_distance_blocks_equals_one_block():
+    torch.manual_seed(2)
+    flat, book = torch.randn(37, 4), torch.randn(32, 4)
+    whole = VectorQuantizer._nearest(flat, book)
+    blocks = VectorQuantizer._nearest(flat, book, entries=64)  # 2 rows per block
+    assert torch.equal(whole, blocks)
+    assert torch.equal(whole, torch.cdist(flat, book).argmin(-1))

@@ -233,8 +233,9 @@ class VectorQuantizer(nn.Module):
                               f"input's last axis has {z.shape[-1]}")
 
     @staticmethod
-    def _nearest(flat: Tensor, book: Tensor, chunk: int = 8192) -> Tensor:
+    def _nearest(flat: Tensor, book: Tensor, entries: int = 1 << 24) -> Tensor:
         book_sq = (book * book).sum(-1)
+        chunk = max(1, entries // book.shape[0])  # distance blocks of at most 64 MiB
         out = []
         for part in flat.split(chunk):
             # |x|^2 is the same for every codeword: argmin of |e|^2 - 2 x.e
