@@ -267,10 +267,20 @@ def _compress_config(args: argparse.Namespace, preset):
                           block_finetune=finetune, embeddings=embeddings)
 
 
+def _distributed_context():
+    """This process's place in a torchrun job (one process otherwise); ranks other than 0
+    log warnings only, rank 0 reports."""
+    from pvtune.distributed import DistributedContext
+
+    dist = DistributedContext.from_environment()
+    if not dist.is_main:
+        logging.getLogger("pvtune").setLevel(logging.WARNING)
+    return dist
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
-    from pvtune.distributed import DistributedContext
     from pvtune.llm.bos import with_bos
     from pvtune.llm.checkpoint import save_compressed, size_on_disk
     from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
@@ -286,9 +296,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     source, source_dir = _source_record(args.model)
     kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
     output = Path(args.output or f"compressed-{args.method}-{kind}")
-    dist = DistributedContext.from_environment()  # one process unless started by torchrun
-    if not dist.is_main:
-        logging.getLogger("pvtune").setLevel(logging.WARNING)  # rank 0 reports
+    dist = _distributed_context()
     if dist.is_main:
         _prepare_output(output, args.overwrite, {"source model folder": source_dir})
     dist.barrier()
@@ -384,7 +392,6 @@ def _checked_meta(meta: dict, source: Path) -> dict:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from pvtune.distributed import DistributedContext
     from pvtune.errors import ModelError, TrainingError
     from pvtune.llm.checkpoint import read_meta, save_compressed, size_on_disk, write_meta
     from pvtune.llm.data import (
@@ -437,9 +444,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     output = Path(args.output or f"{source}-finetuned-{args.strategy}")
     resume = output / "resume"
     resuming = (resume / RESUME_META).is_file() and not args.overwrite
-    dist = DistributedContext.from_environment()  # one process unless started by torchrun
-    if not dist.is_main:
-        logging.getLogger("pvtune").setLevel(logging.WARNING)  # rank 0 reports
+    dist = _distributed_context()
     student, tokenizer = load_causal_lm(source)
     if dist.is_main:  # rank 0 prepares the output; the others wait for it
         _prepare_output(output, args.overwrite or resuming,

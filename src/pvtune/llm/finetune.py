@@ -267,7 +267,6 @@ def finetune(
     for step in bar:
         factor = lr_factor(config, step)  # scales the continuous and the code step alike
         t0 = time.perf_counter()
-        reduced_before = result.seconds_allreduce
         total = 0.0
         for micro in range(config.grad_accum):
             index = dist.shard(batch_indices(config, step, micro, ids.shape[0]))
@@ -275,11 +274,13 @@ def finetune(
             loss = kl_loss(model_logits(student, ids[index], bos), target) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
+        reduce_s = 0.0
         if dist.active:
             t_reduce = time.perf_counter()
             _average_gradients(dist, params, opt)
             total = dist.mean(total)
-            result.seconds_allreduce += time.perf_counter() - t_reduce
+            reduce_s = time.perf_counter() - t_reduce
+            result.seconds_allreduce += reduce_s
         done = step + 1
         if not math.isfinite(total):
             bar.close()
@@ -292,8 +293,7 @@ def finetune(
         t1 = time.perf_counter()
         stats = opt.step(lr_scale=factor)
         opt.zero_grad()
-        result.seconds_forward_backward += t1 - t0 - (result.seconds_allreduce
-                                                      - reduced_before)
+        result.seconds_forward_backward += t1 - t0 - reduce_s
         result.seconds_continuous += stats.seconds_continuous
         result.seconds_discrete += stats.seconds_discrete
         result.losses.append(total)
