@@ -25,12 +25,13 @@ STEPS = 4
 
 
 def torchrun(nproc: int, llama_dir, strategy: str, out: Path, checkpoint: Path | None = None,
-             die_rank: int = -1, die_at: int = 0, timeout: float = 240):
+             die_rank: int = -1, die_at: int = 0, timeout: float = 240,
+             placement: str = "replicated"):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(ROOT / "tests" / "llm" / "finetune_worker.py"),
            str(llama_dir), strategy, str(STEPS), str(out), str(checkpoint or ""),
-           str(die_rank), str(die_at)]
+           str(die_rank), str(die_at), placement]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -47,15 +48,20 @@ def codes_of(state):
                                                           torch.int32, torch.int64)}
 
 
+@pytest.mark.parametrize("placement", ["replicated", "owner"])
 @pytest.mark.parametrize("strategy", ["subspace_v_ste", "stochastic_rounding"])
-def test_two_processes_equal_one(llama_dir, tmp_path, strategy):
-    run = torchrun(2, llama_dir, strategy, tmp_path)
+def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
+    run = torchrun(2, llama_dir, strategy, tmp_path, placement=placement)
     assert run.returncode == 0, run.stderr[-3000:]
     want_state, want_losses = single_process(llama_dir, strategy)
     states = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    sent = []
     for r in range(2):
-        losses = json.loads((tmp_path / f"rank{r}.json").read_text())["losses"]
-        assert losses == pytest.approx(want_losses, rel=1e-4)
+        record = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert record["losses"] == pytest.approx(want_losses, rel=1e-4)
+        sent.append(record["code_bytes_sent"])
+    # with owners each rank stepped and sent its own share of the codes; replicated: none
+    assert all(n > 0 for n in sent) if placement == "owner" else sent == [0, 0]
     want_codes = codes_of(want_state)
     assert want_codes
     for state in states:
@@ -65,12 +71,15 @@ def test_two_processes_equal_one(llama_dir, tmp_path, strategy):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks agree
 
 
+@pytest.mark.parametrize("placement", ["replicated", "owner"])
 def test_a_killed_rank_stops_the_job_and_it_resumes_at_another_process_count(llama_dir,
-                                                                             tmp_path):
+                                                                             tmp_path,
+                                                                             placement):
     checkpoint = tmp_path / "ckpt"
-    # rank 1 dies in step 4, after the step-2 resume state was written
+    # rank 1 dies in step 4, after the step-2 resume state was written (with owners: the
+    # V-step state of rank 1's weights gathered to rank 0)
     run = torchrun(2, llama_dir, "stochastic_rounding", tmp_path / "a", checkpoint,
-                   die_rank=1, die_at=4, timeout=120)
+                   die_rank=1, die_at=4, timeout=120, placement=placement)
     assert run.returncode != 0
     assert "exitcode" in run.stderr and "17" in run.stderr  # torchrun names the dead rank
     assert (checkpoint / "resume_state.json").is_file()
@@ -159,7 +168,7 @@ def test_torchrun_pvtune_compress_gives_the_single_process_codes(llama_dir, text
 
 
 def test_layers_are_split_by_size():
-    from pvtune.llm.pipeline import assign_layers
+    from pvtune.distributed import assign_layers
 
     owner = assign_layers({"q": 4, "k": 1, "v": 1, "o": 4, "up": 8, "down": 8}, 2)
     load = [sum(s for n, s in {"q": 4, "k": 1, "v": 1, "o": 4, "up": 8, "down": 8}.items()

@@ -483,7 +483,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                             grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
                             warmup_steps=args.warmup_steps, vstep=vstep,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                            seed=args.seed, dense_storage=meta["dense_storage"])
+                            seed=args.seed, dense_storage=meta["dense_storage"],
+                            vstep_placement=args.vstep_placement)
     teacher_print = model_fingerprint(teacher_load)
     teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
                                    if args.cache_teacher else None,
@@ -890,6 +891,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate every N steps (0: at the start and the end)")
     p.add_argument("--checkpoint-every", type=_count, default=0,
                    help="write resume state every N steps (0: never)")
+    # the choices and default of pvtune.llm.data_parallel (a test keeps them equal)
+    p.add_argument("--vstep-placement", choices=("replicated", "owner"), default="replicated",
+                   help="under torchrun: replicated (every rank steps every weight's codes) "
+                        "or owner (each weight's codes on one rank, which sends the changed "
+                        "codes); same result (default %(default)s)")
     p.add_argument("--cache-teacher", action="store_true",
                    help="cache the teacher's logits on disk (float16)")
     p.add_argument("--output", help="output checkpoint (default CHECKPOINT-finetuned-STRATEGY)")

@@ -106,6 +106,40 @@ class DistributedContext:
             t.copy_(flat[offset:offset + n].reshape(t.shape))
             offset += n
 
+    def reduce_(self, tensors: list[Tensor], dst: int) -> None:
+        """Replace each tensor *on rank* ``dst`` by its mean over the ranks, in place (one
+        flat reduce; the other ranks' tensors are left as they were)."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
+        self._collective(lambda: torch.distributed.reduce(flat, dst=dst))
+        if self.rank == dst:
+            flat /= self.world_size
+            offset = 0
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].reshape(t.shape))
+                offset += n
+
+    def broadcast_(self, tensor: Tensor, src: int) -> None:
+        """Replace ``tensor`` on every rank by rank ``src``'s, in place."""
+        if self.active:
+            self._collective(lambda: torch.distributed.broadcast(tensor, src=src))
+
+    def sum_(self, tensor: Tensor) -> None:
+        """Replace ``tensor`` by its sum over the ranks, in place."""
+        if self.active:
+            self._collective(lambda: torch.distributed.all_reduce(tensor))
+
+    def gather_objects(self, obj, dst: int = 0) -> list | None:
+        """Every rank's ``obj`` as a list by rank on rank ``dst`` (None elsewhere; pickled
+        between processes of this run only)."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        self._collective(lambda: torch.distributed.gather_object(obj, out, dst=dst))
+        return out
+
     def mean(self, value: float) -> float:
         """The mean of a number over the ranks."""
         if not self.active:
@@ -140,4 +174,16 @@ class DistributedContext:
                                    "probably died, see its output") from None
 
 
-__all__ = ["DistributedContext", "DistributedError"]
+def assign_layers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """A deterministic partition of layers across ranks, balanced by size: largest first,
+    each to the least loaded rank (the lowest on ties). Name -> owner rank."""
+    load = [0] * world_size
+    owner = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += sizes[name]
+    return owner
+
+
+__all__ = ["DistributedContext", "DistributedError", "assign_layers"]

@@ -20,10 +20,11 @@ from tests.llm.test_finetune import setup
 REPRESENTATION = UniformConfig(bits=2, group_size=16)
 
 
-def config(strategy: str, steps: int) -> FinetuneConfig:
+def config(strategy: str, steps: int, placement: str = "replicated") -> FinetuneConfig:
     """The run every test compares: global micro-batch 4, so 1, 2 or 4 processes fit."""
     return FinetuneConfig(steps=steps, batch_size=4, lr=1e-2, checkpoint_every=2,
-                          vstep=VStepConfig(strategy=strategy, lr=0.1, tau=0.05))
+                          vstep=VStepConfig(strategy=strategy, lr=0.1, tau=0.05),
+                          vstep_placement=placement)
 
 
 class DyingTeacher(TeacherLogits):
@@ -41,23 +42,24 @@ class DyingTeacher(TeacherLogits):
 
 
 def main(llama_dir: str, strategy: str, steps: int, out: str, checkpoint: str,
-         die_rank: int, die_at: int) -> None:
+         die_rank: int, die_at: int, placement: str) -> None:
     ctx = DistributedContext.from_environment(timeout_s=30)
     student, teacher, ids = setup(Path(llama_dir), REPRESENTATION, n=8)
     teacher_logits = (DyingTeacher(teacher, ids, die_at=die_at) if ctx.rank == die_rank
                       else TeacherLogits(teacher, ids))
-    result = finetune(student, teacher_logits, ids, config(strategy, steps), progress=False,
+    result = finetune(student, teacher_logits, ids, config(strategy, steps, placement), progress=False,
                       dist=ctx, checkpoint_dir=Path(checkpoint) if checkpoint else None)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()},
               str(folder / f"rank{ctx.rank}.safetensors"))
     (folder / f"rank{ctx.rank}.json").write_text(json.dumps(
-        {"losses": result.losses, "world_size": ctx.world_size}))
+        {"losses": result.losses, "world_size": ctx.world_size,
+         "code_bytes_sent": result.code_bytes_sent}))
     if ctx.active:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5],
-         int(sys.argv[6]), int(sys.argv[7]))
+         int(sys.argv[6]), int(sys.argv[7]), sys.argv[8])

@@ -41,7 +41,9 @@ from pvtune.checkpoint.files import (
 from pvtune.distributed import DistributedContext
 from pvtune.errors import CheckpointError, ConfigError, TrainingError
 from pvtune.llm.bos import BosChoice, model_logits
+from pvtune.llm.data_parallel import PLACEMENTS, StepExchange
 from pvtune.llm.evaluate import perplexity
+from pvtune.nn.quantize import decoder_layers
 from pvtune.optim.precision import DENSE_STORAGE
 from pvtune.optim.pv import PVOptimizer, continuous_parameters
 from pvtune.optim.state_io import optimizer_from_tensors, optimizer_to_tensors
@@ -65,7 +67,9 @@ class FinetuneConfig:
     schedule; ``eval_every`` (0: at the start and the end only) with keep-best;
     ``checkpoint_every`` (0: never) for resuming; ``dense_storage``: the precision of the
     uncompressed parameters (``float16`` keeps them float16-exact, as compression stored
-    them).
+    them); ``vstep_placement``: where a data-parallel run takes the V step (``replicated``:
+    every rank steps every weight; ``owner``: each weight on one rank, which sends the changed
+    codes; see :mod:`pvtune.llm.data_parallel`). One process ignores it.
     """
 
     steps: int = 50
@@ -81,6 +85,7 @@ class FinetuneConfig:
     checkpoint_every: int = 0
     seed: int = 0
     dense_storage: str = "float16"
+    vstep_placement: str = "replicated"
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
@@ -96,6 +101,9 @@ class FinetuneConfig:
         if self.dense_storage not in DENSE_STORAGE:
             raise ConfigError(f"FinetuneConfig.dense_storage must be one of {DENSE_STORAGE}, "
                               f"got {self.dense_storage!r}")
+        if self.vstep_placement not in PLACEMENTS:
+            raise ConfigError(f"FinetuneConfig.vstep_placement must be one of {PLACEMENTS}, "
+                              f"got {self.vstep_placement!r}")
         if self.schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"FinetuneConfig.schedule must be constant, cosine or linear, "
                              f"got {self.schedule!r}")
@@ -135,7 +143,8 @@ def batch_indices(config: FinetuneConfig, step: int, micro: int, pool: int) -> T
 class FinetuneResult:
     """History of a fine-tuning run: losses and code changes per step, evaluations as
     ``(step, perplexity)`` (step 0 is the starting model), the best of them, and time (the
-    gradient all-reduce of a distributed run apart from forward+backward)."""
+    communication of a distributed run, gradients reduced and codes sent, apart from
+    forward+backward)."""
 
     losses: list[float] = field(default_factory=list)
     fraction_changed: list[float] = field(default_factory=list)
@@ -146,6 +155,7 @@ class FinetuneResult:
     seconds_discrete: float = 0.0
     seconds_continuous: float = 0.0
     seconds_allreduce: float = 0.0
+    code_bytes_sent: int = 0  # by this rank, V step on owner ranks only
 
     @property
     def start_perplexity(self) -> float | None:
@@ -249,7 +259,9 @@ def finetune(
             p.requires_grad_(id(p) in keep)
         params = [p for p in params if id(p) in keep]
     base = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
-    opt = PVOptimizer(student, base, config.vstep, dense_storage=config.dense_storage)
+    exchange = StepExchange(dist, config.vstep_placement, decoder_layers(student))
+    opt = PVOptimizer(student, base, config.vstep, dense_storage=config.dense_storage,
+                      owned=exchange.owned())
     run = {**(identity or {}), "calibration_tokens": tensor_digest(ids),
            "evaluation_tokens": tensor_digest(eval_windows),
            "bos": bos.to_dict() if bos else None}
@@ -277,7 +289,7 @@ def finetune(
         reduce_s = 0.0
         if dist.active:
             t_reduce = time.perf_counter()
-            _average_gradients(dist, params, opt)
+            exchange.reduce_gradients(params)
             total = dist.mean(total)
             reduce_s = time.perf_counter() - t_reduce
             result.seconds_allreduce += reduce_s
@@ -291,7 +303,11 @@ def finetune(
                 "Lower --lr or --code-lr"
             )
         t1 = time.perf_counter()
-        stats = opt.step(lr_scale=factor)
+        stats = exchange.step(opt, factor)
+        result.code_bytes_sent = exchange.bytes_sent
+        if dist.active:  # the codes an owner sent count as communication
+            result.seconds_allreduce += (time.perf_counter() - t1 - stats.seconds_continuous
+                                         - stats.seconds_discrete)
         opt.zero_grad()
         result.seconds_forward_backward += t1 - t0 - reduce_s
         result.seconds_continuous += stats.seconds_continuous
@@ -306,8 +322,10 @@ def finetune(
             evaluated_at = done
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
+            opt_tensors = exchange.v_state_tensors(opt)  # collective
             if dist.is_main:
-                _save_resume(checkpoint_dir, student, base, opt, result, done, config, run)
+                _save_resume(checkpoint_dir, student, base, opt_tensors, result, done, config,
+                             run)
             dist.barrier()
         if stop_at is not None and done >= stop_at:
             break
@@ -318,21 +336,6 @@ def finetune(
         _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress)
     student.eval()
     return result
-
-
-def _average_gradients(dist: DistributedContext, params: list[nn.Parameter],
-                       opt: PVOptimizer) -> None:
-    """Average, over the ranks, the continuous gradients and the dense weight gradients the
-    V step reads (a missing gradient counts as zero, so every rank sends the same tensors)."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    for layer in opt.layers.values():
-        if layer.dense_weight is not None and layer.dense_weight.grad is not None:
-            grads.append(layer.dense_weight.grad)
-    dist.average_(grads)
 
 
 def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
@@ -353,7 +356,7 @@ def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
 
 
 # settings that do not change the training trajectory: a resumed run may change them
-_RESUME_FREE = ("eval_every", "checkpoint_every")
+_RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement")
 
 
 def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
@@ -362,8 +365,8 @@ def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
 
 
-def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step: int,
-                 config: FinetuneConfig, run: dict[str, Any]) -> None:
+def _save_resume(directory: Path, student, base, opt_tensors: dict[str, Tensor], result,
+                 step: int, config: FinetuneConfig, run: dict[str, Any]) -> None:
     """Crash-safe: the tensors go to a new content-named file; the JSON record naming it
     (with its checksum and step) is written last, atomically; older files go after it."""
     from pvtune.checkpoint.format import pack_state
@@ -373,7 +376,7 @@ def _save_resume(directory: Path, student, base, opt: PVOptimizer, result, step:
     model_tensors, layout = pack_state(student)
     adam_tensors, adam_meta = optimizer_to_tensors(base, "adam")
     tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **adam_tensors,
-               **opt.state_tensors()}
+               **opt_tensors}
     name, digest = save_tensors_by_content(tensors, directory, RESUME_PREFIX)
     meta = {"step": step, "file": name, "sha256": digest, "layout": layout, "adam": adam_meta,
             "result": asdict(result), "settings": _trajectory_settings(config), "run": run}

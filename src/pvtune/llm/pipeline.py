@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pvtune.distributed import DistributedContext
+from pvtune.distributed import DistributedContext, assign_layers
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
 from pvtune.llm.data import CalibrationConfig
@@ -297,18 +297,6 @@ def _quantize_linear(block, name, xtx, config, prefix) -> LayerReport:
             err = float(((dw @ xtx) * dw).sum() / ((w @ xtx) * w).sum().clamp(min=1e-30))
     return LayerReport(f"{prefix}.{name}", linear.out_features, linear.in_features,
                        qweight.bits_per_param(), err, time.perf_counter() - t0)
-
-
-def assign_layers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
-    """A deterministic partition of layers across ranks, balanced by size: largest first,
-    each to the least loaded rank (the lowest on ties)."""
-    load = [0] * world_size
-    owner = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += sizes[name]
-    return owner
 
 
 def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedContext

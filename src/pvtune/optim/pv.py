@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +57,14 @@ class PVOptimizer:
     keeps them float16-exact through training (fp32 master copies), ``float32`` leaves them
     as they are. The compressed layers' continuous parameters are always kept float16-exact,
     the precision their representations store.
+
+    ``owned`` (layer names; default all) limits the V step and its state to those layers: a
+    data-parallel run that gives each weight an owner rank steps each weight on one rank
+    and sends the changed codes to the others (:mod:`pvtune.llm.data_parallel`).
     """
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, config: VStepConfig,
-                 dense_storage: str = "float32") -> None:
+                 dense_storage: str = "float32", owned: Collection[str] | None = None) -> None:
         self.config = config
         self.base = base
         self.strategy = STRATEGIES.get(config.strategy)
@@ -68,11 +73,16 @@ class PVOptimizer:
         self.layers: dict[str, QuantizedLinear] = decoder_layers(model)
         if not self.layers and config.strategy != "frozen":
             raise ConfigError("the model has no QuantizedLinear layers: quantize it first")
+        self.owned = set(self.layers) if owned is None else set(owned)
+        unknown = sorted(self.owned - set(self.layers))
+        if unknown:
+            raise ConfigError(f"PVOptimizer: owned names no compressed layer: {unknown[:5]}")
         self.states: dict[str, WeightState] = {}
         self.weight_configs: dict[str, VStepConfig] = {}  # lr resolved per representation
         for name, layer in self.layers.items():
             layer.track_dense_grad = True
-            self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
+            if name in self.owned:
+                self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
             self.weight_configs[name] = config.for_weight(layer.qweight)
         self.precision = StoredPrecision(model, storage_dtypes(model, dense_storage))
         self._base_lrs = [group["lr"] for group in base.param_groups]
@@ -109,8 +119,11 @@ class PVOptimizer:
     def _v_step(self, lr_scale: float) -> tuple[int, int]:
         changed = total = 0
         if self.config.strategy == "frozen":  # no code moves: no dense gradient needed
-            return 0, sum(math.prod(layer.qweight.groups_shape) for layer in self.layers.values())
+            return 0, sum(math.prod(layer.qweight.groups_shape)
+                          for name, layer in self.layers.items() if name in self.owned)
         for index, (name, layer) in enumerate(self.layers.items()):
+            if name not in self.owned:  # its owner rank steps it (same seed by index)
+                continue
             if layer.dense_weight is None or layer.dense_weight.grad is None:
                 raise RuntimeError(
                     f"no dense gradient for {name!r}: run forward and backward (in training "
