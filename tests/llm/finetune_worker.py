@@ -47,8 +47,9 @@ def main(llama_dir: str, strategy: str, steps: int, out: str, checkpoint: str,
     student, teacher, ids = setup(Path(llama_dir), REPRESENTATION, n=8)
     teacher_logits = (DyingTeacher(teacher, ids, die_at=die_at) if ctx.rank == die_rank
                       else TeacherLogits(teacher, ids))
-    result = finetune(student, teacher_logits, ids, config(strategy, steps, placement), progress=False,
-                      dist=ctx, checkpoint_dir=Path(checkpoint) if checkpoint else None)
+    result = finetune(student, teacher_logits, ids, config(strategy, steps, placement),
+                      progress=False, dist=ctx,
+                      checkpoint_dir=Path(checkpoint) if checkpoint else None)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()},
