@@ -3,11 +3,11 @@ machine, where does the time go, and how much does a step communicate?
 
 On the default model (SmolLM2-135M): `pvtune compress --method gptq --bits 2` and `pvtune
 finetune` (a 2-bit RTN checkpoint, subspace V + STE), each run once with one process (all
-cores) and once under `torchrun --nproc-per-node 2` (one thread each), same global batch.
-Records wall time, the finetune's own split (forward+backward, P step, V step; the rest of
-the step is the all-reduce and waiting), the bytes one step all-reduces (every continuous
-gradient and every compressed weight's dense gradient, float32) and, on paper, the same for
-a 7B model on 8 GPUs.
+cores) and under `torchrun --nproc-per-node 2` (one thread each), same global batch; the
+2-process fine-tune once per V-step placement (`replicated`: every rank steps every weight;
+`owner`: each weight on one rank, which sends the changed codes). Records wall time, the
+finetune's own split (forward+backward, P step, V step, communication), the bytes one step
+sends and, on paper, the same for larger models on 8 GPUs.
 
     python benchmarks/distributed_scaling.py     # about 10 minutes here
 
@@ -30,7 +30,8 @@ from common import ROOT, stamped, write_results  # noqa: E402
 
 QUESTION = ("PV-Tuning steps/s and compression time at 1 and 2 processes (torchrun, gloo, "
             "this 2-core machine), where the time goes, and the bytes one step all-reduces "
-            "(measured here, extrapolated to a 7B model on 8 GPUs).")
+            "(measured here, on paper for larger models on 8 GPUs), with the V step "
+            "replicated or on owner ranks.")
 PVTUNE = Path(sys.executable).parent / "pvtune"
 
 
@@ -61,6 +62,25 @@ def reduced_bytes(checkpoint: Path) -> dict[str, int]:
             "bytes": 4 * (continuous + dense)}
 
 
+def volume_on_paper(gpus: int = 8) -> str:
+    """Bytes each GPU sends per step in a ring all-reduce of float32 gradients (``2 (N-1)/N``
+    times their size), for Llama-like models, as a markdown table."""
+    # (name, compressed linear weights, continuous parameters: embeddings, head, norms)
+    models = [("SmolLM2-135M", 106.2e6, 30.0e6), ("Llama-2-7B", 6.48e9, 0.27e9),
+              ("Llama-3-70B", 68.5e9, 2.1e9)]
+    ring = 2 * (gpus - 1) / gpus
+    lines = [f"On paper, {gpus} GPUs, ring all-reduce, float32 gradients "
+             "(the owner placement reduces each dense gradient to one rank: about half a "
+             "ring all-reduce, and adds the changed codes, at most 1 byte per weight):", "",
+             "| model | dense weight gradients | replicated: GiB sent per GPU per step | "
+             "at 300 GB/s (NVLink) |", "|---|---|---|---|"]
+    for name, dense, continuous in models:
+        sent = ring * 4 * (dense + continuous)
+        lines.append(f"| {name} | {dense / 1e9:.2f} G | {sent / 2**30:.1f} | "
+                     f"{sent / 300e9:.3f} s |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6)
@@ -80,55 +100,59 @@ def main(argv: list[str] | None = None) -> None:
                              threads=cores if nproc == 1 else max(1, cores // nproc))
             meta = json.loads((out / "pvtune_meta.json").read_text())
             rows.append(stamped({"job": "compress gptq 2-bit", "processes": nproc,
+                                 "vstep_placement": "",
                                  "wall_s": wall, "work_s": meta["compress_seconds"]}))
             print(rows[-1]["job"], nproc, f"{wall:.0f} s", flush=True)
         base = tmp / "rtn"
         launch(1, ["compress", "--method", "rtn", "--bits", "2", *common, "--output",
                    str(base)], threads=cores)
         volume = reduced_bytes(base)
-        for nproc in (1, 2):
-            out = tmp / f"ft{nproc}"
+        for nproc, placement in ((1, "replicated"), (2, "replicated"), (2, "owner")):
+            out = tmp / f"ft{nproc}{placement}"
             wall, _ = launch(nproc, ["finetune", str(base), "--steps", str(args.steps),
                                      "--batch-size", "2", "--num-seqs", "8", "--seq-len",
-                                     str(args.seq_len), "--no-eval", "--output", str(out)],
+                                     str(args.seq_len), "--no-eval", "--vstep-placement",
+                                     placement, "--output", str(out)],
                              threads=cores if nproc == 1 else max(1, cores // nproc))
             res = json.loads((out / "pvtune_meta.json").read_text())["finetune_result"]
             steps = len(res["losses"])
             fb, pc, vd, ar = (res["seconds_forward_backward"], res["seconds_continuous"],
                               res["seconds_discrete"], res.get("seconds_allreduce", 0.0))
+            sent = 0.0
+            if nproc > 1:  # float32 gradients, plus the codes rank 0 sent as an owner
+                grads = volume["bytes"] if placement == "replicated" else \
+                    4 * volume["continuous"] + 4 * volume["dense_gradients"] / nproc
+                sent = (grads + res.get("code_bytes_sent", 0) / steps) / 2**20
             rows.append(stamped({"job": "finetune subspace_v_ste", "processes": nproc,
+                                 "vstep_placement": placement if nproc > 1 else "",
                                  "wall_s": wall, "work_s": fb + pc + vd + ar,
                                  "steps_per_s": steps / (fb + pc + vd + ar),
-                                 "forward_backward_s": fb, "allreduce_s": ar, "p_step_s": pc,
-                                 "v_step_s": vd,
-                                 "allreduce_mib": volume["bytes"] / 2**20 if nproc > 1 else 0,
+                                 "forward_backward_s": fb, "communication_s": ar,
+                                 "p_step_s": pc, "v_step_s": vd, "mib_per_step": sent,
                                  "final_kl": res["losses"][-1]}))
-            print(rows[-1]["job"], nproc, f"{wall:.0f} s", flush=True)
+            print(rows[-1]["job"], nproc, placement, f"{wall:.0f} s", flush=True)
     for job in {r["job"] for r in rows}:
         one = next(r for r in rows if r["job"] == job and r["processes"] == 1)
         for r in rows:
             if r["job"] == job:
                 r["speedup_vs_1"] = one["work_s"] / r["work_s"]
-    seven_b = 4 * 6.74e9  # float32 gradients of every weight of a 7B model
-    ring = 2 * 7 / 8 * seven_b
+    paper = volume_on_paper()
     notes = (f"SmolLM2-135M, {args.calib_seqs} x {args.seq_len} calibration tokens for "
              f"compression; fine-tuning: {args.steps} steps, global batch 2 x {args.seq_len} "
              "tokens (1 sequence per process at 2 processes), no evaluation. work_s: the "
              "command's own timer (compression) or forward+backward + all-reduce + P + V step "
              "seconds of rank 0 (fine-tuning); wall_s includes start-up (loading the model "
-             "in every process). One step all-reduces "
-             f"{volume['continuous']:,} continuous gradients + {volume['dense_gradients']:,} "
-             f"dense weight gradients = {volume['bytes'] / 2**20:.0f} MiB (float32). "
-             f"On paper, a 7B model: about {seven_b / 2**30:.0f} GiB of float32 gradients "
-             f"per step; a ring all-reduce over 8 GPUs sends {ring / 2**30:.0f} GiB per GPU, "
-             "about 0.15 s at 300 GB/s NVLink, small beside a step's compute at a global "
-             "batch of millions of tokens. Only 2 cores here: two processes share them, so "
-             "expect little speed-up.")
+             "in every process). mib_per_step: what one step reduces, float32 ("
+             f"{volume['continuous']:,} continuous gradients, all-reduced, and "
+             f"{volume['dense_gradients']:,} dense weight gradients: all-reduced when "
+             "replicated, each reduced to its owner, i.e. 1/N of them per rank, with owners), "
+             "plus the changed code bytes rank 0 broadcast as an owner. Only 2 cores here: "
+             "two processes share them, so expect little speed-up.\n\n" + paper)
     write_results("distributed_scaling", QUESTION, rows,
                   ["job", "processes", "wall_s", "work_s", "speedup_vs_1", "steps_per_s",
-                   "forward_backward_s", "allreduce_s", "p_step_s", "v_step_s",
-                   "allreduce_mib"],
-                  key=["job", "processes"], notes=notes)
+                   "forward_backward_s", "communication_s", "p_step_s", "v_step_s",
+                   "mib_per_step", "vstep_placement"],
+                  key=["job", "processes", "vstep_placement"], notes=notes)
 
 
 if __name__ == "__main__":
