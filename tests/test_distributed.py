@@ -48,7 +48,7 @@ def codes_of(state):
                                                           torch.int32, torch.int64)}
 
 
-@pytest.mark.parametrize("placement", ["replicated", "owner"])
+@pytest.mark.parametrize("placement", ["replicated", "owner", "replicated+shard"])
 @pytest.mark.parametrize("strategy", ["subspace_v_ste", "stochastic_rounding"])
 def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
     run = torchrun(2, llama_dir, strategy, tmp_path, placement=placement)
@@ -61,7 +61,7 @@ def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
         assert record["losses"] == pytest.approx(want_losses, rel=1e-4)
         sent.append(record["code_bytes_sent"])
     # with owners each rank stepped and sent its own share of the codes; replicated: none
-    assert all(n > 0 for n in sent) if placement == "owner" else sent == [0, 0]
+    assert all(n > 0 for n in sent) if placement.startswith("owner") else sent == [0, 0]
     want_codes = codes_of(want_state)
     assert want_codes
     for state in states:
@@ -71,7 +71,7 @@ def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks agree
 
 
-@pytest.mark.parametrize("placement", ["replicated", "owner"])
+@pytest.mark.parametrize("placement", ["replicated", "owner", "owner+shard"])
 def test_a_killed_rank_stops_the_job_and_it_resumes_at_another_process_count(llama_dir,
                                                                              tmp_path,
                                                                              placement):
@@ -84,11 +84,16 @@ def test_a_killed_rank_stops_the_job_and_it_resumes_at_another_process_count(lla
     assert "exitcode" in run.stderr and "17" in run.stderr  # torchrun names the dead rank
     assert (checkpoint / "resume_state.json").is_file()
     assert json.loads((checkpoint / "resume_state.json").read_text())["step"] == 2
-    resumed = torchrun(1, llama_dir, "stochastic_rounding", tmp_path / "b", checkpoint)
+    # one process; a sharded run's state resumes into a sharded run (the other placement)
+    nproc, then = (2, "replicated+shard") if "shard" in placement else (1, "replicated")
+    resumed = torchrun(nproc, llama_dir, "stochastic_rounding", tmp_path / "b", checkpoint,
+                       placement=then)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want_state, _ = single_process(llama_dir, "stochastic_rounding")
     state = load_file(str(tmp_path / "b" / "rank0.safetensors"))
     assert all(torch.equal(state[k], v) for k, v in codes_of(want_state).items())
+    for k, v in want_state.items():  # the continuous parameters (Adam state resumed)
+        torch.testing.assert_close(state[k], v, rtol=1e-3, atol=1e-4)
 
 
 def test_context_shards_evenly_or_says_what_to_change():
@@ -175,3 +180,18 @@ def test_layers_are_split_by_size():
                 if owner[n] == r) for r in range(2)]
     assert load == [13, 13]
     assert set(assign_layers({"a": 1}, 3).values()) == {0}
+
+
+def test_a_rank_that_cannot_join_says_which_rank_it_is(llama_dir, tmp_path, monkeypatch,
+                                                        capsys):
+    from pvtune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    code = main(["compress", str(llama_dir), "--method", "rtn", "--bits", "2", "--no-eval",
+                 "--output", str(tmp_path / "out"), "--max-new-tokens", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "pvtune compress (rank 1 of 2): error: rank 1 of 2 could not join" in err
+    assert "Traceback" not in err

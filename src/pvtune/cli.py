@@ -415,6 +415,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         looks_local,
         model_fingerprint,
     )
+    from pvtune.llm.sharding import full_parameters
     from pvtune.optim.strategies import VStepConfig
     from pvtune.report import format_table
 
@@ -484,7 +485,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                             warmup_steps=args.warmup_steps, vstep=vstep,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, dense_storage=meta["dense_storage"],
-                            vstep_placement=args.vstep_placement)
+                            vstep_placement=args.vstep_placement, shard=args.shard)
     teacher_print = model_fingerprint(teacher_load)
     teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
                                    if args.cache_teacher else None,
@@ -513,11 +514,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         if dist.is_main and is_pvtune_checkpoint(output):
             log.error("the best model so far stays in %s", output)
         raise
+    if windows is None:
+        with full_parameters(student):  # whole on every rank (FSDP); rank 0 writes
+            if dist.is_main:
+                save_compressed(student, tokenizer, output,
+                                {**record, "best_step": config.steps})
     if not dist.is_main:  # every rank holds the same model; rank 0 writes and reports
         dist.close()
         return 0
-    if windows is None:
-        save_compressed(student, tokenizer, output, {**record, "best_step": config.steps})
     saved = read_meta(output)
     saved["finetune_result"] = dataclasses.asdict(result)
     write_meta(output, saved)
@@ -896,6 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: replicated (every rank steps every weight's codes) "
                         "or owner (each weight's codes on one rank, which sends the changed "
                         "codes); same result (default %(default)s)")
+    p.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard the continuous parameters and their Adam "
+                        "state across the processes with FSDP2 (fully_shard) instead of "
+                        "holding them whole on each")
     p.add_argument("--cache-teacher", action="store_true",
                    help="cache the teacher's logits on disk (float16)")
     p.add_argument("--output", help="output checkpoint (default CHECKPOINT-finetuned-STRATEGY)")
@@ -1009,32 +1017,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_label() -> str:
+    """``rank R of N`` under torchrun (from the environment it sets), else empty."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        return f"rank {os.environ.get('RANK', '?')} of {world}"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pvtune`` script."""
     args = build_parser().parse_args(argv)
+    where = _process_label()  # under torchrun every line names its rank
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {where + ' ' if where else ''}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     handler: Callable[[argparse.Namespace], int] = args.handler
+    prefix = f"pvtune {args.command}" + (f" ({where})" if where else "")
     try:
         with logging_redirect_tqdm():  # log lines above the progress bars, not on them
             return handler(args)
     except (PvtuneError, OSError) as err:  # what the user can fix: one line, no traceback
         log.debug("error details", exc_info=True)
         message = " ".join(str(err).split())  # one line, whatever the message's source
-        print(f"pvtune {args.command}: error: {message}", file=sys.stderr)
+        print(f"{prefix}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 - a bug: show where, say so
         traceback.print_exc()
-        print(f"pvtune {args.command}: internal error: this is a bug in pvtune (the traceback "
-              "above shows where); please report it", file=sys.stderr)
+        print(f"{prefix}: internal error: this is a bug in pvtune (the traceback above "
+              "shows where); please report it", file=sys.stderr)
         return 1
 
 

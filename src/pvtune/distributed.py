@@ -174,6 +174,25 @@ class DistributedContext:
                                    "probably died, see its output") from None
 
 
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole of ``t``: a sharded ``DTensor`` gathered from every rank (a collective: all
+    ranks call it together), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def placed_like(full: Tensor, like: Tensor) -> Tensor:
+    """``full`` split the way ``like`` is (this rank's shard, as a ``DTensor``) when ``like``
+    is sharded; ``full`` itself otherwise. Every rank must hold the same ``full``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor) or full.dim() == 0:
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
 def assign_layers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     """A deterministic partition of layers across ranks, balanced by size: largest first,
     each to the least loaded rank (the lowest on ties). Name -> owner rank."""
@@ -186,4 +205,5 @@ def assign_layers(sizes: dict[str, int], world_size: int) -> dict[str, int]:
     return owner
 
 
-__all__ = ["DistributedContext", "DistributedError", "assign_layers"]
+__all__ = ["DistributedContext", "DistributedError", "assign_layers", "full_tensor",
+           "placed_like"]

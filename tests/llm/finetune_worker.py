@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from pvtune.distributed import DistributedContext
 from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+from pvtune.llm.sharding import full_parameters
 from pvtune.optim import VStepConfig
 from pvtune.reprs import UniformConfig
 from tests.llm.test_finetune import setup
@@ -21,10 +22,12 @@ REPRESENTATION = UniformConfig(bits=2, group_size=16)
 
 
 def config(strategy: str, steps: int, placement: str = "replicated") -> FinetuneConfig:
-    """The run every test compares: global micro-batch 4, so 1, 2 or 4 processes fit."""
+    """The run every test compares: global micro-batch 4, so 1, 2 or 4 processes fit.
+    ``placement``: a V-step placement, with ``+shard`` for FSDP2 sharding."""
     return FinetuneConfig(steps=steps, batch_size=4, lr=1e-2, checkpoint_every=2,
                           vstep=VStepConfig(strategy=strategy, lr=0.1, tau=0.05),
-                          vstep_placement=placement)
+                          vstep_placement=placement.removesuffix("+shard"),
+                          shard=placement.endswith("+shard"))
 
 
 class DyingTeacher(TeacherLogits):
@@ -52,8 +55,9 @@ def main(llama_dir: str, strategy: str, steps: int, out: str, checkpoint: str,
                       checkpoint_dir=Path(checkpoint) if checkpoint else None)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().clone().contiguous() for k, v in student.state_dict().items()},
-              str(folder / f"rank{ctx.rank}.safetensors"))
+    with full_parameters(student):  # whole on every rank when FSDP shards them
+        state = {k: v.detach().clone().contiguous() for k, v in student.state_dict().items()}
+    save_file(state, str(folder / f"rank{ctx.rank}.safetensors"))
     (folder / f"rank{ctx.rank}.json").write_text(json.dumps(
         {"losses": result.losses, "world_size": ctx.world_size,
          "code_bytes_sent": result.code_bytes_sent}))

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from pvtune.distributed import DistributedContext, assign_layers
+from pvtune.distributed import DistributedContext, assign_layers, full_tensor
 from pvtune.optim.pv import PVOptimizer, StepStats
 
 PLACEMENTS = ("replicated", "owner")
@@ -35,11 +35,13 @@ _SPARSE_BYTES = 9
 
 class StepExchange:
     """The collectives of one data-parallel PV step for ``layers`` (the decoder's
-    compressed linears, by name) under ``placement``; single-process runs pass through."""
+    compressed linears, by name) under ``placement``; single-process runs pass through.
+    ``continuous_reduced``: FSDP has averaged the continuous gradients already."""
 
     def __init__(self, dist: DistributedContext, placement: str,
-                 layers: dict[str, nn.Module]) -> None:
+                 layers: dict[str, nn.Module], continuous_reduced: bool = False) -> None:
         self.dist, self.placement, self.layers = dist, placement, layers
+        self.continuous_reduced = continuous_reduced  # by FSDP, during backward
         self.owner: dict[str, int] | None = None
         if placement == "owner" and dist.active:
             sizes = {n: layer.in_features * layer.out_features for n, layer in layers.items()}
@@ -59,7 +61,7 @@ class StepExchange:
         if not self.dist.active:
             return
         grads = []
-        for p in params:
+        for p in [] if self.continuous_reduced else params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
@@ -95,7 +97,7 @@ class StepExchange:
     def v_state_tensors(self, opt: PVOptimizer) -> dict[str, Tensor] | None:
         """``opt.state_tensors()`` with every weight's V-step state, on rank 0 (None on the
         others): with owners, each rank's share is gathered (a collective: call on all)."""
-        tensors = opt.state_tensors()
+        tensors = {k: full_tensor(v) for k, v in opt.state_tensors().items()}
         if self.owner is None:
             return tensors if self.dist.is_main else None
         own = {k: v for k, v in tensors.items() if k.startswith("pv.") and k != "pv.steps"}

@@ -38,11 +38,12 @@ from pvtune.checkpoint.files import (
     sha256_file,
     write_json_atomic,
 )
-from pvtune.distributed import DistributedContext
+from pvtune.distributed import DistributedContext, full_tensor, placed_like
 from pvtune.errors import CheckpointError, ConfigError, TrainingError
 from pvtune.llm.bos import BosChoice, model_logits
 from pvtune.llm.data_parallel import PLACEMENTS, StepExchange
 from pvtune.llm.evaluate import perplexity
+from pvtune.llm.sharding import full_parameters, shard_model
 from pvtune.nn.quantize import decoder_layers
 from pvtune.optim.precision import DENSE_STORAGE
 from pvtune.optim.pv import PVOptimizer, continuous_parameters
@@ -69,7 +70,9 @@ class FinetuneConfig:
     uncompressed parameters (``float16`` keeps them float16-exact, as compression stored
     them); ``vstep_placement``: where a data-parallel run takes the V step (``replicated``:
     every rank steps every weight; ``owner``: each weight on one rank, which sends the changed
-    codes; see :mod:`pvtune.llm.data_parallel`). One process ignores it.
+    codes; see :mod:`pvtune.llm.data_parallel`); ``shard``: a data-parallel run shards the
+    continuous parameters and their Adam state with FSDP2 (:mod:`pvtune.llm.sharding`)
+    instead of replicating them. One process ignores both.
     """
 
     steps: int = 50
@@ -86,6 +89,7 @@ class FinetuneConfig:
     seed: int = 0
     dense_storage: str = "float16"
     vstep_placement: str = "replicated"
+    shard: bool = False
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
@@ -250,6 +254,10 @@ def finetune(
     dist = dist or DistributedContext()
     if not dist.is_main:
         progress, save_best = False, None
+    sharded = config.shard and dist.active
+    if sharded:
+        shard_model(student, dist)
+        save_best = _saving_whole(save_best)  # every rank gathers, rank 0 writes
     params = continuous_parameters(student)
     if not config.train_dense:
         from pvtune.nn.quantize import quantized_layers
@@ -259,9 +267,11 @@ def finetune(
             p.requires_grad_(id(p) in keep)
         params = [p for p in params if id(p) in keep]
     base = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
-    exchange = StepExchange(dist, config.vstep_placement, decoder_layers(student))
+    exchange = StepExchange(dist, config.vstep_placement, decoder_layers(student),
+                            continuous_reduced=sharded)
     opt = PVOptimizer(student, base, config.vstep, dense_storage=config.dense_storage,
-                      owned=exchange.owned())
+                      owned=exchange.owned(),
+                      discrete_context=lambda: full_parameters(student))
     run = {**(identity or {}), "calibration_tokens": tensor_digest(ids),
            "evaluation_tokens": tensor_digest(eval_windows),
            "bos": bos.to_dict() if bos else None}
@@ -271,7 +281,7 @@ def finetune(
         start = _load_resume(checkpoint_dir, student, base, opt, result, config, run)
         log.info("resumed from %s at step %d", checkpoint_dir, start)
     elif eval_windows is not None:
-        _evaluate(student, eval_windows, 0, result, save_best, bos, progress)
+        _evaluate(student, eval_windows, 0, result, save_best, bos, progress, dist)
     student.train()
     bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
                disable=not progress, unit="step", initial=start, total=config.steps)
@@ -318,13 +328,13 @@ def finetune(
         log.debug("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
         if eval_windows is not None and config.eval_every and done % config.eval_every == 0 \
                 and done < config.steps:
-            _evaluate(student, eval_windows, done, result, save_best, bos, progress)
+            _evaluate(student, eval_windows, done, result, save_best, bos, progress, dist)
             evaluated_at = done
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
-            opt_tensors = exchange.v_state_tensors(opt)  # collective
+            tensors, layout, adam_meta = _resume_tensors(student, base, opt, exchange, dist)
             if dist.is_main:
-                _save_resume(checkpoint_dir, student, base, opt_tensors, result, done, config,
+                _save_resume(checkpoint_dir, tensors, layout, adam_meta, result, done, config,
                              run)
             dist.barrier()
         if stop_at is not None and done >= stop_at:
@@ -333,14 +343,46 @@ def finetune(
     finished = len(result.losses) == config.steps
     if eval_windows is not None and finished and evaluated_at != config.steps and \
             not any(s == config.steps for s, _ in result.evals):
-        _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress)
+        _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress,
+                  dist)
     student.eval()
     return result
 
 
+def _saving_whole(save_best):
+    """``save_best`` for a sharded model: every rank gathers the whole parameters, rank 0
+    (which alone holds a ``save_best``) writes them."""
+
+    def save(model, step) -> None:
+        with full_parameters(model):
+            if save_best is not None:
+                save_best(model, step)
+
+    return save
+
+
+def _resume_tensors(student, base, opt: PVOptimizer, exchange: StepExchange,
+                    dist: DistributedContext):
+    """The resume state's tensors, layout and Adam record, whole, on rank 0 (``(None, None,
+    None)`` elsewhere). A collective: every rank calls it."""
+    from pvtune.checkpoint.format import pack_state
+
+    opt_tensors = exchange.v_state_tensors(opt)
+    adam_tensors, adam_meta = optimizer_to_tensors(base, "adam")
+    adam_tensors = {k: full_tensor(v) for k, v in adam_tensors.items()}
+    with full_parameters(student):
+        if not dist.is_main:
+            return None, None, None
+        model_tensors, layout = pack_state(student)
+    tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **adam_tensors,
+               **opt_tensors}
+    return tensors, layout, adam_meta
+
+
 def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
-              progress: bool) -> None:
-    ppl = perplexity(student, windows, progress=progress, bos=bos).perplexity
+              progress: bool, dist: DistributedContext) -> None:
+    # every rank evaluates; the mean keeps their keep-best decisions equal
+    ppl = dist.mean(perplexity(student, windows, progress=progress, bos=bos).perplexity)
     student.train()
     result.evals.append((step, ppl))
     label = "starting model" if step == 0 else f"step {step}"
@@ -356,7 +398,7 @@ def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
 
 
 # settings that do not change the training trajectory: a resumed run may change them
-_RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement")
+_RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement", "shard")
 
 
 def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
@@ -365,18 +407,13 @@ def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
 
 
-def _save_resume(directory: Path, student, base, opt_tensors: dict[str, Tensor], result,
-                 step: int, config: FinetuneConfig, run: dict[str, Any]) -> None:
+def _save_resume(directory: Path, tensors: dict[str, Tensor], layout: dict[str, Any],
+                 adam_meta: dict[str, Any], result, step: int, config: FinetuneConfig,
+                 run: dict[str, Any]) -> None:
     """Crash-safe: the tensors go to a new content-named file; the JSON record naming it
     (with its checksum and step) is written last, atomically; older files go after it."""
-    from pvtune.checkpoint.format import pack_state
-
     directory.mkdir(parents=True, exist_ok=True)
     remove_temporaries(directory)
-    model_tensors, layout = pack_state(student)
-    adam_tensors, adam_meta = optimizer_to_tensors(base, "adam")
-    tensors = {**{f"model.{k}": v for k, v in model_tensors.items()}, **adam_tensors,
-               **opt_tensors}
     name, digest = save_tensors_by_content(tensors, directory, RESUME_PREFIX)
     meta = {"step": step, "file": name, "sha256": digest, "layout": layout, "adam": adam_meta,
             "result": asdict(result), "settings": _trajectory_settings(config), "run": run}
@@ -440,7 +477,10 @@ def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
                               f"hold step {int(tensors.get('pv.steps', torch.tensor(-1)))}; "
                               f"{afresh}")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    student.load_state_dict(unpack_state(model_state, meta["layout"]), strict=True)
+    current = student.state_dict()  # sharded parameters take their shard of the whole
+    student.load_state_dict({k: placed_like(v, current[k]) if k in current else v
+                             for k, v in unpack_state(model_state, meta["layout"]).items()},
+                            strict=True)
     optimizer_from_tensors(base, "adam", tensors, meta["adam"])
     opt.load_state_tensors(tensors)
     for key, value in meta["result"].items():

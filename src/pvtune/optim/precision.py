@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from pvtune.distributed import placed_like
 from pvtune.errors import ConfigError
 from pvtune.nn.quantize import quantized_layers
 
@@ -82,5 +83,5 @@ class StoredPrecision:
             raise ConfigError(f"resume state lacks the master copies of {missing[:5]}")
         with torch.no_grad():
             for name, (_, _, master) in self.entries.items():
-                master.copy_(tensors[name])
+                master.copy_(placed_like(tensors[name], master))
         self._round()

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,14 @@ class PVOptimizer:
     ``owned`` (layer names; default all) limits the V step and its state to those layers: a
     data-parallel run that gives each weight an owner rank steps each weight on one rank
     and sends the changed codes to the others (:mod:`pvtune.llm.data_parallel`).
+    ``discrete_context`` (a context-manager factory) surrounds the code steps and the set-up
+    of their state: with FSDP, :func:`pvtune.llm.sharding.full_parameters` makes the
+    decoded weights whole there.
     """
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, config: VStepConfig,
-                 dense_storage: str = "float32", owned: Collection[str] | None = None) -> None:
+                 dense_storage: str = "float32", owned: Collection[str] | None = None,
+                 discrete_context: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.config = config
         self.base = base
         self.strategy = STRATEGIES.get(config.strategy)
@@ -77,13 +82,15 @@ class PVOptimizer:
         unknown = sorted(self.owned - set(self.layers))
         if unknown:
             raise ConfigError(f"PVOptimizer: owned names no compressed layer: {unknown[:5]}")
+        self.discrete_context = discrete_context
         self.states: dict[str, WeightState] = {}
         self.weight_configs: dict[str, VStepConfig] = {}  # lr resolved per representation
-        for name, layer in self.layers.items():
-            layer.track_dense_grad = True
-            if name in self.owned:
-                self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
-            self.weight_configs[name] = config.for_weight(layer.qweight)
+        with discrete_context():
+            for name, layer in self.layers.items():
+                layer.track_dense_grad = True
+                if name in self.owned:
+                    self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
+                self.weight_configs[name] = config.for_weight(layer.qweight)
         self.precision = StoredPrecision(model, storage_dtypes(model, dense_storage))
         self._base_lrs = [group["lr"] for group in base.param_groups]
         self._scaled = False  # a torch LR scheduler on ``base`` works while lr_scale stays 1
@@ -104,7 +111,8 @@ class PVOptimizer:
         start = time.perf_counter()
         self._p_step(lr_scale)
         middle = time.perf_counter()
-        changed, total = self._v_step(lr_scale)
+        with self.discrete_context():
+            changed, total = self._v_step(lr_scale)
         self.steps += 1
         return StepStats(changed, total, middle - start, time.perf_counter() - middle)
 

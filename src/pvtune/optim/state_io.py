@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pvtune.distributed import placed_like
+
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor],
                                                                            dict[str, Any]]:
@@ -26,13 +28,16 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, Tensor],
                            meta: dict[str, Any]) -> None:
-    """Load state written by :func:`optimizer_to_tensors` into ``opt``."""
+    """Load state written by :func:`optimizer_to_tensors` into ``opt`` (whole tensors: a
+    sharded parameter's state is split the way the parameter is)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if not key.startswith(prefix + "."):
             continue
         idx, name = key[len(prefix) + 1:].split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        # a sharded parameter (FSDP) takes this rank's shard of the saved whole state
+        state.setdefault(int(idx), {})[name] = placed_like(value, params[int(idx)])
     for idx, extra in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(extra)
     opt.load_state_dict({"state": state, "param_groups": json.loads(json.dumps(
