@@ -5,7 +5,8 @@ On the default model (SmolLM2-135M): `pvtune compress --method gptq --bits 2` an
 finetune` (a 2-bit RTN checkpoint, subspace V + STE), each run once with one process (all
 cores) and under `torchrun --nproc-per-node 2` (one thread each), same global batch; the
 2-process fine-tune once per V-step placement (`replicated`: every rank steps every weight;
-`owner`: each weight on one rank, which sends the changed codes). Records wall time, the
+`owner`: each weight on one rank, which sends the changed codes; `owner+shard`: with FSDP2
+sharding of the continuous parameters). Records wall time, peak memory per process, the
 finetune's own split (forward+backward, P step, V step, communication), the bytes one step
 sends and, on paper, the same for larger models on 8 GPUs.
 
@@ -35,17 +36,27 @@ QUESTION = ("PV-Tuning steps/s and compression time at 1 and 2 processes (torchr
 PVTUNE = Path(sys.executable).parent / "pvtune"
 
 
-def launch(nproc: int, args: list[str], threads: int) -> tuple[float, subprocess.Popen]:
-    """Run ``pvtune ARGS`` with ``nproc`` processes (torchrun when > 1); return wall seconds."""
+# runs a command and prints the largest resident set of its processes (KiB) last
+PEAK = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+        "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+        "file=sys.stderr); sys.exit(code)")
+
+
+def launch(nproc: int, args: list[str], threads: int) -> tuple[float, float]:
+    """Run ``pvtune ARGS`` with ``nproc`` processes (torchrun when > 1); return wall seconds
+    and the largest resident memory of one process (MiB)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc-per-node={nproc}", str(PVTUNE)] if nproc > 1 else [str(PVTUNE)]) + args
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-c", PEAK, *cmd], env=env, capture_output=True,
+                         text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
     if run.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stderr[-3000:]}")
-    return seconds, run
+    peak = next(int(line.split()[1]) for line in reversed(run.stderr.splitlines())
+                if line.startswith("peak_rss_kib"))
+    return seconds, peak / 1024
 
 
 def reduced_bytes(checkpoint: Path) -> dict[str, int]:
@@ -95,32 +106,36 @@ def main(argv: list[str] | None = None) -> None:
                   str(args.seq_len), "--max-new-tokens", "0", "--overwrite"]
         for nproc in (1, 2):
             out = tmp / f"gptq{nproc}"
-            wall, _ = launch(nproc, ["compress", "--method", "gptq", "--bits", "2",
+            wall, peak = launch(nproc, ["compress", "--method", "gptq", "--bits", "2",
                                      *common, "--output", str(out)],
                              threads=cores if nproc == 1 else max(1, cores // nproc))
             meta = json.loads((out / "pvtune_meta.json").read_text())
             rows.append(stamped({"job": "compress gptq 2-bit", "processes": nproc,
                                  "vstep_placement": "",
-                                 "wall_s": wall, "work_s": meta["compress_seconds"]}))
+                                 "wall_s": wall, "work_s": meta["compress_seconds"],
+                                 "peak_rss_mib": peak}))
             print(rows[-1]["job"], nproc, f"{wall:.0f} s", flush=True)
         base = tmp / "rtn"
         launch(1, ["compress", "--method", "rtn", "--bits", "2", *common, "--output",
                    str(base)], threads=cores)
         volume = reduced_bytes(base)
-        for nproc, placement in ((1, "replicated"), (2, "replicated"), (2, "owner")):
+        for nproc, placement in ((1, "replicated"), (2, "replicated"), (2, "owner"),
+                                 (2, "owner+shard")):
             out = tmp / f"ft{nproc}{placement}"
-            wall, _ = launch(nproc, ["finetune", str(base), "--steps", str(args.steps),
-                                     "--batch-size", "2", "--num-seqs", "8", "--seq-len",
-                                     str(args.seq_len), "--no-eval", "--vstep-placement",
-                                     placement, "--output", str(out)],
-                             threads=cores if nproc == 1 else max(1, cores // nproc))
+            shard = ["--shard"] if placement.endswith("+shard") else []
+            wall, peak = launch(nproc, ["finetune", str(base), "--steps", str(args.steps),
+                                        "--batch-size", "2", "--num-seqs", "8", "--seq-len",
+                                        str(args.seq_len), "--no-eval", "--vstep-placement",
+                                        placement.removesuffix("+shard"), *shard,
+                                        "--output", str(out)],
+                                threads=cores if nproc == 1 else max(1, cores // nproc))
             res = json.loads((out / "pvtune_meta.json").read_text())["finetune_result"]
             steps = len(res["losses"])
             fb, pc, vd, ar = (res["seconds_forward_backward"], res["seconds_continuous"],
                               res["seconds_discrete"], res.get("seconds_allreduce", 0.0))
             sent = 0.0
             if nproc > 1:  # float32 gradients, plus the codes rank 0 sent as an owner
-                grads = volume["bytes"] if placement == "replicated" else \
+                grads = volume["bytes"] if placement.startswith("replicated") else \
                     4 * volume["continuous"] + 4 * volume["dense_gradients"] / nproc
                 sent = (grads + res.get("code_bytes_sent", 0) / steps) / 2**20
             rows.append(stamped({"job": "finetune subspace_v_ste", "processes": nproc,
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "steps_per_s": steps / (fb + pc + vd + ar),
                                  "forward_backward_s": fb, "communication_s": ar,
                                  "p_step_s": pc, "v_step_s": vd, "mib_per_step": sent,
+                                 "peak_rss_mib": peak, "first_kl": res["losses"][0],
                                  "final_kl": res["losses"][-1]}))
             print(rows[-1]["job"], nproc, placement, f"{wall:.0f} s", flush=True)
     for job in {r["job"] for r in rows}:
@@ -146,12 +162,17 @@ def main(argv: list[str] | None = None) -> None:
              f"{volume['continuous']:,} continuous gradients, all-reduced, and "
              f"{volume['dense_gradients']:,} dense weight gradients: all-reduced when "
              "replicated, each reduced to its owner, i.e. 1/N of them per rank, with owners), "
-             "plus the changed code bytes rank 0 broadcast as an owner. Only 2 cores here: "
+             "plus the changed code bytes rank 0 broadcast as an owner (with --shard, FSDP "
+             "reduce-scatters the continuous gradients and all-gathers their parameters "
+             "instead: 1.5x the bytes of their all-reduce per micro-batch). "
+             "peak_rss_mib: the largest resident memory of one process (the teacher, the "
+             "student, Adam and V-step state). Only 2 cores here: "
              "two processes share them, so expect little speed-up.\n\n" + paper)
     write_results("distributed_scaling", QUESTION, rows,
                   ["job", "processes", "wall_s", "work_s", "speedup_vs_1", "steps_per_s",
                    "forward_backward_s", "communication_s", "p_step_s", "v_step_s",
-                   "mib_per_step", "vstep_placement"],
+                   "mib_per_step", "peak_rss_mib", "first_kl", "final_kl",
+                   "vstep_placement"],
                   key=["job", "processes", "vstep_placement"], notes=notes)
 
 

@@ -60,6 +60,7 @@ def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
         record = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert record["losses"] == pytest.approx(want_losses, rel=1e-4)
         sent.append(record["code_bytes_sent"])
+        assert record["sharded"] == placement.endswith("+shard")  # FSDP2 did shard
     # with owners each rank stepped and sent its own share of the codes; replicated: none
     assert all(n > 0 for n in sent) if placement.startswith("owner") else sent == [0, 0]
     want_codes = codes_of(want_state)
@@ -106,8 +107,10 @@ def test_context_shards_evenly_or_says_what_to_change():
         DistributedContext(rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("parallel", [[], ["--shard", "--vstep-placement", "owner"]],
+                         ids=["replicated", "owner+shard"])
 def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir, text_file,
-                                                                       tmp_path):
+                                                                       tmp_path, parallel):
     from pvtune.cli import main
     from pvtune.llm.checkpoint import read_meta
     from pvtune.llm.model import load_causal_lm
@@ -127,8 +130,8 @@ def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir
     pvtune = Path(sys.executable).parent / "pvtune"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", str(pvtune), *common, "--output", str(two)],
-                         env=env, capture_output=True, text=True, timeout=240)
+                          "--nproc-per-node=2", str(pvtune), *common, *parallel, "--output",
+                          str(two)], env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("perplexity, start -> best") == 1  # rank 0 alone reports
     a, _ = load_causal_lm(one)
@@ -138,6 +141,11 @@ def test_torchrun_pvtune_finetune_writes_the_single_process_checkpoint(llama_dir
     la = read_meta(one)["finetune_result"]["losses"]
     lb = read_meta(two)["finetune_result"]["losses"]
     assert lb == pytest.approx(la, rel=1e-4)
+    ea = [p for _, p in read_meta(one)["finetune_result"]["evals"]]
+    eb = [p for _, p in read_meta(two)["finetune_result"]["evals"]]
+    assert len(ea) == 2 and eb == pytest.approx(ea, rel=1e-4)  # start and end, every rank
+    for k, v in sa.items():  # the saved continuous parameters too
+        torch.testing.assert_close(sb[k], v, rtol=1e-3, atol=1e-4)
     assert not (two / "resume").exists()  # finished: the resume state is cleared
 
 

@@ -896,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_count, default=0,
                    help="write resume state every N steps (0: never)")
     # the choices and default of pvtune.llm.data_parallel (a test keeps them equal)
-    p.add_argument("--vstep-placement", choices=("replicated", "owner"), default="replicated",
+    p.add_argument("--vstep-placement", choices=("replicated", "owner"), default="owner",
                    help="under torchrun: replicated (every rank steps every weight's codes) "
                         "or owner (each weight's codes on one rank, which sends the changed "
                         "codes); same result (default %(default)s)")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from pvtune.distributed import DistributedContext
 from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
-from pvtune.llm.sharding import full_parameters
+from pvtune.llm.sharding import full_parameters, is_sharded
 from pvtune.optim import VStepConfig
 from pvtune.reprs import UniformConfig
 from tests.llm.test_finetune import setup
@@ -60,7 +60,7 @@ def main(llama_dir: str, strategy: str, steps: int, out: str, checkpoint: str,
     save_file(state, str(folder / f"rank{ctx.rank}.safetensors"))
     (folder / f"rank{ctx.rank}.json").write_text(json.dumps(
         {"losses": result.losses, "world_size": ctx.world_size,
-         "code_bytes_sent": result.code_bytes_sent}))
+         "code_bytes_sent": result.code_bytes_sent, "sharded": is_sharded(student)}))
     if ctx.active:
         torch.distributed.destroy_process_group()
 
