@@ -72,6 +72,32 @@ def test_two_processes_equal_one(llama_dir, tmp_path, strategy, placement):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # ranks agree
 
 
+def test_two_nodes_with_a_rendezvous_point_equal_one_process(llama_dir, tmp_path):
+    """The multi-node form (`--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT`), two
+    node agents on this machine, one process each."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=pvtune",
+           str(ROOT / "tests" / "llm" / "finetune_worker.py"), str(llama_dir),
+           "subspace_v_ste", str(STEPS), str(tmp_path), "", "-1", "0", "owner"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-2000:]
+    want_state, want_losses = single_process(llama_dir, "subspace_v_ste")
+    for r in range(2):
+        record = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert record["world_size"] == 2
+        assert record["losses"] == pytest.approx(want_losses, rel=1e-4)
+        state = load_file(str(tmp_path / f"rank{r}.safetensors"))
+        assert all(torch.equal(state[k], v) for k, v in codes_of(want_state).items())
+
+
 @pytest.mark.parametrize("placement", ["replicated", "owner", "owner+shard"])
 def test_a_killed_rank_stops_the_job_and_it_resumes_at_another_process_count(llama_dir,
                                                                              tmp_path,
@@ -203,3 +229,15 @@ def test_a_rank_that_cannot_join_says_which_rank_it_is(llama_dir, tmp_path, monk
     err = capsys.readouterr().err
     assert "pvtune compress (rank 1 of 2): error: rank 1 of 2 could not join" in err
     assert "Traceback" not in err
+
+
+def test_a_device_the_machine_lacks_is_refused_clearly(monkeypatch):
+    from pvtune.distributed import DistributedError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="cpu or cuda"):
+        DistributedContext.from_environment(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DistributedError, match="no CUDA GPU"):
+            DistributedContext.from_environment(device="cuda")

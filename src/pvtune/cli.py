@@ -446,6 +446,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     resume = output / "resume"
     resuming = (resume / RESUME_META).is_file() and not args.overwrite
     dist = _distributed_context()
+    if args.shard and not dist.active:
+        log.info("--shard shards across the processes of a torchrun job; with one process "
+                 "it changes nothing")
     student, tokenizer = load_causal_lm(source)
     if dist.is_main:  # rank 0 prepares the output; the others wait for it
         _prepare_output(output, args.overwrite or resuming,

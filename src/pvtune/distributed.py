@@ -35,10 +35,12 @@ class DistributedError(PvtuneError, RuntimeError):
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """This process's place in a data-parallel run: ``rank`` of ``world_size``."""
+    """This process's place in a data-parallel run: ``rank`` of ``world_size``, with the
+    model's tensors on ``device`` (``cpu``, or ``cuda:N`` for NCCL)."""
 
     rank: int = 0
     world_size: int = 1
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -55,23 +57,32 @@ class DistributedContext:
         return self.world_size > 1
 
     @classmethod
-    def from_environment(cls, backend: str | None = None, timeout_s: float | None = None
-                         ) -> DistributedContext:
+    def from_environment(cls, device: str = "cpu", backend: str | None = None,
+                         timeout_s: float | None = None) -> DistributedContext:
         """The context ``torchrun`` describes in ``RANK`` / ``WORLD_SIZE`` (joining the
-        process group, ``gloo`` on CPU or ``nccl`` with CUDA unless ``backend`` says), or a
-        single process when they are absent. ``timeout_s`` bounds every collective: a rank
-        that died makes the others fail with an error instead of hanging (default
-        ``$PVTUNE_DIST_TIMEOUT`` or 1800 s: rank 0 may spend minutes writing a checkpoint
-        while the others wait). ``torchrun`` itself stops every rank when one exits with an
-        error."""
+        process group), or a single process when they are absent. ``device``: where the
+        model lives, ``cpu`` (backend ``gloo``) or ``cuda`` (backend ``nccl``, this process
+        on GPU ``LOCAL_RANK``); ``backend`` overrides the choice. ``timeout_s`` bounds every
+        collective: a rank that died makes the others fail with an error instead of hanging
+        (default ``$PVTUNE_DIST_TIMEOUT`` or 1800 s: rank 0 may spend minutes writing a
+        checkpoint while the others wait). ``torchrun`` itself stops every rank when one
+        exits with an error."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if timeout_s is None:
             timeout_s = float(os.environ.get("PVTUNE_DIST_TIMEOUT", "1800"))
         if world <= 1:
             return cls()
         rank = int(os.environ.get("RANK", "0"))
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise DistributedError(f"rank {rank} of {world}: device cuda was asked for "
+                                       "but this machine has no CUDA GPU")
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
         if not torch.distributed.is_initialized():
-            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            backend = backend or ("gloo" if device == "cpu" else "nccl")
             try:
                 torch.distributed.init_process_group(
                     backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -79,7 +90,7 @@ class DistributedContext:
                 raise DistributedError(f"rank {rank} of {world} could not join the process "
                                        f"group ({err}); check MASTER_ADDR / MASTER_PORT or "
                                        "the --rdzv-endpoint torchrun was given") from None
-        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
 
     def shard(self, index: Tensor) -> Tensor:
         """This rank's contiguous part of a global micro-batch of sequence indices (every
@@ -144,7 +155,7 @@ class DistributedContext:
         """The mean of a number over the ranks."""
         if not self.active:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         self._collective(lambda: torch.distributed.all_reduce(t))
         return float(t) / self.world_size
 

@@ -83,7 +83,7 @@ class StepExchange:
         after = _code_bytes(mine)
         changed = (after != before).nonzero().squeeze(1)
         world = self.dist.world_size
-        header = torch.zeros(world + 2, dtype=torch.int64)
+        header = torch.zeros(world + 2, dtype=torch.int64, device=self.dist.device)
         header[self.dist.rank] = changed.numel()
         header[world], header[world + 1] = stats.groups_changed, stats.groups_total
         self.dist.sum_(header)
@@ -124,9 +124,10 @@ class StepExchange:
         else:
             flat = _code_bytes(layers)
         if count * _SPARSE_BYTES < flat.numel():
-            positions = changed if changed is not None else torch.empty(count, dtype=torch.int64)
+            positions = changed if changed is not None else \
+                torch.empty(count, dtype=torch.int64, device=flat.device)
             values = flat[positions] if changed is not None else \
-                torch.empty(count, dtype=torch.uint8)
+                torch.empty(count, dtype=torch.uint8, device=flat.device)
             self.dist.broadcast_(positions, src=owner)
             self.dist.broadcast_(values, src=owner)
             sent = count * _SPARSE_BYTES
@@ -151,7 +152,7 @@ def _code_bytes(layers: dict[str, nn.Module]) -> Tensor:
     buffers = _code_buffers(layers)
     if not buffers:
         return torch.zeros(0, dtype=torch.uint8)
-    return torch.cat([b.detach().reshape(-1).cpu().view(torch.uint8) for b in buffers])
+    return torch.cat([b.detach().reshape(-1).view(torch.uint8) for b in buffers])
 
 
 def _write_code_bytes(layers: dict[str, nn.Module], flat: Tensor) -> None:
@@ -161,7 +162,7 @@ def _write_code_bytes(layers: dict[str, nn.Module], flat: Tensor) -> None:
         for buf in _code_buffers(layers):
             n = buf.numel() * buf.element_size()
             chunk = flat[offset:offset + n].clone().view(buf.dtype).reshape(buf.shape)
-            buf.copy_(chunk.to(buf.device))
+            buf.copy_(chunk)
             offset += n
 
 
