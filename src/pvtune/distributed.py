@@ -106,31 +106,28 @@ class DistributedContext:
 
     def average_(self, tensors: list[Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in place (one flat all-reduce)."""
+        self._mean_into(tensors, lambda flat: torch.distributed.all_reduce(flat), None)
+
+    def reduce_(self, tensors: list[Tensor], dst: int) -> None:
+        """Replace each tensor *on rank* ``dst`` by its mean over the ranks, in place (one
+        flat reduce; the other ranks' tensors are left as they were)."""
+        self._mean_into(tensors, lambda flat: torch.distributed.reduce(flat, dst=dst), dst)
+
+    def _mean_into(self, tensors: list[Tensor], summing, dst: int | None) -> None:
+        """Sum ``tensors`` flattened into one float32 buffer with the collective ``summing``
+        and write the mean back (on every rank, or on ``dst`` only)."""
         if not self.active or not tensors:
             return
         flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
-        self._collective(lambda: torch.distributed.all_reduce(flat))
+        self._collective(lambda: summing(flat))
+        if dst is not None and self.rank != dst:
+            return
         flat /= self.world_size
         offset = 0
         for t in tensors:
             n = t.numel()
             t.copy_(flat[offset:offset + n].reshape(t.shape))
             offset += n
-
-    def reduce_(self, tensors: list[Tensor], dst: int) -> None:
-        """Replace each tensor *on rank* ``dst`` by its mean over the ranks, in place (one
-        flat reduce; the other ranks' tensors are left as they were)."""
-        if not self.active or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
-        self._collective(lambda: torch.distributed.reduce(flat, dst=dst))
-        if self.rank == dst:
-            flat /= self.world_size
-            offset = 0
-            for t in tensors:
-                n = t.numel()
-                t.copy_(flat[offset:offset + n].reshape(t.shape))
-                offset += n
 
     def broadcast_(self, tensor: Tensor, src: int) -> None:
         """Replace ``tensor`` on every rank by rank ``src``'s, in place."""
