@@ -241,3 +241,37 @@ def test_a_device_the_machine_lacks_is_refused_clearly(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(DistributedError, match="no CUDA GPU"):
             DistributedContext.from_environment(device="cuda")
+
+
+def test_evaluation_splits_the_windows_and_every_rank_gets_the_whole_perplexity(llama_dir,
+                                                                                tmp_path):
+    """5 batches over 2 ranks (one rank repeats a stand-in forward): the perplexity of one
+    process, on both ranks."""
+    script = tmp_path / "eval_worker.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from pvtune.distributed import DistributedContext\n"
+        "from pvtune.llm.evaluate import perplexity\n"
+        "from pvtune.llm.model import load_causal_lm\n"
+        "ctx = DistributedContext.from_environment(timeout_s=30)\n"
+        "model, _ = load_causal_lm(sys.argv[1])\n"
+        "windows = torch.randint(0, 100, (10, 12), generator=torch.Generator().manual_seed(0))\n"
+        "r = perplexity(model, windows, batch_size=2, progress=False, dist=ctx)\n"
+        "print('PPL', json.dumps([r.perplexity, r.tokens]))\n"
+        "torch.distributed.destroy_process_group()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", str(script), str(llama_dir)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = [json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
+           if line.startswith("PPL")]
+    from pvtune.llm.evaluate import perplexity
+    from pvtune.llm.model import load_causal_lm
+
+    model, _ = load_causal_lm(llama_dir)
+    windows = torch.randint(0, 100, (10, 12), generator=torch.Generator().manual_seed(0))
+    want = perplexity(model, windows, batch_size=2, progress=False)
+    assert len(got) == 2 and got[0] == got[1]  # both ranks, bit for bit
+    assert got[0][1] == want.tokens == 10 * 11
+    assert got[0][0] == pytest.approx(want.perplexity, rel=1e-6)

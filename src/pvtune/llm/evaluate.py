@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pvtune.distributed import DistributedContext
 from pvtune.errors import DataError
 from pvtune.llm.bos import BosChoice, model_logits, with_bos
 
@@ -33,21 +34,37 @@ class PerplexityResult:
 @torch.no_grad()
 def perplexity(
     model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True,
-    bos: BosChoice | None = None,
+    bos: BosChoice | None = None, dist: DistributedContext | None = None,
 ) -> PerplexityResult:
     """``exp(mean NLL)`` of each window's tokens 2..L given their prefixes, the BOS token
     prepended when ``bos`` says so (the scored tokens are the same either way). A diverged
-    model gives ``inf`` (or ``nan``), never an overflow error."""
+    model gives ``inf`` (or ``nan``), never an overflow error.
+
+    ``dist`` (a data-parallel run, every rank calling with the same windows) splits the
+    batches across the ranks and sums their NLL: every rank returns the same perplexity. Each
+    rank runs the same number of forward passes (a rank short of batches repeats one and
+    discards it), as FSDP's gathers inside the forward need."""
     model.eval()
+    dist = dist or DistributedContext()
     nll, count = 0.0, 0
     start = time.perf_counter()
-    batches = range(0, windows.shape[0], batch_size)
-    for s in tqdm(batches, desc="perplexity", disable=not progress, unit="batch", leave=False):
+    batches = list(range(0, windows.shape[0], batch_size))
+    rounds = math.ceil(len(batches) / dist.world_size)
+    for r in tqdm(range(rounds), desc="perplexity", disable=not progress, unit="batch",
+                  leave=False):
+        b = r * dist.world_size + dist.rank
+        s = batches[b] if b < len(batches) else 0
         ids = windows[s : s + batch_size]
         logits = model_logits(model, ids, bos)[:, :-1].float()
+        if b >= len(batches):  # a stand-in forward (FSDP gathers in it): not counted
+            continue
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      ids[:, 1:].reshape(-1), reduction="sum"))
         count += ids[:, 1:].numel()
+    if dist.active:
+        totals = torch.tensor([nll, count], dtype=torch.float64, device=dist.device)
+        dist.sum_(totals)
+        nll, count = float(totals[0]), int(totals[1])
     seconds = time.perf_counter() - start
     mean = nll / count
     value = math.exp(mean) if mean < 709 else (mean if math.isnan(mean) else math.inf)

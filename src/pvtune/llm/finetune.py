@@ -381,8 +381,8 @@ def _resume_tensors(student, base, opt: PVOptimizer, exchange: StepExchange,
 
 def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
               progress: bool, dist: DistributedContext) -> None:
-    # every rank evaluates; the mean keeps their keep-best decisions equal
-    ppl = dist.mean(perplexity(student, windows, progress=progress, bos=bos).perplexity)
+    # every rank evaluates its share of the windows and gets the same perplexity
+    ppl = perplexity(student, windows, progress=progress, bos=bos, dist=dist).perplexity
     student.train()
     result.evals.append((step, ppl))
     label = "starting model" if step == 0 else f"step {step}"
