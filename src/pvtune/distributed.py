@@ -168,10 +168,14 @@ class DistributedContext:
             self._collective(torch.distributed.barrier)
 
     def close(self) -> None:
-        """Leave the process group (call once, after this rank's last collective; rank 0
-        may still be writing files, so there is no barrier)."""
+        """Leave the process group, every rank together (call once, after this rank's last
+        collective): a barrier first, so no rank tears its connections down while another
+        still uses them (a rank that waits here waits for rank 0 to finish writing)."""
         if self.active and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            try:
+                self.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
 
     def _collective(self, call) -> None:
         try:

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from pvtune.distributed import DistributedContext
@@ -61,8 +60,7 @@ def main(llama_dir: str, strategy: str, steps: int, out: str, checkpoint: str,
     (folder / f"rank{ctx.rank}.json").write_text(json.dumps(
         {"losses": result.losses, "world_size": ctx.world_size,
          "code_bytes_sent": result.code_bytes_sent, "sharded": is_sharded(student)}))
-    if ctx.active:
-        torch.distributed.destroy_process_group()
+    ctx.close()
 
 
 if __name__ == "__main__":
