@@ -257,15 +257,15 @@ def test_evaluation_splits_the_windows_and_every_rank_gets_the_whole_perplexity(
         "model, _ = load_causal_lm(sys.argv[1])\n"
         "windows = torch.randint(0, 100, (10, 12), generator=torch.Generator().manual_seed(0))\n"
         "r = perplexity(model, windows, batch_size=2, progress=False, dist=ctx)\n"
-        "print('PPL', json.dumps([r.perplexity, r.tokens]))\n"
+        "out = f'{sys.argv[2]}/ppl{ctx.rank}.json'  # a file each: their stdout interleaves\n"
+        "open(out, 'w').write(json.dumps([r.perplexity, r.tokens]))\n"
         "torch.distributed.destroy_process_group()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc-per-node=2", str(script), str(llama_dir)], env=env,
-                         capture_output=True, text=True, timeout=120)
+                          "--nproc-per-node=2", str(script), str(llama_dir), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    got = [json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
-           if line.startswith("PPL")]
+    got = [json.loads((tmp_path / f"ppl{r}.json").read_text()) for r in range(2)]
     from pvtune.llm.evaluate import perplexity
     from pvtune.llm.model import load_causal_lm
 
