@@ -119,11 +119,15 @@ class StepExchange:
     def _share(self, owner: int, count: int, changed: Tensor | None, after: Tensor) -> None:
         """Send owner's changed code bytes to every rank and write them into the codes."""
         layers = self._layers_of(owner)
+        sparse = count * _SPARSE_BYTES < _code_nbytes(layers)
         if owner == self.dist.rank:
             flat = after
-        else:
+        elif sparse:  # the receiver's own (unchanged) bytes, patched below
             flat = _code_bytes(layers)
-        if count * _SPARSE_BYTES < flat.numel():
+        else:  # every byte arrives
+            flat = torch.empty(_code_nbytes(layers), dtype=torch.uint8,
+                               device=self.dist.device)
+        if sparse:
             positions = changed if changed is not None else \
                 torch.empty(count, dtype=torch.int64, device=flat.device)
             values = flat[positions] if changed is not None else \
@@ -145,6 +149,11 @@ class StepExchange:
 def _code_buffers(layers: dict[str, nn.Module]) -> list[Tensor]:
     return [getattr(layer.qweight, name) for layer in layers.values()
             for name in layer.qweight.code_buffers]
+
+
+def _code_nbytes(layers: dict[str, nn.Module]) -> int:
+    """How many bytes :func:`_code_bytes` of ``layers`` holds."""
+    return sum(b.numel() * b.element_size() for b in _code_buffers(layers))
 
 
 def _code_bytes(layers: dict[str, nn.Module]) -> Tensor:

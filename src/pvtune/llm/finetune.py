@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,8 @@ def finetune(
                             continuous_reduced=sharded)
     opt = PVOptimizer(student, base, config.vstep, dense_storage=config.dense_storage,
                       owned=exchange.owned(),
-                      discrete_context=lambda: full_parameters(student))
+                      discrete_context=(lambda: full_parameters(student)) if sharded
+                      else nullcontext)
     run = {**(identity or {}), "calibration_tokens": tensor_digest(ids),
            "evaluation_tokens": tensor_digest(eval_windows),
            "bos": bos.to_dict() if bos else None}
