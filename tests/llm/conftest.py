@@ -30,17 +30,31 @@ def build_tokenizer(directory: Path):
     return fast
 
 
-def build_model(kind: str, vocab: int):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# every architecture family pvtune compresses, as tiny random models: (config class, model
+# class, extra config fields); tied says whether the head shares the embedding table
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1,
+                                               "bos_token_id": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8}),
+}
 
+
+def build_model(kind: str, vocab: int, **overrides):
+    """A tiny random model of architecture ``kind`` (a key of :data:`ARCHITECTURES`)."""
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[kind]
     torch.manual_seed(0)
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
-    raise ValueError(kind)
+    config = getattr(transformers, config_name)(**{**common, **extra, **overrides})
+    return getattr(transformers, model_name)(config)
 
 
 @pytest.fixture(scope="session")

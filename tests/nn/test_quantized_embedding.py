@@ -3,6 +3,8 @@ exactly the bytes saved, and the PV optimizer leaves their codes alone."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from pvtune.nn.quantized_embedding import (
     QuantizedEmbedding,
     compress_embeddings_,
 )
-from tests.llm.conftest import build_model, build_tokenizer
+from pvtune.errors import ConfigError
+from tests.llm.conftest import ARCHITECTURES, build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,53 @@ def test_gguf_export_writes_compressed_embeddings_as_stored(tokenizer, tmp_path)
     assert tensor.ggml_type == 3  # Q4_1, not the default q8_0
     np.testing.assert_array_equal(np.asarray(tensor.data).reshape(tensor.shape[0], -1),
                                   model.model.embed_tokens.qweight.to_gguf_blocks())
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_compressed_embeddings_keep_the_modules_behaviour(kind, tokenizer):
+    """The compressed table must behave as the original module holding the decoded table:
+    Gemma's embeddings scale by sqrt(hidden), padding rows stay what the table says. The
+    logits equal those of the original model given the decoded table, and differ from the
+    uncompressed model's by no more than a few times what the table's rounding costs."""
+    model = build_model(kind, len(tokenizer)).eval()
+    reference = copy.deepcopy(model)
+    ids = torch.tensor([[0, 3, 7, 11, 13, 17, 250]])
+    with torch.no_grad():
+        exact = reference(ids).logits
+    compress_embeddings_(model, EmbeddingCompression(GGUFBlockConfig("q8_0")))
+    table = model.get_input_embeddings().qweight().detach()
+    emb = reference.get_input_embeddings()
+    with torch.no_grad():
+        emb.weight.copy_(table)  # the original module, holding the decoded table
+        expected = reference(ids).logits
+        got = model(ids).logits
+    assert type(model.get_input_embeddings().lookup) is type(emb)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    rounding = (exact - expected).abs().max()
+    assert (got - exact).abs().max() <= 2 * rounding + 1e-6
+    assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_scaled_embedding_round_trips_through_a_checkpoint(tokenizer, tmp_path):
+    model = build_model("gemma3", len(tokenizer)).eval()
+    compress_embeddings_(model, EmbeddingCompression(GGUFBlockConfig("q4_0")))
+    ids = torch.tensor([[3, 7, 11, 13, 17]])
+    with torch.no_grad():
+        before = model(ids).logits
+    save_compressed(model, tokenizer, tmp_path / "ckpt")
+    loaded, _ = load_compressed(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+    assert type(loaded.get_input_embeddings().lookup).__name__ == \
+        "Gemma3TextScaledWordEmbedding"
+    dense = loaded.get_input_embeddings().to_embedding()
+    assert type(dense).__name__ == "Gemma3TextScaledWordEmbedding"
+    with torch.no_grad():
+        assert torch.equal(dense(ids), loaded.get_input_embeddings()(ids))
+
+
+def test_embedding_options_a_decoded_table_cannot_honour_are_refused(tokenizer):
+    model = build_model("llama", len(tokenizer)).eval()
+    model.model.embed_tokens.max_norm = 1.0
+    with pytest.raises(ConfigError, match="max_norm"):
+        compress_embeddings_(model, EmbeddingCompression(GGUFBlockConfig("q8_0")))

@@ -417,7 +417,7 @@ def _replacement_layer(current: nn.Module, name: str, spec: dict[str, Any], sour
             rep = representation_for(config)(*shape, config)
         except ValueError as err:
             raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
-        return QuantizedEmbedding(rep, current.padding_idx)
+        return QuantizedEmbedding.of(rep, current)
     if not isinstance(current, nn.Linear | QuantizedLinear):
         raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in the "
                               "model, not a linear layer")

@@ -10,10 +10,11 @@ codes, stored once, and the tie survives save and load.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from pvtune.errors import ConfigError
 from pvtune.nn.quantize import _set_submodule
@@ -22,11 +23,34 @@ from pvtune.reprs.base import ReprConfig, representation_for
 
 
 class QuantizedEmbedding(QuantizedLinear):
-    """``embedding[ids]`` with the ``[vocab, dim]`` table decoded from ``qweight``."""
+    """``embedding[ids]`` with the ``[vocab, dim]`` table decoded from ``qweight``.
 
-    def __init__(self, qweight, padding_idx: int | None = None) -> None:
+    The lookup is the original embedding module's own forward with the decoded table in place
+    of its weight (``lookup``, a copy of that module without its table), so whatever the
+    module does besides indexing survives compression: a padding index, the scaling of
+    Gemma's embeddings by sqrt(hidden size), parameters or buffers a subclass adds.
+    """
+
+    def __init__(self, qweight, padding_idx: int | None = None, *,
+                 original: nn.Embedding | None = None) -> None:
         super().__init__(qweight, None)
-        self.padding_idx = padding_idx
+        if original is None:
+            original = nn.Embedding(qweight.out_features, qweight.in_features,
+                                    padding_idx=padding_idx, device="meta")
+        self.lookup = lookup_template(original)
+
+    @classmethod
+    def of(cls, qweight, original: nn.Embedding) -> QuantizedEmbedding:
+        """A compressed stand-in for ``original`` (an ``nn.Embedding`` or a subclass, or a
+        :class:`QuantizedEmbedding` whose lookup it reuses) holding ``qweight``."""
+        if isinstance(original, QuantizedEmbedding):
+            return cls(qweight, original=original.lookup)
+        return cls(qweight, original=original)
+
+    @property
+    def padding_idx(self) -> int | None:
+        """The padding index of the original module (None without one)."""
+        return self.lookup.padding_idx
 
     @property
     def num_embeddings(self) -> int:
@@ -39,17 +63,44 @@ class QuantizedEmbedding(QuantizedLinear):
         return self.in_features
 
     def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
-        return F.embedding(ids, self._dense_weight(), self.padding_idx)
+        return functional_call(self.lookup, {"weight": self._dense_weight()}, (ids,))
 
     def to_embedding(self) -> nn.Embedding:
-        """A plain ``nn.Embedding`` holding the decoded table."""
+        """A module of the original class holding the decoded table."""
         w = self.qweight().detach()
-        emb = nn.Embedding(self.out_features, self.in_features, padding_idx=self.padding_idx)
-        emb.weight.data = w.clone()
+        emb = _copy_module(self.lookup)
+        emb.weight = nn.Parameter(w.clone())
         return emb
 
     def extra_repr(self) -> str:
-        return f"{self.out_features}, {self.in_features}"
+        return f"{self.out_features}, {self.in_features}, lookup={type(self.lookup).__name__}"
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` with its own parameter, buffer and submodule tables."""
+    copy_ = copy.copy(module)
+    copy_._parameters = dict(module._parameters)
+    copy_._buffers = dict(module._buffers)
+    copy_._modules = dict(module._modules)
+    copy_._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    return copy_
+
+
+def lookup_template(original: nn.Module) -> nn.Embedding:
+    """``original`` (an ``nn.Embedding`` or a subclass) without its table, ready to run
+    with a table passed in by ``functional_call``; a :class:`ConfigError` for options a
+    decoded table cannot honour."""
+    if not isinstance(original, nn.Embedding):
+        raise ConfigError(f"cannot compress embeddings of type {type(original).__name__}: "
+                          "pvtune compresses nn.Embedding tables and their subclasses")
+    if original.max_norm is not None:
+        raise ConfigError("cannot compress an embedding with max_norm (it rewrites its table "
+                          "in place on every lookup)")
+    if original.sparse:
+        raise ConfigError("cannot compress an embedding with sparse gradients")
+    template = _copy_module(original)
+    template._parameters.pop("weight", None)
+    return template
 
 
 @dataclass(frozen=True)
@@ -71,8 +122,7 @@ def compress_embeddings_(model: nn.Module, config: EmbeddingCompression) -> dict
     emb = model.get_input_embeddings()
     if isinstance(emb, QuantizedEmbedding):
         raise ConfigError("the embeddings are compressed already")
-    if not isinstance(emb, nn.Embedding):
-        raise ConfigError(f"cannot compress embeddings of type {type(emb).__name__}")
+    lookup_template(emb)  # refuses what a decoded table cannot stand in for
     head = model.get_output_embeddings()
     tied = isinstance(head, nn.Linear) and head.weight is emb.weight
     try:
@@ -83,7 +133,7 @@ def compress_embeddings_(model: nn.Module, config: EmbeddingCompression) -> dict
                           f"{emb.embedding_dim}): {err}") from None
     names = {id(m): n for n, m in model.named_modules()}
     done = {}
-    _set_submodule(model, names[id(emb)], QuantizedEmbedding(rep, emb.padding_idx))
+    _set_submodule(model, names[id(emb)], QuantizedEmbedding.of(rep, emb))
     done[names[id(emb)]] = config.embeddings.type_name
     if tied:
         _set_submodule(model, names[id(head)], QuantizedLinear(rep, head.bias))
