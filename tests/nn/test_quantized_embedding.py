@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pvtune import GGUFBlockConfig, quantize_
+from pvtune.errors import ConfigError
 from pvtune.llm.checkpoint import bits_report, load_compressed, save_compressed
 from pvtune.nn.quantize import decoder_layers, quantized_layers
 from pvtune.nn.quantized_embedding import (
@@ -16,7 +17,6 @@ from pvtune.nn.quantized_embedding import (
     QuantizedEmbedding,
     compress_embeddings_,
 )
-from pvtune.errors import ConfigError
 from tests.llm.conftest import ARCHITECTURES, build_model, build_tokenizer
 
 
