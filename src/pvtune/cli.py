@@ -64,6 +64,27 @@ _count = _number_at_least(int, 0)
 _nonnegative_float = _number_at_least(float, 0.0)
 
 
+def _size(text: str) -> int:
+    from pvtune.llm.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _type_list(text: str) -> tuple[str, ...]:
+    from pvtune.llm.budget import DENSE
+    from pvtune.reprs.gguf_block import BLOCK_FORMATS
+
+    types = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    unknown = [t for t in types if t != DENSE and t not in BLOCK_FORMATS]
+    if not types or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {sorted(BLOCK_FORMATS) + [DENSE]}, got {text!r}")
+    return types
+
+
 def _prompt(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
@@ -244,6 +265,18 @@ def _compress_config(args: argparse.Namespace, preset):
         lr = args.block_finetune_lr if args.block_finetune_lr is not None \
             else (finetune.lr if finetune else 1e-3)
         finetune = BlockFinetuneConfig(steps=steps, lr=lr)
+    budget = _budget_config(args)
+    if budget is not None:
+        if args.method == "aqlm" or args.format is not None or args.embeddings != "f16":
+            raise ConfigError("--target-size/--target-bits choose every tensor's GGUF block "
+                              "type: use them with --method gptq or rtn and without --format "
+                              "or --embeddings")
+        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
+        if args.block_finetune_steps is None and args.block_finetune_lr is None:
+            finetune = None
+        return CompressConfig(method=args.method, representation=GGUFBlockConfig("q4_0"),
+                              method_config=method_config, calibration=calibration,
+                              block_finetune=finetune, budget=budget)
     if args.method == "aqlm":
         if args.format is not None:
             raise ConfigError("--format (a GGUF block type) works with --method gptq or rtn; "
@@ -265,6 +298,28 @@ def _compress_config(args: argparse.Namespace, preset):
     return CompressConfig(method=args.method, representation=representation,
                           method_config=method_config, calibration=calibration,
                           block_finetune=finetune, embeddings=embeddings)
+
+
+def _budget_config(args: argparse.Namespace):
+    """The size budget the compress options ask for (None without one)."""
+    from pvtune.llm.budget import DEFAULT_EMBEDDING_TYPES, DEFAULT_TYPES, DENSE, BudgetConfig
+
+    if args.target_size is None and args.target_bits is None:
+        if args.budget_types is not None:
+            raise ConfigError("--budget-types needs --target-size or --target-bits")
+        return None
+    types = args.budget_types or DEFAULT_TYPES
+    embedding_types = tuple(t for t in types if t != DENSE) if args.budget_types \
+        else DEFAULT_EMBEDDING_TYPES
+    return BudgetConfig(target_bytes=args.target_size, target_bits=args.target_bits,
+                        types=types, embedding_types=embedding_types or types)
+
+
+def _default_method(args: argparse.Namespace) -> str:
+    """gptq where the options ask for GGUF block types, else aqlm."""
+    if args.format is not None or args.target_size is not None or args.target_bits is not None:
+        return "gptq"
+    return "aqlm"
 
 
 def _distributed_context():
@@ -290,11 +345,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from pvtune.report import format_table
 
     torch.manual_seed(args.seed)
+    args.method = args.method or _default_method(args)
     preset = PRESETS[args.preset]
     config = _compress_config(args, preset)
     eval_config = _eval_config(args, preset.evaluation)
     source, source_dir = _source_record(args.model)
-    kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
+    if config.budget is not None:
+        kind = (f"{args.target_size / 2**20:.0f}mib" if args.target_size is not None
+                else f"{args.target_bits:g}bpp")
+    else:
+        kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
     output = Path(args.output or f"compressed-{args.method}-{kind}")
     dist = _distributed_context()
     if dist.is_main:
@@ -321,9 +381,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                                                       "evaluation")),
                                eval_config)
         results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
+    what = "chosen per tensor within the budget" if config.budget else config.representation
     log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
-             config.method, config.representation, calib_ids.shape[0], calib_ids.shape[1])
-    report = compress_model(model, with_bos(calib_ids, bos), config, dist=dist)
+             config.method, what, calib_ids.shape[0], calib_ids.shape[1])
+    metadata = _gguf_metadata_bytes(model, tokenizer, source_dir) if config.budget else 0
+    report = compress_model(model, with_bos(calib_ids, bos), config, dist=dist,
+                            metadata_bytes=metadata)
     if not dist.is_main:  # every rank holds the compressed model; rank 0 writes and reports
         dist.close()
         return 0
@@ -335,11 +398,21 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "evaluation": results, "compress_seconds": report.seconds,
             "layers": [dataclasses.asdict(r) for r in report.layers],
             "block_finetune": report.block_losses}
+    if report.plan is not None:
+        meta["budget_plan"] = report.plan.to_dict()
     if args.model is None:
         meta["reference_note"] = REFERENCE_NOTE
     record = save_compressed(model, tokenizer, output, meta)  # before anything optional
     bits = record["bits"]
-    rows = [["method", f"{config.method} {_repr_name(config.representation)}"],
+    chosen = (", ".join(f"{k}: {v}" for k, v in report.plan.summary().items())
+              if report.plan is not None else None)
+    method_name = (f"{config.method}, types chosen per tensor ({chosen}; embeddings "
+                   f"{report.plan.types.get('embeddings', '-')}); GGUF file about "
+                   f"{report.plan.total_bytes / 2**20:.2f} MiB of a "
+                   f"{report.plan.budget_bytes / 2**20:.2f} MiB budget"
+                   if report.plan is not None
+                   else f"{config.method} {_repr_name(config.representation)}")
+    rows = [["method", method_name],
             ["compression time", f"{report.seconds / 60:.1f} min"], *_bits_rows(bits),
             ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
             ["BOS token", f"{'yes' if bos.add else 'no'} ({bos.reason})"],
@@ -357,6 +430,20 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _sample(model, tokenizer, args, bos)
     dist.close()
     return 0
+
+
+def _gguf_metadata_bytes(model, tokenizer, source_dir) -> int:
+    """What a GGUF export of ``model`` holds besides tensors (0, with a note, where the
+    architecture has no GGUF export: the budget then counts tensors and norms only)."""
+    from pvtune.errors import ModelError
+    from pvtune.export.gguf import gguf_metadata_bytes
+
+    try:
+        recorded = _recorded_gguf({"source_model": str(source_dir)}) if source_dir else {}
+        return gguf_metadata_bytes(model, tokenizer, recorded)
+    except ModelError as err:
+        log.info("the size budget counts tensors and norms only (%s)", err)
+        return 0
 
 
 def _repr_name(rep) -> str:
@@ -610,7 +697,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.checkpoint)
     if args.to == "aqlm":
         return _export_aqlm(args, source)
-    config = GGUFExportConfig(embedding_type=args.embedding_type, head_type=args.head_type)
     output = Path(args.output or source.with_name(f"{source.name}.gguf"))
     if output.exists() and not args.overwrite:
         raise OutputError(f"{output} exists; pass --overwrite to replace it")
@@ -618,6 +704,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise OutputError(f"--output {output} is a folder; give a file name ending in .gguf")
     model, tokenizer = load_compressed(source)
     meta = read_meta(source)
+    planned = ((meta.get("budget_plan") or {}).get("types") or {}) \
+        if isinstance(meta.get("budget_plan"), dict) else {}
+    embedding_type = args.embedding_type or ("f16" if planned.get("embeddings") == "f16"
+                                             else "q8_0")
+    head_type = args.head_type or ("f16" if planned.get("head") == "f16" else None)
+    config = GGUFExportConfig(embedding_type=embedding_type, head_type=head_type)
     report = export_gguf(model, tokenizer, output, config, name=f"pvtune {source.name}",
                          recorded_gguf=_recorded_gguf(meta))
     counts: dict[str, int] = {}
@@ -826,7 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "after, and save a checkpoint.")
     p.add_argument("model", nargs="?", help="local Hugging Face model directory (default: the "
                    "offline SmolLM2-135M-Instruct, prepared and cached on first use)")
-    p.add_argument("--method", choices=["aqlm", "gptq", "rtn"], default="aqlm")
+    p.add_argument("--method", choices=["aqlm", "gptq", "rtn"], default=None,
+                   help="initialisation (default: gptq with --format, --target-size or "
+                        "--target-bits, else aqlm)")
     p.add_argument("--codebooks", default="2x8g8", help="AQLM layout MxBgG (default 2x8g8)")
     p.add_argument("--bits", type=_positive_int, default=2,
                    help="bits per weight for gptq/rtn (2)")
@@ -840,6 +934,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", choices=["f16", *sorted(BLOCK_FORMATS)], default="f16",
                    help="store the token embeddings (and a head tied to them) in this GGUF "
                         "block type, rounded to nearest (default f16: uncompressed)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-size", type=_size, metavar="SIZE",
+                        help="a size budget for the GGUF file (e.g. 60MiB, 59MB): each decoder "
+                             "linear, the embeddings and the head get the GGUF block type that "
+                             "measured sensitivities say is worth its bytes")
+    target.add_argument("--target-bits", type=_number_at_least(float, 0.01), metavar="BITS",
+                        help="the same budget as bits per parameter over the whole file")
+    p.add_argument("--budget-types", type=_type_list, metavar="T1,T2,...",
+                   help="storage types a budget may choose for decoder linears (default "
+                        "q2_0,q4_0,q4_1,q8_0,f16; the embeddings take the same without f16)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                    help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "
@@ -935,8 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file or folder (default beside the checkpoint: "
                                     "CHECKPOINT.gguf or CHECKPOINT-aqlm)")
     p.add_argument("--embedding-type", choices=["f32", "f16", *sorted(BLOCK_FORMATS)],
-                   default="q8_0", help="GGUF type of dense token embeddings (default q8_0); "
-                   "embeddings pvtune compressed are written as stored")
+                   default=None, help="GGUF type of dense token embeddings (default q8_0, or "
+                   "f16 where a size budget chose it); embeddings pvtune compressed are "
+                   "written as stored")
     p.add_argument("--head-type", choices=["f32", "f16", *sorted(BLOCK_FORMATS)],
                    default=None, help="GGUF type of an untied output head (default: as the "
                    "embeddings)")

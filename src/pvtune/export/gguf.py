@@ -222,22 +222,12 @@ def _tokenizer_metadata(writer, tokenizer, model_dir: Path | None, config,
         writer.add_chat_template(template)
 
 
-def export_gguf(model: nn.Module, tokenizer, output: str | Path,
-                config: GGUFExportConfig = GGUFExportConfig(), *, name: str = "",
-                recorded_gguf: dict | None = None) -> GGUFExportReport:
-    """Write ``model`` (a Hugging Face causal LM, compressed by pvtune or not) and its
-    tokenizer to the GGUF file ``output`` (atomically). ``recorded_gguf`` holds metadata
-    recorded from the GGUF the model came from (its pre-tokenizer and BOS flag)."""
+def _write_metadata(writer, model: nn.Module, tokenizer, config: GGUFExportConfig, name: str,
+                    recorded: dict) -> None:
+    """The key-value metadata llama.cpp reads: hyperparameters and tokenizer."""
     import gguf
 
     hf = model.config
-    arch = _architecture(hf)
-    structure = find_blocks(model)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}{TMP_MARK}")
-    report = GGUFExportReport(output, 0)
-    writer = gguf.GGUFWriter(tmp, arch)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     rope = getattr(hf, "rope_parameters", None) or {}
     writer.add_name(name or getattr(hf, "_name_or_path", "") or "pvtune model")
@@ -255,7 +245,52 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _tokenizer_metadata(writer, tokenizer, None, hf, config.tokenizer_pre, recorded_gguf or {})
+    _tokenizer_metadata(writer, tokenizer, None, hf, config.tokenizer_pre, recorded)
+
+
+def gguf_metadata_bytes(model: nn.Module, tokenizer, recorded_gguf: dict | None = None,
+                        config: GGUFExportConfig = GGUFExportConfig()) -> int:
+    """Bytes of the header and key-value metadata :func:`export_gguf` writes for ``model``
+    (tensor records and data excluded): what a size budget counts besides the tensors."""
+    import tempfile
+
+    import gguf
+
+    arch = _architecture(model.config)
+    quiet = logging.getLogger("gguf")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the writer announces every file it writes
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        writer = gguf.GGUFWriter(path, arch)
+        _write_metadata(writer, model, tokenizer, config, "", recorded_gguf or {})
+        writer.add_file_type(1)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+        finally:
+            writer.close()
+            quiet.setLevel(level)
+        return path.stat().st_size
+
+
+def export_gguf(model: nn.Module, tokenizer, output: str | Path,
+                config: GGUFExportConfig = GGUFExportConfig(), *, name: str = "",
+                recorded_gguf: dict | None = None) -> GGUFExportReport:
+    """Write ``model`` (a Hugging Face causal LM, compressed by pvtune or not) and its
+    tokenizer to the GGUF file ``output`` (atomically). ``recorded_gguf`` holds metadata
+    recorded from the GGUF the model came from (its pre-tokenizer and BOS flag)."""
+    import gguf
+
+    hf = model.config
+    arch = _architecture(hf)
+    structure = find_blocks(model)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}{TMP_MARK}")
+    report = GGUFExportReport(output, 0)
+    writer = gguf.GGUFWriter(tmp, arch)
+    _write_metadata(writer, model, tokenizer, config, name, recorded_gguf or {})
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf.num_hidden_layers)
     type_counts: dict[int, int] = {}
@@ -330,19 +365,33 @@ def import_gguf_linears(model: nn.Module, path: str | Path) -> dict[str, Any]:
             hf_name = f"{structure.path}.{i}.{lname}"
             tensor = contents.tensors.get(f"{names.get_name(hf_name)}.weight")
             module = block.get_submodule(lname)
-            if tensor is None or tensor.ggml_type not in by_type:
-                raise ModelError(f"{path}: layer {hf_name} is missing or not a GGUF block type")
+            dense = tensor is not None and tensor.ggml_type in DENSE_TYPES.values()
+            if tensor is None or not (dense or tensor.ggml_type in by_type):
+                raise ModelError(f"{path}: layer {hf_name} is missing or neither F16, F32 nor "
+                                 "a GGUF block type")
             out_f, in_f = tensor.shape
             if (out_f, in_f) != (module.out_features, module.in_features):
                 raise ModelError(f"{path}: {hf_name} has shape {tensor.shape}, the model "
                                  f"{(module.out_features, module.in_features)}")
-            data = np.asarray(tensor.data).reshape(out_f, -1)
+            data = np.asarray(tensor.data)
+            if dense:  # raw bytes of float16 or float32 values
+                data = data.view(np.float16 if tensor.ggml_type == DENSE_TYPES["f16"]
+                                 else np.float32)
+            data = data.reshape(out_f, -1)
             order = _row_order(arch, hf_name, out_f, hf)
             if order is not None:
                 data = data[np.argsort(order)]
+            bias = getattr(module, "bias", None)
+            if dense:  # a layer kept uncompressed: a plain linear of the stored values
+                linear = nn.Linear(in_f, out_f, bias=bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(torch.from_numpy(data.astype(np.float32)))
+                    if bias is not None:
+                        linear.bias.copy_(bias)
+                _set_submodule(block, lname, linear)
+                continue
             rep = GGUFBlockWeight.from_gguf_blocks(data, out_f, in_f,
                                                    GGUFBlockConfig(by_type[tensor.ggml_type].name))
-            bias = getattr(module, "bias", None)
             _set_submodule(block, lname, QuantizedLinear(rep, None if bias is None else bias))
     return contents.metadata
 

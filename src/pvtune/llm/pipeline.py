@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 from pvtune.distributed import DistributedContext, assign_layers
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
+from pvtune.llm.budget import EMBEDDINGS, HEAD, BudgetConfig, BudgetPlan, plan_budget, type_config
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.model import BlockStructure, find_blocks
 from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_embedding import EmbeddingCompression, compress_embeddings_
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
+from pvtune.reprs.gguf_block import GGUFBlockConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ class CompressConfig:
     the parameters left uncompressed (embeddings, norms, head) are stored: ``float16`` rounds
     them to float16 values, ``float32`` keeps them. ``embeddings``, when set, compresses the
     token embeddings (round to nearest; a tied head shares them) in that representation.
+    ``budget``, when set, replaces one representation for all: each decoder linear, the
+    embeddings and an untied head get the GGUF block type (or float16) that
+    :mod:`pvtune.llm.budget` chooses for them from measured sensitivities, within the size
+    budget (``representation`` then only names the family, ``embeddings`` must be None).
     """
 
     method: str
@@ -72,9 +78,17 @@ class CompressConfig:
     batch_size: int = 8
     dense_storage: str = "float16"
     embeddings: ReprConfig | None = None
+    budget: BudgetConfig | None = None
 
     def __post_init__(self) -> None:
         init = get_init(self.method)  # KeyError lists the known methods
+        if self.budget is not None:
+            if not any(issubclass(GGUFBlockConfig, t) for t in init.repr_types):
+                raise ConfigError(f"CompressConfig.budget chooses GGUF block types, which "
+                                  f"method {self.method!r} does not make; use rtn or gptq")
+            if self.embeddings is not None:
+                raise ConfigError("CompressConfig.budget chooses the embeddings' type too; "
+                                  "leave embeddings unset")
         if not isinstance(self.representation, init.repr_types):
             allowed = ", ".join(t.__name__ for t in init.repr_types)
             raise ConfigError(
@@ -115,6 +129,7 @@ class CompressReport:
     layers: list[LayerReport] = field(default_factory=list)
     block_losses: list[tuple[float, float]] = field(default_factory=list)  # before/after FT
     seconds: float = 0.0
+    plan: BudgetPlan | None = None  # the storage type of every tensor, under a budget
 
 
 class _Stop(Exception):
@@ -227,7 +242,10 @@ def _minibatches(n: int, size: int) -> Iterator[slice]:
 
 
 def check_layers_fit(model: nn.Module, structure: BlockStructure, config: CompressConfig) -> None:
-    """Fail before any work when the representation cannot fit a layer's shape."""
+    """Fail before any work when the representation cannot fit a layer's shape (under a
+    budget, each tensor takes only the types that fit it)."""
+    if config.budget is not None:
+        return
     for i, block in enumerate(structure.blocks):
         for name, m in block.named_modules():
             if isinstance(m, nn.Linear):
@@ -249,7 +267,7 @@ def check_layers_fit(model: nn.Module, structure: BlockStructure, config: Compre
 
 def compress_model(
     model: nn.Module, calibration_ids: Tensor | None, config: CompressConfig,
-    progress: bool = True, dist: DistributedContext | None = None,
+    progress: bool = True, dist: DistributedContext | None = None, metadata_bytes: int = 0,
 ) -> CompressReport:
     """Compress every linear layer inside ``model``'s decoder blocks in place.
 
@@ -259,6 +277,10 @@ def compress_model(
     initialises its own and the results are broadcast, so every rank ends with the whole
     compressed model (the same codes as one process: each layer's initialisation depends only
     on its weight and its inputs).
+
+    Under :attr:`CompressConfig.budget` the storage types are chosen first, on the
+    uncompressed model and ``calibration_ids`` (:func:`pvtune.llm.budget.plan_budget`;
+    ``metadata_bytes`` is what the file holds besides tensors), and recorded in the report.
     """
     dist = dist or DistributedContext()
     progress = progress and dist.is_main
@@ -268,25 +290,51 @@ def compress_model(
     report = CompressReport()
     start = time.perf_counter()
     model.eval()
+    layer_reprs: dict[str, ReprConfig | None] = {}
+    embeddings = EmbeddingCompression(config.embeddings) if config.embeddings else None
+    if config.budget is not None:
+        if calibration_ids is None:
+            raise ConfigError("a size budget needs calibration token ids to measure "
+                              "sensitivities")
+        report.plan = plan_budget(model, calibration_ids, config.budget, metadata_bytes,
+                                  progress)
+        layer_reprs = {k: type_config(t) for k, t in report.plan.types.items()}
+        if layer_reprs.get(EMBEDDINGS) is not None or layer_reprs.get(HEAD) is not None:
+            embeddings = EmbeddingCompression(layer_reprs.get(EMBEDDINGS),
+                                              layer_reprs.get(HEAD))
+    reprs = _LayerReprs(config.representation, layer_reprs)
     if not init.needs_calibration:
-        _compress_without_data(structure, config, report, progress, dist)
+        _compress_without_data(structure, config, report, progress, dist, reprs)
     else:
         if calibration_ids is None:
             raise ConfigError(f"method {config.method!r} needs calibration token ids")
-        _compress_with_data(model, structure, calibration_ids, config, report, progress, dist)
-    if config.embeddings is not None:
-        done = compress_embeddings_(model, EmbeddingCompression(config.embeddings))
+        _compress_with_data(model, structure, calibration_ids, config, report, progress, dist,
+                            reprs)
+    if embeddings is not None:
+        done = compress_embeddings_(model, embeddings)
         log.info("embeddings compressed: %s", done)
     _round_storage(model, config.dense_storage)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _quantize_linear(block, name, xtx, config, prefix) -> LayerReport:
+@dataclass(frozen=True)
+class _LayerReprs:
+    """The representation of each decoder linear: ``default``, or its entry in ``chosen``
+    (by full name; None keeps the layer dense)."""
+
+    default: ReprConfig
+    chosen: dict
+
+    def of(self, full_name: str) -> ReprConfig | None:
+        return self.chosen.get(full_name, self.default) if self.chosen else self.default
+
+
+def _quantize_linear(block, name, xtx, config, prefix, rep_config) -> LayerReport:
     init = get_init(config.method)
     linear = block.get_submodule(name)
     t0 = time.perf_counter()
-    qweight = init.fn(linear.weight.detach().float(), xtx, config.representation,
+    qweight = init.fn(linear.weight.detach().float(), xtx, rep_config,
                       config.method_config)
     _set_submodule(block, name, QuantizedLinear(qweight, linear.bias))
     err = None
@@ -299,15 +347,18 @@ def _quantize_linear(block, name, xtx, config, prefix) -> LayerReport:
                        qweight.bits_per_param(), err, time.perf_counter() - t0)
 
 
-def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedContext
-                    ) -> list[LayerReport]:
+def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedContext,
+                    reprs: _LayerReprs) -> list[LayerReport]:
     """Quantize the linear layers ``names`` of ``block``: all here, or each on its owner
-    rank, the compressed weight then sent to every rank."""
+    rank, the compressed weight then sent to every rank. Layers whose representation is
+    None stay dense."""
+    names = [n for n in names if reprs.of(f"{prefix}.{n}") is not None]
     if not dist.active:
-        return [_quantize_linear(block, n, xtx_of(n), config, prefix) for n in names]
+        return [_quantize_linear(block, n, xtx_of(n), config, prefix, reprs.of(f"{prefix}.{n}"))
+                for n in names]
     sizes = {n: block.get_submodule(n).weight.numel() for n in names}
     owner = assign_layers(sizes, dist.world_size)
-    mine = {n: _quantize_linear(block, n, xtx_of(n), config, prefix)
+    mine = {n: _quantize_linear(block, n, xtx_of(n), config, prefix, reprs.of(f"{prefix}.{n}"))
             for n in names if owner[n] == dist.rank}
     reports = []
     for n in names:
@@ -322,14 +373,14 @@ def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedConte
     return reports
 
 
-def _compress_without_data(structure, config, report, progress, dist) -> None:
+def _compress_without_data(structure, config, report, progress, dist, reprs) -> None:
     for i, block in enumerate(tqdm(structure.blocks, desc=f"compress ({config.method})",
                                    disable=not progress, unit="block")):
         report.layers += _quantize_block(block, structure.linear_names(i), lambda n: None,
-                                         config, f"{structure.path}.{i}", dist)
+                                         config, f"{structure.path}.{i}", dist, reprs)
 
 
-def _compress_with_data(model, structure, ids, config, report, progress, dist) -> None:
+def _compress_with_data(model, structure, ids, config, report, progress, dist, reprs) -> None:
     batch = _largest_divisor_at_most(ids.shape[0], config.batch_size)
     inputs, extras = capture_block_inputs(model, structure, ids, batch)
     bar = tqdm(total=len(structure.blocks), desc=f"compress ({config.method})",
@@ -344,7 +395,7 @@ def _compress_with_data(model, structure, ids, config, report, progress, dist) -
                 targets[sl] = run_block(block, inputs[sl], extras[i])
         collector.remove()
         report.layers += _quantize_block(block, structure.linear_names(i), collector.xtx,
-                                         config, prefix, dist)
+                                         config, prefix, dist, reprs)
         del collector
         if config.block_finetune is not None and config.block_finetune.steps > 0:
             report.block_losses.append(
@@ -354,7 +405,8 @@ def _compress_with_data(model, structure, ids, config, report, progress, dist) -
             for sl in _minibatches(inputs.shape[0], batch):
                 inputs[sl] = run_block(block, inputs[sl], extras[i])
         errs = [r.output_error for r in report.layers if r.name.startswith(prefix + ".")]
-        bar.set_postfix(block=i, mean_err=f"{sum(errs) / len(errs):.4f}")
+        if errs:
+            bar.set_postfix(block=i, mean_err=f"{sum(errs) / len(errs):.4f}")
         bar.update()
     bar.close()
 

@@ -106,10 +106,10 @@ def lookup_template(original: nn.Module) -> nn.Embedding:
 @dataclass(frozen=True)
 class EmbeddingCompression:
     """How :func:`compress_embeddings_` stores the token embeddings (``embeddings``) and an
-    untied output head (``head``; None keeps it dense). A tied head always shares the
+    untied output head (``head``); None keeps either dense. A tied head always shares the
     embeddings' representation."""
 
-    embeddings: ReprConfig
+    embeddings: ReprConfig | None
     head: ReprConfig | None = None
 
 
@@ -120,22 +120,23 @@ def compress_embeddings_(model: nn.Module, config: EmbeddingCompression) -> dict
     The model must expose ``get_input_embeddings`` / ``get_output_embeddings`` (every
     transformers causal LM does)."""
     emb = model.get_input_embeddings()
-    if isinstance(emb, QuantizedEmbedding):
-        raise ConfigError("the embeddings are compressed already")
-    lookup_template(emb)  # refuses what a decoded table cannot stand in for
     head = model.get_output_embeddings()
-    tied = isinstance(head, nn.Linear) and head.weight is emb.weight
-    try:
-        config.embeddings.check_shape(emb.num_embeddings, emb.embedding_dim)
-        rep = representation_for(config.embeddings).from_dense(emb.weight, config.embeddings)
-    except ValueError as err:
-        raise ConfigError(f"cannot compress the embeddings ({emb.num_embeddings}x"
-                          f"{emb.embedding_dim}): {err}") from None
     names = {id(m): n for n, m in model.named_modules()}
+    tied = isinstance(head, nn.Linear) and head.weight is getattr(emb, "weight", None)
     done = {}
-    _set_submodule(model, names[id(emb)], QuantizedEmbedding.of(rep, emb))
-    done[names[id(emb)]] = config.embeddings.type_name
-    if tied:
+    if config.embeddings is not None:
+        if isinstance(emb, QuantizedEmbedding):
+            raise ConfigError("the embeddings are compressed already")
+        lookup_template(emb)  # refuses what a decoded table cannot stand in for
+        try:
+            config.embeddings.check_shape(emb.num_embeddings, emb.embedding_dim)
+            rep = representation_for(config.embeddings).from_dense(emb.weight, config.embeddings)
+        except ValueError as err:
+            raise ConfigError(f"cannot compress the embeddings ({emb.num_embeddings}x"
+                              f"{emb.embedding_dim}): {err}") from None
+        _set_submodule(model, names[id(emb)], QuantizedEmbedding.of(rep, emb))
+        done[names[id(emb)]] = config.embeddings.type_name
+    if tied and config.embeddings is not None:
         _set_submodule(model, names[id(head)], QuantizedLinear(rep, head.bias))
         done[names[id(head)]] = "tied to the embeddings"
     elif head is not None and config.head is not None and isinstance(head, nn.Linear):
