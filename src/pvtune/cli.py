@@ -276,7 +276,8 @@ def _compress_config(args: argparse.Namespace, preset):
             finetune = None
         return CompressConfig(method=args.method, representation=GGUFBlockConfig("q4_0"),
                               method_config=method_config, calibration=calibration,
-                              block_finetune=finetune, budget=budget)
+                              block_finetune=finetune, budget=budget,
+                              rotation=_rotation_config(args))
     if args.method == "aqlm":
         if args.format is not None:
             raise ConfigError("--format (a GGUF block type) works with --method gptq or rtn; "
@@ -297,7 +298,20 @@ def _compress_config(args: argparse.Namespace, preset):
     embeddings = None if args.embeddings == "f16" else GGUFBlockConfig(args.embeddings)
     return CompressConfig(method=args.method, representation=representation,
                           method_config=method_config, calibration=calibration,
-                          block_finetune=finetune, embeddings=embeddings)
+                          block_finetune=finetune, embeddings=embeddings,
+                          rotation=_rotation_config(args))
+
+
+def _rotation_config(args: argparse.Namespace):
+    """The rotations ``--rotate`` asks for (None for none)."""
+    from pvtune.rotation import RotationConfig
+
+    choice = getattr(args, "rotate", "none")
+    if choice == "none":
+        return None
+    if choice in ("r1", "r2"):
+        return RotationConfig(residual=choice == "r1", heads=choice == "r2", seed=args.seed)
+    return RotationConfig(kind=choice, seed=args.seed)
 
 
 def _budget_config(args: argparse.Namespace):
@@ -400,6 +414,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "block_finetune": report.block_losses}
     if report.plan is not None:
         meta["budget_plan"] = report.plan.to_dict()
+    if report.rotation is not None:
+        meta["rotation"] = report.rotation.to_dict()
     if args.model is None:
         meta["reference_note"] = REFERENCE_NOTE
     record = save_compressed(model, tokenizer, output, meta)  # before anything optional
@@ -413,6 +429,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                    if report.plan is not None
                    else f"{config.method} {_repr_name(config.representation)}")
     rows = [["method", method_name],
+            ["rotations folded", _rotation_text(report.rotation)],
             ["compression time", f"{report.seconds / 60:.1f} min"], *_bits_rows(bits),
             ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
             ["BOS token", f"{'yes' if bos.add else 'no'} ({bos.reason})"],
@@ -430,6 +447,15 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _sample(model, tokenizer, args, bos)
     dist.close()
     return 0
+
+
+def _rotation_text(rotation) -> str:
+    if rotation is None:
+        return "none"
+    parts = [f"residual (R1): {rotation.residual or 'no'}", f"heads (R2): {rotation.heads or 'no'}"]
+    if rotation.untied_head:
+        parts.append("head untied from the embeddings")
+    return "; ".join(parts) + f" (logits within {rotation.relative_logit_error:.1e})"
 
 
 def _gguf_metadata_bytes(model, tokenizer, source_dir) -> int:
@@ -941,6 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "measured sensitivities say is worth its bytes")
     target.add_argument("--target-bits", type=_number_at_least(float, 0.01), metavar="BITS",
                         help="the same budget as bits per parameter over the whole file")
+    p.add_argument("--rotate", choices=["none", "hadamard", "orthogonal", "r1", "r2"],
+                   default="none",
+                   help="fold rotations into the weights before compressing: hadamard (R1 on "
+                        "the residual stream and R2 per attention head, randomised Hadamard "
+                        "matrices where the size allows), orthogonal (random orthogonal), r1 "
+                        "or r2 (Hadamard, one of the two); the model computes the same "
+                        "function (checked). A tied head becomes untied (default none)")
     p.add_argument("--budget-types", type=_type_list, metavar="T1,T2,...",
                    help="storage types a budget may choose for decoder linears (default "
                         "q2_0,q4_0,q4_1,q8_0,f16; the embeddings take the same without f16)")

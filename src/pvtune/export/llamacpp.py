@@ -63,3 +63,33 @@ def llamacpp_perplexity(path: str | Path, windows: Tensor, bos: BosChoice | None
     mean = nll / count
     value = math.exp(mean) if mean < 709 else math.inf
     return PerplexityResult(value, count, windows.shape[0], seconds)
+
+
+def ask_llamacpp(path: str | Path, threads: int | None = None, max_new_tokens: int = 40,
+                 n_ctx: int = 512):
+    """An ``answer_fn`` for :func:`pvtune.llm.questions.score`: greedy answers from the GGUF
+    file ``path`` as llama.cpp runs it, through the chat template the file carries."""
+    llm = load_llamacpp(path, n_ctx, threads, all_logits=False)
+
+    def answer(question: str) -> str:
+        llm.reset()
+        out = llm.create_chat_completion([{"role": "user", "content": question}],
+                                         temperature=0.0, top_k=1, max_tokens=max_new_tokens,
+                                         seed=0)
+        return out["choices"][0]["message"]["content"] or ""
+
+    return answer
+
+
+def llamacpp_decode_speed(path: str | Path, prompt_ids: list[int], new_tokens: int = 64,
+                          threads: int | None = None) -> float:
+    """Tokens per second llama.cpp decodes from the GGUF file ``path`` after ``prompt_ids``
+    (greedy, one token at a time, the prompt's prefill not counted)."""
+    llm = load_llamacpp(path, len(prompt_ids) + new_tokens + 8, threads, all_logits=False)
+    llm.reset()
+    llm.eval(prompt_ids)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    return new_tokens / (time.perf_counter() - start)

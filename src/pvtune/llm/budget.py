@@ -329,15 +329,22 @@ def allocate(options: dict[str, TensorOptions], budget_bytes: int,
 
 
 def plan_budget(model: nn.Module, ids: Tensor, config: BudgetConfig, metadata_bytes: int = 0,
-                progress: bool = True) -> BudgetPlan:
+                progress: bool = True,
+                options: dict[str, TensorOptions] | None = None) -> BudgetPlan:
     """Measure every tensor's options on calibration ``ids`` and allocate the budget
-    (``metadata_bytes``: the file's metadata, counted in the fixed part)."""
+    (``metadata_bytes``: the file's metadata, counted in the fixed part). ``options`` from an
+    earlier :func:`measure_options` of the same model skips the measurement (one
+    measurement, many budgets)."""
     from pvtune.llm.model import count_params
 
     keys = budget_tensors(model)
     fixed = fixed_bytes(model, keys, metadata_bytes)
     budget = config.budget_bytes(count_params(model))
-    options = measure_options(model, ids, config, progress)
+    if options is None:
+        options = measure_options(model, ids, config, progress)
+    elif set(options) != set(keys):
+        raise ConfigError("the given sensitivities describe other tensors than this model's "
+                          "(measure them on the model being compressed)")
     plan = allocate(options, budget, fixed)
     log.info("budget %.2f MiB: %s, %.2f MiB of tensors + %.2f MiB fixed", budget / 2**20,
              plan.summary(), plan.tensor_bytes / 2**20, plan.fixed_bytes / 2**20)

@@ -32,6 +32,7 @@ from pvtune.nn.quantized_embedding import EmbeddingCompression, compress_embeddi
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
 from pvtune.reprs.gguf_block import GGUFBlockConfig
+from pvtune.rotation.fold import RotationConfig, RotationReport, rotate_model_
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class CompressConfig:
     dense_storage: str = "float16"
     embeddings: ReprConfig | None = None
     budget: BudgetConfig | None = None
+    rotation: RotationConfig | None = None
 
     def __post_init__(self) -> None:
         init = get_init(self.method)  # KeyError lists the known methods
@@ -130,6 +132,7 @@ class CompressReport:
     block_losses: list[tuple[float, float]] = field(default_factory=list)  # before/after FT
     seconds: float = 0.0
     plan: BudgetPlan | None = None  # the storage type of every tensor, under a budget
+    rotation: RotationReport | None = None  # the rotations folded into the weights
 
 
 class _Stop(Exception):
@@ -268,6 +271,7 @@ def check_layers_fit(model: nn.Module, structure: BlockStructure, config: Compre
 def compress_model(
     model: nn.Module, calibration_ids: Tensor | None, config: CompressConfig,
     progress: bool = True, dist: DistributedContext | None = None, metadata_bytes: int = 0,
+    sensitivities: dict | None = None,
 ) -> CompressReport:
     """Compress every linear layer inside ``model``'s decoder blocks in place.
 
@@ -278,9 +282,12 @@ def compress_model(
     compressed model (the same codes as one process: each layer's initialisation depends only
     on its weight and its inputs).
 
-    Under :attr:`CompressConfig.budget` the storage types are chosen first, on the
+    Rotations (:attr:`CompressConfig.rotation`) are folded in before anything else. Under
+    :attr:`CompressConfig.budget` the storage types are chosen next, on the
     uncompressed model and ``calibration_ids`` (:func:`pvtune.llm.budget.plan_budget`;
-    ``metadata_bytes`` is what the file holds besides tensors), and recorded in the report.
+    ``metadata_bytes`` is what the file holds besides tensors; ``sensitivities``, the
+    :func:`~pvtune.llm.budget.measure_options` of the same model after the same rotation,
+    skips their measurement), and recorded in the report.
     """
     dist = dist or DistributedContext()
     progress = progress and dist.is_main
@@ -290,6 +297,8 @@ def compress_model(
     report = CompressReport()
     start = time.perf_counter()
     model.eval()
+    if config.rotation is not None:
+        report.rotation = rotate_model_(model, config.rotation)
     layer_reprs: dict[str, ReprConfig | None] = {}
     embeddings = EmbeddingCompression(config.embeddings) if config.embeddings else None
     if config.budget is not None:
@@ -297,7 +306,7 @@ def compress_model(
             raise ConfigError("a size budget needs calibration token ids to measure "
                               "sensitivities")
         report.plan = plan_budget(model, calibration_ids, config.budget, metadata_bytes,
-                                  progress)
+                                  progress, sensitivities)
         layer_reprs = {k: type_config(t) for k, t in report.plan.types.items()}
         if layer_reprs.get(EMBEDDINGS) is not None or layer_reprs.get(HEAD) is not None:
             embeddings = EmbeddingCompression(layer_reprs.get(EMBEDDINGS),

@@ -1,0 +1,289 @@
+"""The size-quality frontier of GGUF files, as llama.cpp runs them: pvtune's budgeted files
+(with and without rotation, before and after the demo's PV-Tuning steps) against llama.cpp's
+own quantizations of the same reference.
+
+Every point is a GGUF file scored by llama.cpp itself: perplexity on pvtune's evaluation
+windows (the demo's 32 windows of 512 tokens, no BOS as the model's GGUF says), greedy decode
+tokens/s, and the fixed factual question set (:mod:`pvtune.llm.questions`) through the chat
+template the file carries. The reference is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to
+fp32, written as an F32 GGUF; llama.cpp's files are made from it by ``llama_model_quantize``.
+
+pvtune's files: GPTQ with the demo preset's calibration (16 x 512 tokens) and
+``--target-size`` budgets; the sensitivities are measured once per rotation setting and
+shared by every budget (what ``pvtune compress --target-size`` measures on each run); each
+checkpoint is then PV-tuned by ``pvtune finetune CKPT --steps 20 --eval-windows 32`` (the
+demo's command) and exported again.
+
+    python benchmarks/frontier.py                          # everything, resumable
+    python benchmarks/frontier.py --budgets 50,60 --no-pv  # a subset
+
+Rows already in ``results/frontier.json`` at the current commit are skipped, so an
+interrupted run continues where it stopped. Needs ``pip install -e '.[llamacpp]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, ROOT, provenance, stamped, write_results  # noqa: E402
+
+NAME = "frontier"
+WORK = ROOT / "benchmarks" / ".work" / "frontier"
+LLAMACPP_TYPES = {"Q2_0": 41, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_0": 2, "Q4_1": 3,
+                  "IQ4_NL": 25, "Q4_K_M": 15, "Q5_0": 8, "Q5_K_M": 17, "Q8_0": 7}
+BUDGETS_MIB = (45, 50, 55, 60, 70, 80, 95)
+PV_STEPS = 20
+WINDOWS = 32
+RECORDED = {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_bos_token": False}
+COLUMNS = ["point", "file_mib", "bits_per_param", "perplexity", "ratio", "correct",
+           "answers_vs_reference", "decode_tok_s", "types", "seconds"]
+
+
+def _windows(tokenizer):
+    from pvtune.llm.data import EvalConfig, default_texts, eval_windows, tokenize_stream
+
+    stream = tokenize_stream(tokenizer, default_texts("evaluation"))
+    return eval_windows(stream, EvalConfig(window=512, max_windows=WINDOWS))
+
+
+def measure(path: Path, windows, threads: int, params: int) -> dict:
+    """llama.cpp's figures for the GGUF file ``path`` of a model of ``params`` parameters."""
+    from pvtune.export.llamacpp import ask_llamacpp, llamacpp_decode_speed, llamacpp_perplexity
+    from pvtune.llm.bos import BosChoice
+    from pvtune.llm.questions import score
+
+    ppl = llamacpp_perplexity(path, windows, BosChoice(False, None, "the GGUF says none"), threads,
+                              progress=False)
+    speed = llamacpp_decode_speed(path, windows[0][:64].tolist(), 64, threads)
+    answers = score(ask_llamacpp(path, threads))
+    size = path.stat().st_size
+    return {"file_mib": size / 2**20, "bits_per_param": 8 * size / params,
+            "perplexity": ppl.perplexity, "decode_tok_s": speed, "correct": answers.correct,
+            "questions": len(answers.results), "answers": answers.to_dict()["answers"]}
+
+
+def _done(commit: str) -> set[str]:
+    path = RESULTS / f"{NAME}.json"
+    if not path.is_file():
+        return set()
+    rows = json.loads(path.read_text())["rows"]
+    return {r["point"] for r in rows if r.get("provenance", {}).get("commit") == commit
+            and not r.get("carried_over")}
+
+
+def derive(rows: list[dict]) -> None:
+    """Ratios against the reference row of the same run."""
+    ref = next((r for r in rows if r["point"] == "reference F32"), None)
+    for r in rows:
+        if ref is not None:
+            r["ratio"] = r["perplexity"] / ref["perplexity"]
+            r["answers_vs_reference"] = r["correct"] / max(ref["correct"], 1)
+
+
+def record(row: dict, notes: str) -> None:
+    write_results(NAME, "Which GGUF file of each size answers best, as llama.cpp runs it?",
+                  [stamped(row)], COLUMNS, key=["point"], notes=notes, derive=derive)
+    plot()
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads((RESULTS / f"{NAME}.json").read_text())["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = {"llama.cpp": [r for r in rows if r["point"].startswith("llama.cpp")]}
+    for rot in ("no rotation", "rotated"):
+        for pv in ("GPTQ", f"+ {PV_STEPS} PV steps"):
+            groups[f"pvtune {rot}, {pv}"] = [
+                r for r in rows if r["point"].startswith("pvtune")
+                and (rot == "rotated") == ("rotated" in r["point"])
+                and (pv != "GPTQ") == ("PV" in r["point"])]
+    for label, pts in groups.items():
+        pts = sorted(pts, key=lambda r: r["file_mib"])
+        if pts and "ratio" in pts[0]:
+            ax.plot([r["file_mib"] for r in pts], [r["ratio"] for r in pts],
+                    "o" if label == "llama.cpp" else "o-", label=label)
+            if label == "llama.cpp":
+                for r in pts:
+                    ax.annotate(r["point"].split()[-1], (r["file_mib"], r["ratio"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlim(40, 145)
+    ax.set_ylim(0.95, 20)
+    ax.set_xlabel("GGUF file size (MiB)")
+    ax.set_ylabel("llama.cpp perplexity / reference")
+    ax.set_title("SmolLM2-135M-Instruct: size against quality in llama.cpp")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
+    plt.close(fig)
+
+
+def _llamacpp_files(threads: int) -> dict[str, Path]:
+    import llama_cpp
+
+    from pvtune.export import GGUFExportConfig, export_gguf
+    from pvtune.llm.model import load_causal_lm
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    ref = WORK / "reference-f32.gguf"
+    if not ref.is_file():
+        model, tok = load_causal_lm(None)
+        export_gguf(model, tok, ref, GGUFExportConfig(embedding_type="f32", dense_type="f32"),
+                    name="SmolLM2-135M-Instruct reference", recorded_gguf=RECORDED)
+    files = {"reference F32": ref}
+    for name, ftype in LLAMACPP_TYPES.items():
+        out = WORK / f"llamacpp-{name}.gguf"
+        if not out.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.nthread = threads
+            rc = llama_cpp.llama_model_quantize(str(ref).encode(), str(out).encode(),
+                                                ctypes.byref(params))
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize {name} failed ({rc})")
+        files[f"llama.cpp {name}"] = out
+    return files
+
+
+def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
+    import torch
+
+    from pvtune.export import export_gguf
+    from pvtune.export.gguf import gguf_metadata_bytes
+    from pvtune.init.gptq import GPTQConfig
+    from pvtune.llm.budget import BudgetConfig, measure_options
+    from pvtune.llm.checkpoint import load_compressed, save_compressed
+    from pvtune.llm.data import (
+        CalibrationConfig,
+        calibration_batch,
+        default_texts,
+        tokenize_stream,
+    )
+    from pvtune.llm.model import load_causal_lm, model_fingerprint
+    from pvtune.llm.pipeline import CompressConfig, compress_model
+    from pvtune.reprs import GGUFBlockConfig
+    from pvtune.rotation import RotationConfig, rotate_model_
+
+    source, tok = load_causal_lm(None)
+    calibration = CalibrationConfig(num_sequences=16, sequence_length=512)
+    calib = calibration_batch(tokenize_stream(tok, default_texts("calibration")), calibration)
+    for rotated in args.rotations:
+        label = "rotated" if rotated else "no rotation"
+        wanted = [b for b in args.budgets
+                  if f"pvtune {b} MiB, {label}" not in done
+                  or (args.pv and f"pvtune {b} MiB, {label}, {PV_STEPS} PV steps" not in done)]
+        if not wanted:
+            continue
+        torch.manual_seed(0)
+        base = copy.deepcopy(source)
+        rotation = rotate_model_(base, RotationConfig()).to_dict() if rotated else None
+        metadata = gguf_metadata_bytes(base, tok, RECORDED)
+        t0 = time.perf_counter()
+        options = measure_options(base, calib, BudgetConfig(target_bytes=1))
+        measure_seconds = time.perf_counter() - t0
+        for budget in wanted:
+            point = f"pvtune {budget} MiB, {label}"
+            ckpt = WORK / f"b{budget}-{'rot' if rotated else 'plain'}"
+            if point not in done:
+                model = copy.deepcopy(base)
+                config = CompressConfig(method="gptq", representation=GGUFBlockConfig("q4_0"),
+                                        method_config=GPTQConfig(), calibration=calibration,
+                                        budget=BudgetConfig(target_bytes=budget * 2**20))
+                t0 = time.perf_counter()
+                report = compress_model(model, calib, config, metadata_bytes=metadata,
+                                        sensitivities=options)
+                seconds = time.perf_counter() - t0 + measure_seconds
+                meta = {"source_model": "default:SmolLM2-135M-Instruct",
+                        "source_fingerprint": model_fingerprint(None),
+                        "bos": {"add": False, "token_id": None, "reason": "GGUF"},
+                        "compress_config": {"dense_storage": "float16"},
+                        "budget_plan": report.plan.to_dict(), "rotation": rotation}
+                save_compressed(model, tok, ckpt, meta)
+                gguf = ckpt.with_suffix(".gguf")
+                export_gguf(model, tok, gguf, name=point, recorded_gguf=RECORDED)
+                del model
+                row = {"point": point, "source": "pvtune", "budget_mib": budget,
+                       "rotation": rotated, "pv_steps": 0, "seconds": seconds,
+                       "types": report.plan.summary(),
+                       "embeddings": report.plan.types.get("embeddings"),
+                       "head": report.plan.types.get("head", "tied")}
+                row.update(measure(gguf, windows, args.threads, args.params))
+                record(row, notes)
+            pv_point = f"{point}, {PV_STEPS} PV steps"
+            if args.pv and pv_point not in done:
+                out = WORK / f"{ckpt.name}-pv"
+                t0 = time.perf_counter()
+                cmd = [str(Path(sys.executable).with_name("pvtune")), "finetune", str(ckpt),
+                       "--steps",
+                       str(PV_STEPS), "--eval-windows", str(WINDOWS), "--output", str(out),
+                       "--overwrite"]
+                subprocess.run(cmd, check=True, env=os.environ.copy(),
+                               stdout=subprocess.DEVNULL)
+                seconds = time.perf_counter() - t0
+                model, tok2 = load_compressed(out)
+                gguf = out.with_suffix(".gguf")
+                export_gguf(model, tok2, gguf, name=pv_point, recorded_gguf=RECORDED)
+                plan = json.loads((ckpt / "pvtune_meta.json").read_text())["budget_plan"]
+                row = {"point": pv_point, "source": "pvtune", "budget_mib": budget,
+                       "rotation": rotated, "pv_steps": PV_STEPS, "seconds": seconds,
+                       "types": plan["counts"], "embeddings": plan["types"].get("embeddings"),
+                       "head": plan["types"].get("head", "tied")}
+                row.update(measure(gguf, windows, args.threads, args.params))
+                record(row, notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_MIB)),
+                        help="pvtune budgets in MiB, comma-separated")
+    parser.add_argument("--rotations", default="off,on", help="off, on or off,on")
+    parser.add_argument("--no-pv", dest="pv", action="store_false",
+                        help="skip the PV-Tuning points")
+    parser.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                        help="skip llama.cpp's own files (the reference is always measured)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    args.budgets = [int(b) for b in args.budgets.split(",") if b]
+    args.rotations = [r == "on" for r in args.rotations.split(",") if r]
+    from pvtune.llm.model import count_params, load_causal_lm
+
+    model, tok = load_causal_lm(None)
+    args.params = count_params(model)  # tied embeddings counted once
+    del model
+    windows = _windows(tok)
+    notes = (f"SmolLM2-135M-Instruct; reference = its Q4_1 GGUF dequantized to fp32 (so Q4_1 "
+             f"blocks of 32 hold the reference weights exactly). Perplexity, decode speed "
+             f"and answers by llama.cpp (llama-cpp-python), {args.threads} threads, on "
+             f"{WINDOWS} evaluation windows of 512 tokens; questions: "
+             "pvtune.llm.questions (greedy, chat template). pvtune: GPTQ (16 x 512 "
+             "calibration tokens) with --target-size budgets; PV: the demo's `pvtune finetune "
+             f"--steps {PV_STEPS} --eval-windows {WINDOWS}`.")
+    done = _done(provenance()["commit"])
+    files = _llamacpp_files(args.threads)
+    for point, path in files.items():
+        if point in done or (not args.llamacpp and point != "reference F32"):
+            continue
+        row = {"point": point, "source": "llama.cpp" if point != "reference F32" else
+               "reference", "seconds": 0.0, "types": point.split()[-1]}
+        row.update(measure(path, windows, args.threads, args.params))
+        record(row, notes)
+    _pvtune_points(args, windows, done, notes)
+
+
+if __name__ == "__main__":
+    main()
