@@ -335,3 +335,63 @@ def test_a_bug_shows_its_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: an internal bug" in err
     assert "this is a bug in pvtune" in err
+
+
+def test_compress_to_a_size_budget_with_rotation(llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "budget"
+    args = ["compress", str(llama_dir), "--target-size", "40KiB", "--rotate", "hadamard",
+            "--calib-text", str(text_file), "--no-eval", "--num-seqs", "2", "--seq-len", "16",
+            "--max-new-tokens", "0", "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "types chosen per tensor" in printed and "residual (R1): hadamard" in printed
+    meta = read_meta(out)
+    assert meta["compress_config"]["method"] == "gptq"  # the default under a budget
+    plan = meta["budget_plan"]
+    assert plan["total_bytes"] <= 40 * 1024 == plan["budget_bytes"]
+    assert meta["rotation"]["untied_head"] and "head" in plan["types"]
+    gguf = tmp_path / "budget.gguf"
+    assert main(["export", str(out), "--output", str(gguf)]) == 0
+    assert gguf.stat().st_size <= 40 * 1024
+    capsys.readouterr()
+    assert main(["compress", str(llama_dir), "--target-size", "40KiB", "--method", "aqlm",
+                 "--no-eval", "--output", str(tmp_path / "x")]) == 2
+    assert "--target-size" in error_of(capsys)
+    assert main(["compress", str(llama_dir), "--target-size", "1KiB", "--calib-text",
+                 str(text_file), "--no-eval", "--num-seqs", "2", "--seq-len", "16",
+                 "--output", str(tmp_path / "y")]) == 2
+    assert "below the smallest file" in error_of(capsys)
+    with pytest.raises(SystemExit):
+        main(["compress", "--target-size", "sixty"])
+    assert "cannot read the size 'sixty'" in capsys.readouterr().err
+
+
+def test_ask_answers_next_to_the_reference(text_file, tmp_path, capsys):
+    from tests.llm.conftest import build_model, build_tokenizer
+
+    source = tmp_path / "chatty"
+    tok = build_tokenizer(source)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                         "{% endfor %}assistant:")
+    tok.save_pretrained(source)
+    build_model("llama", len(tok)).save_pretrained(source)
+    ckpt = tmp_path / "ckpt"
+    assert main(rtn(source, text_file, ckpt)) == 0
+    capsys.readouterr()
+    assert main(["ask", str(ckpt), "--limit", "3", "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "reference's answer" in printed and "What is the capital of France?" in printed
+    assert re.search(r"correct answers: \d of 3; the reference \(.*\): \d of 3", printed)
+    assert main(["ask", str(ckpt), "--question", "Why?", "--no-reference",
+                 "--max-new-tokens", "2"]) == 0
+    assert "reference's answer" not in capsys.readouterr().out
+    shutil.copytree(ckpt, tmp_path / "no-template")
+    for f in (tmp_path / "no-template").glob("chat_template*"):
+        f.unlink()
+    config = tmp_path / "no-template" / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["ask", str(tmp_path / "no-template")]) == 2
+    assert "no chat template" in error_of(capsys)

@@ -694,6 +694,62 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from pvtune.llm.checkpoint import read_meta
+    from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
+    from pvtune.llm.questions import QUESTIONS, Question, ask_pvtune, score
+    from pvtune.report import format_table
+
+    if args.question:
+        questions = [Question(q, ()) for q in args.question]
+    else:
+        questions = list(QUESTIONS[: args.limit] if args.limit else QUESTIONS)
+    model_dir = _model_dir(args.model)
+    model, tokenizer = load_causal_lm(model_dir or args.model)
+    _check_chat_template(tokenizer, args.model)
+    checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
+    got = score(ask_pvtune(model, tokenizer, args.max_new_tokens), questions)
+    del model
+    reference = None
+    if checkpoint and not args.no_reference:
+        recorded = read_meta(args.model).get("source_model")
+        if isinstance(recorded, str):
+            ref_model, ref_tok = load_causal_lm(_model_dir(_model_source(recorded)) or recorded)
+            reference = score(ask_pvtune(ref_model, ref_tok, args.max_new_tokens), questions)
+            del ref_model
+    header = ["question", "answer"] + (["reference's answer"] if reference else [])
+    rows = []
+    scored = not args.question
+    for i, r in enumerate(got.results):
+        row = [r.question, _answer_cell(r, scored)]
+        if reference:
+            row.append(_answer_cell(reference.results[i], scored))
+        rows.append(row)
+    print(format_table(header, rows))
+    if not args.question:
+        line = f"correct answers: {got.correct} of {len(questions)}"
+        if reference:
+            line += (f"; the reference ({recorded}): {reference.correct} of {len(questions)} "
+                     f"({got.correct / max(reference.correct, 1):.0%} of the reference's)")
+        print(line)
+    return 0
+
+
+def _answer_cell(result, scored: bool, width: int = 70) -> str:
+    """One answer on one line (shortened), marked [ok] or [x] when scored."""
+    text = " ".join(result.answer.split())
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return text + ((" [ok]" if result.correct else " [x]") if scored else "")
+
+
+def _check_chat_template(tokenizer, source) -> None:
+    from pvtune.errors import DataError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source or DEFAULT_MODEL} has no chat template, so it cannot be "
+                        "asked questions; use `pvtune generate` to continue plain text")
+
+
 def _recorded_gguf(meta: dict) -> dict:
     """GGUF metadata recorded beside the checkpoint's source model (pre-tokenizer, BOS)."""
     import json
@@ -1060,6 +1116,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=_prompt, default=SAMPLE_PROMPT)
     p.add_argument("--max-new-tokens", type=_count, default=30)
     p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("ask", help="ask short factual questions through the chat template, "
+                                   "next to the reference's answers",
+                       description="Ask the built-in set of short factual questions (or your "
+                                   "own --question) through the model's chat template, greedy, "
+                                   "and score the answers by keyword; for a pvtune checkpoint "
+                                   "the model it was compressed from answers beside it.")
+    p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "
+                   "(default: the offline default model)")
+    p.add_argument("--question", action="append", type=_prompt,
+                   help="ask this instead of the built-in set (repeatable; not scored)")
+    p.add_argument("--limit", type=_positive_int, help="ask only the first N built-in questions")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not ask the source model of a checkpoint")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=40)
+    p.set_defaults(handler=_cmd_ask)
 
     p = sub.add_parser("export", help="write a checkpoint in another engine's format "
                                       "(GGUF for llama.cpp and Ollama, AQLM for transformers "
