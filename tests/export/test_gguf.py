@@ -152,3 +152,39 @@ def test_llama_cpp_reproduces_pvtune_logits(kind, block_type, tokenizer, tmp_pat
         ours = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_llama_cpp_runs_a_rotated_mixed_type_file(kind, tokenizer, tmp_path):
+    """A model rotated (R1 + R2, head untied) and compressed to a size budget, so its tensors
+    hold several GGUF block types and some stay F16: llama.cpp loads the file and gives
+    pvtune's logits."""
+    pytest.importorskip("llama_cpp", reason="needs pip install 'pvtune[llamacpp]'")
+    from pvtune.export.gguf import gguf_metadata_bytes
+    from pvtune.export.llamacpp import load_llamacpp
+    from pvtune.llm.budget import BudgetConfig
+    from pvtune.llm.pipeline import CompressConfig, compress_model
+    from pvtune.rotation import RotationConfig
+
+    model = tiny(kind, tokenizer)
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    floor = 200_000
+    config = CompressConfig(method="gptq", representation=GGUFBlockConfig("q4_0"),
+                            rotation=RotationConfig(),
+                            budget=BudgetConfig(target_bytes=floor + 60_000))
+    report = compress_model(model, ids, config, progress=False,
+                            metadata_bytes=gguf_metadata_bytes(model, tokenizer))
+    assert len(set(report.plan.types.values())) >= 2
+    assert report.rotation.untied_head == (kind == "llama")  # qwen2's head is its own
+    written = export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    assert written.file_bytes <= report.plan.budget_bytes
+    text = tokenizer("The quick brown fox jumps over the lazy dog. Rome was not built in a "
+                     "day, but its empire lasted")["input_ids"]
+    llm = load_llamacpp(tmp_path / "m.gguf", n_ctx=64)
+    llm.eval(text)
+    theirs = np.array(llm.scores[:len(text)])
+    with torch.no_grad():
+        ours = model(torch.tensor([text])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 0.02 * np.abs(ours).max()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95

@@ -122,7 +122,8 @@ def rotation_matrix(n: int, kind: str, generator: torch.Generator) -> tuple[Tens
     if kind == "hadamard":
         k = hadamard_factor(n)
         if k is not None:
-            return random_hadamard(n, generator), f"hadamard {k}x{n // k}"
+            what = f"hadamard {n}" if k == 1 else f"hadamard {k}x{n // k}"
+            return random_hadamard(n, generator), what
     elif kind != "orthogonal":
         raise ValueError(f"unknown rotation kind {kind!r}; known: hadamard, orthogonal")
     return random_orthogonal(n, generator), "orthogonal"
