@@ -314,6 +314,22 @@ def _rotation_config(args: argparse.Namespace):
     return RotationConfig(kind=choice, seed=args.seed)
 
 
+def _with_chat_data(model, tokenizer, ids, count: int, fingerprint: str, seed: int):
+    """``ids`` interleaved with ``count`` sequences of conversations ``model`` writes itself
+    (cached), and the record of what was added."""
+    import dataclasses as dc
+
+    from pvtune.llm.assets import cache_dir
+    from pvtune.llm.chat_data import ChatDataConfig, chat_sequences, interleave
+
+    config = ChatDataConfig(seed=seed)
+    log.info("adding %d sequences of %d tokens of conversations the uncompressed model writes "
+             "(cached under %s)", count, ids.shape[1], cache_dir() / "chat_data")
+    chat = chat_sequences(model, tokenizer, config, count, ids.shape[1], fingerprint,
+                          cache_dir() / "chat_data")
+    return interleave(ids, chat), {"sequences": count, **dc.asdict(config)}
+
+
 def _budget_config(args: argparse.Namespace):
     """The size budget the compress options ask for (None without one)."""
     from pvtune.llm.budget import DEFAULT_EMBEDDING_TYPES, DEFAULT_TYPES, DENSE, BudgetConfig
@@ -388,6 +404,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     calib_ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
                                                                          "calibration")),
                                   config.calibration)
+    chat_record = None
+    if args.chat_data:
+        calib_ids, chat_record = _with_chat_data(model, tokenizer, calib_ids, args.chat_data,
+                                                 model_fingerprint(source_dir or args.model),
+                                                 args.seed)
     results: dict = {}
     windows = None
     if not args.no_eval and dist.is_main:
@@ -412,6 +433,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             "evaluation": results, "compress_seconds": report.seconds,
             "layers": [dataclasses.asdict(r) for r in report.layers],
             "block_finetune": report.block_losses}
+    if chat_record is not None:
+        meta["chat_data"] = chat_record
     if report.plan is not None:
         meta["budget_plan"] = report.plan.to_dict()
     if report.rotation is not None:
@@ -589,6 +612,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                               seed=args.seed)
     ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
                                                                    "calibration")), calib)
+    chat_record = None
+    if args.chat_data:
+        ids, chat_record = _with_chat_data(teacher, tokenizer, ids, args.chat_data,
+                                           model_fingerprint(teacher_load), args.seed)
     windows = None
     if not args.no_eval:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
@@ -611,6 +638,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
               "teacher": str(teacher_dir.resolve()) if teacher_dir else DEFAULT_MODEL,
               "bos": bos.to_dict(), "finetune_config": _jsonable(config),
               "compress_config": {"dense_storage": meta["dense_storage"]}}
+    if chat_record is not None:
+        record["chat_data"] = chat_record
     log.info("fine-tuning %s (teacher %s, BOS %s): %d steps of %d x %d tokens, strategy %s",
              source, record["teacher"], "yes" if bos.add else "no", config.steps,
              config.batch_size * config.grad_accum, args.seq_len, args.strategy)
@@ -1039,6 +1068,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibration split of the offline Wikipedia text")
     p.add_argument("--num-seqs", type=_positive_int, help="calibration sequences (preset)")
     p.add_argument("--seq-len", type=_positive_int, help="calibration sequence length (preset)")
+    p.add_argument("--chat-data", type=_count, default=0, metavar="N",
+                   help="add N calibration sequences of conversations the model writes itself "
+                        "through its chat template (seeded, cached; default 0)")
     p.add_argument("--block-finetune-steps", type=_count,
                    help="steps of block fine-tuning (preset; 0 disables)")
     p.add_argument("--block-finetune-lr", type=_nonnegative_float,
@@ -1084,6 +1116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-text")
     p.add_argument("--num-seqs", type=_positive_int, default=128)
     p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--chat-data", type=_count, default=0, metavar="N",
+                   help="add N training sequences of conversations the teacher writes itself "
+                        "through its chat template (seeded, cached; default 0)")
     _add_eval_args(p)
     _add_bos_arg(p)
     p.add_argument("--no-eval", action="store_true")
