@@ -9,11 +9,16 @@ tokens/s, and the fixed factual question set (:mod:`pvtune.llm.questions`) throu
 template the file carries. The reference is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to
 fp32, written as an F32 GGUF; llama.cpp's files are made from it by ``llama_model_quantize``.
 
-pvtune's files: GPTQ with the demo preset's calibration (16 x 512 tokens) and
-``--target-size`` budgets; the sensitivities are measured once per rotation setting and
-shared by every budget (what ``pvtune compress --target-size`` measures on each run); each
-checkpoint is then PV-tuned by ``pvtune finetune CKPT --steps 20 --eval-windows 32`` (the
-demo's command) and exported again.
+pvtune's files follow ``make demo``'s recipe: GPTQ with the demo preset's calibration (16
+sequences of 512 tokens of text and 16 of conversations the reference writes itself,
+``--chat-data 16``) and ``--target-size`` budgets; the sensitivities are measured once per
+rotation setting and shared by every budget (what ``pvtune compress --target-size`` measures
+on each run); each checkpoint is then PV-tuned by ``pvtune finetune CKPT --steps 20
+--eval-windows 32 --chat-data 32`` (the demo's command) and exported again.
+
+llama.cpp's own files and the reference do not depend on pvtune's code: their rows are kept
+from the commit that measured them (marked carried over) and not measured again. The number
+of correct answers is recomputed from each row's stored answers with the current scorer.
 
     python benchmarks/frontier.py                          # everything, resumable
     python benchmarks/frontier.py --budgets 50,60 --no-pv  # a subset
@@ -46,6 +51,8 @@ BUDGETS_MIB = (60, 50, 70, 45, 80, 95)  # the order they run in
 PV_STEPS = 20
 WINDOWS = 16  # llama.cpp runs Q2_0 at about 70 tokens/s here: 16 windows take 2 minutes
 FINETUNE_WINDOWS = 32  # the demo's keep-best evaluation
+CHAT_SEQUENCES = 16  # compress --chat-data
+FINETUNE_CHAT_SEQUENCES = 32  # finetune --chat-data
 RECORDED = {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_bos_token": False}
 COLUMNS = ["point", "file_mib", "bits_per_param", "perplexity", "ratio", "correct",
            "answers_vs_reference", "decode_tok_s", "types", "seconds"]
@@ -74,17 +81,32 @@ def measure(path: Path, windows, threads: int, params: int) -> dict:
             "questions": len(answers.results), "answers": answers.to_dict()["answers"]}
 
 
-def _done(commit: str) -> set[str]:
+def _is_llamacpp(point: str) -> bool:
+    return point == "reference F32" or point.startswith("llama.cpp")
+
+
+def _rows() -> list[dict]:
     path = RESULTS / f"{NAME}.json"
-    if not path.is_file():
-        return set()
-    rows = json.loads(path.read_text())["rows"]
-    return {r["point"] for r in rows if r.get("provenance", {}).get("commit") == commit
-            and not r.get("carried_over")}
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def _done(commit: str) -> set[str]:
+    return {r["point"] for r in _rows()
+            if _is_llamacpp(r["point"]) or (r.get("provenance", {}).get("commit") == commit
+                                            and not r.get("carried_over"))}
 
 
 def derive(rows: list[dict]) -> None:
-    """Ratios against the reference row of the same run."""
+    """Answers rescored with the current scorer; ratios against the reference row."""
+    from pvtune.llm.questions import QUESTIONS
+
+    by_text = {q.text: q for q in QUESTIONS}
+    for r in rows:
+        answers = r.get("answers") or []
+        for a in answers:
+            a["correct"] = by_text[a["question"]].is_answered_by(a["answer"])
+        if answers:
+            r["correct"] = sum(a["correct"] for a in answers)
     ref = next((r for r in rows if r["point"] == "reference F32"), None)
     for r in rows:
         if ref is not None:
@@ -93,8 +115,10 @@ def derive(rows: list[dict]) -> None:
 
 
 def record(row: dict, notes: str) -> None:
+    carry = [(r["point"],) for r in _rows() if _is_llamacpp(r["point"])]
     write_results(NAME, "Which GGUF file of each size answers best, as llama.cpp runs it?",
-                  [stamped(row)], COLUMNS, key=["point"], notes=notes, derive=derive)
+                  [stamped(row)], COLUMNS, key=["point"], notes=notes, derive=derive,
+                  carry=carry)
     plot()
 
 
@@ -168,7 +192,9 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
     from pvtune.export import export_gguf
     from pvtune.export.gguf import gguf_metadata_bytes
     from pvtune.init.gptq import GPTQConfig
+    from pvtune.llm.assets import cache_dir
     from pvtune.llm.budget import BudgetConfig, measure_options
+    from pvtune.llm.chat_data import ChatDataConfig, chat_sequences, interleave
     from pvtune.llm.checkpoint import load_compressed, save_compressed
     from pvtune.llm.data import (
         CalibrationConfig,
@@ -184,6 +210,9 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
     source, tok = load_causal_lm(None)
     calibration = CalibrationConfig(num_sequences=16, sequence_length=512)
     calib = calibration_batch(tokenize_stream(tok, default_texts("calibration")), calibration)
+    chat = chat_sequences(source, tok, ChatDataConfig(seed=0), CHAT_SEQUENCES, 512,
+                          model_fingerprint(None), cache_dir() / "chat_data")
+    calib = interleave(calib, chat)
     for rotated in args.rotations:
         label = "rotated" if rotated else "no rotation"
         wanted = [b for b in args.budgets
@@ -211,6 +240,7 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
                                         sensitivities=options)
                 seconds = time.perf_counter() - t0 + measure_seconds
                 meta = {"source_model": "default:SmolLM2-135M-Instruct",
+                        "chat_data": {"sequences": CHAT_SEQUENCES},
                         "source_fingerprint": model_fingerprint(None),
                         "bos": {"add": False, "token_id": None, "reason": "GGUF"},
                         "compress_config": {"dense_storage": "float16"},
@@ -232,7 +262,8 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
                 t0 = time.perf_counter()
                 cmd = [str(Path(sys.executable).with_name("pvtune")), "finetune", str(ckpt),
                        "--steps", str(PV_STEPS), "--eval-windows", str(FINETUNE_WINDOWS),
-                       "--output", str(out), "--overwrite"]
+                       "--chat-data", str(FINETUNE_CHAT_SEQUENCES), "--output", str(out),
+                       "--overwrite"]
                 subprocess.run(cmd, check=True, env=os.environ.copy(),
                                stdout=subprocess.DEVNULL)
                 seconds = time.perf_counter() - t0
@@ -271,9 +302,12 @@ def main() -> None:
              f"blocks of 32 hold the reference weights exactly). Perplexity, decode speed "
              f"and answers by llama.cpp (llama-cpp-python), {args.threads} threads, on "
              f"{WINDOWS} evaluation windows of 512 tokens; questions: "
-             "pvtune.llm.questions (greedy, chat template). pvtune: GPTQ (16 x 512 "
-             "calibration tokens) with --target-size budgets; PV: the demo's `pvtune finetune "
-             f"--steps {PV_STEPS} --eval-windows {FINETUNE_WINDOWS}`.")
+             "pvtune.llm.questions (greedy, chat template, 32 new tokens). pvtune: GPTQ "
+             f"(16 x 512 text + {CHAT_SEQUENCES} x 512 chat-data calibration tokens) with "
+             "--target-size budgets; PV: the demo's `pvtune finetune "
+             f"--steps {PV_STEPS} --eval-windows {FINETUNE_WINDOWS} --chat-data "
+             f"{FINETUNE_CHAT_SEQUENCES}`. llama.cpp's own files: carried over from the commit "
+             "that measured them.")
     done = _done(provenance()["commit"])
     files = _llamacpp_files(args.threads)
     for point, path in files.items():

@@ -21,6 +21,9 @@ def test_keywords_match_whole_words_case_insensitively():
     assert not q.is_answered_by("Lyon")
     four = Question("What is 2 plus 2?", ("4", "four"))
     assert four.is_answered_by("2 + 2 = 4") and not four.is_answered_by("It is 14.")
+    assert four.is_answered_by("It is 4.") and not four.is_answered_by("about 12.4 or 4.5")
+    zero = Question("What is the freezing point of water in degrees Celsius?", ("0",))
+    assert zero.is_answered_by("0 degrees") and not zero.is_answered_by("100.0 degrees")
 
 
 def test_score_counts_correct_answers():

@@ -26,9 +26,10 @@ class Question:
     keywords: tuple[str, ...]
 
     def is_answered_by(self, answer: str) -> bool:
-        """Whether ``answer`` contains one of the keywords as a whole word."""
-        return any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", answer, re.IGNORECASE)
-                   for k in self.keywords)
+        """Whether ``answer`` contains one of the keywords as a whole word (a number only as
+        a whole number: "0" is not in "100.0", "7" not in "12.7")."""
+        return any(re.search(rf"(?<!\w)(?<!\d\.){re.escape(k)}(?!\w)(?!\.\d)", answer,
+                             re.IGNORECASE) for k in self.keywords)
 
 
 QUESTIONS: tuple[Question, ...] = (
