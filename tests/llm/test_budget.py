@@ -223,3 +223,15 @@ def test_every_strategy_trains_through_mixed_types(strategy, tokenizer, ids, mon
     assert min(result.losses[-3:]) < result.losses[0]
     if strategy != "frozen":
         assert max(result.fraction_changed) > 0
+
+
+@pytest.mark.parametrize("type_name", ["q2_0", "q4_0", "q4_1", "q8_0"])
+def test_rounding_error_is_the_representations_own(type_name):
+    from pvtune.llm.budget import rounding_error
+    from pvtune.reprs.gguf_block import GGUFBlockWeight
+
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    exact = GGUFBlockWeight.from_dense(w, GGUFBlockConfig(type_name))().detach() - w
+    torch.testing.assert_close(rounding_error(w, type_name, ratios=16), exact)
+    coarse = rounding_error(w, type_name)  # fewer candidate scales: never a better fit
+    assert coarse.pow(2).sum() >= exact.pow(2).sum() - 1e-6

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from pvtune.errors import ConfigError
 from pvtune.llm.model import find_blocks
 from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
-from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWeight
+from pvtune.reprs.gguf_block import (
+    BLOCK_FORMATS,
+    GGUFBlockConfig,
+    decode_codes,
+    fit_block_grid,
+    round_to_codes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +132,20 @@ def fits(type_name: str, in_features: int) -> bool:
     return type_name == DENSE or in_features % BLOCK_FORMATS[type_name].block_size == 0
 
 
-def rounding_error(weight: Tensor, type_name: str) -> Tensor:
-    """``decode(encode(W)) - W`` for ``type_name`` (pvtune's round-to-nearest fit)."""
+def rounding_error(weight: Tensor, type_name: str, ratios: int = 8) -> Tensor:
+    """``decode(encode(W)) - W`` for ``type_name``: pvtune's round-to-nearest fit of each
+    block's scale, searched over ``ratios`` shrink factors (a coarser search than
+    compression's; the estimate only ranks the types)."""
     w = weight.detach().to(torch.float32)
     if type_name == DENSE:
         return round_to_fp16(w) - w
-    rep = GGUFBlockWeight.from_dense(w, GGUFBlockConfig(type_name))
+    fmt = BLOCK_FORMATS[type_name]
+    grouped = w.reshape(w.shape[0], -1, fmt.block_size)
     with torch.no_grad():
-        return rep() - w
+        d, m = fit_block_grid(grouped, fmt, ratios=ratios)
+        d, m = d.unsqueeze(-1), m.unsqueeze(-1)
+        q = round_to_codes(grouped, d, m, fmt)
+        return (decode_codes(q, d, m, fmt) - grouped).reshape(w.shape)
 
 
 @dataclass
