@@ -14,7 +14,7 @@ sequences of 512 tokens of text and 16 of conversations the reference writes its
 ``--chat-data 16``) and ``--target-size`` budgets; the sensitivities are measured once per
 rotation setting and shared by every budget (what ``pvtune compress --target-size`` measures
 on each run); each checkpoint is then PV-tuned by ``pvtune finetune CKPT --steps 20
---eval-windows 32 --chat-data 32`` (the demo's command) and exported again.
+--eval-windows 16 --chat-data 32`` (the demo's command) and exported again.
 
 llama.cpp's own files and the reference do not depend on pvtune's code: their rows are kept
 from the commit that measured them (marked carried over) and not measured again. The number
@@ -50,7 +50,7 @@ LLAMACPP_TYPES = {"Q2_0": 41, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_0": 2,
 BUDGETS_MIB = (60, 50, 70, 45, 80, 95)  # the order they run in
 PV_STEPS = 20
 WINDOWS = 16  # llama.cpp runs Q2_0 at about 70 tokens/s here: 16 windows take 2 minutes
-FINETUNE_WINDOWS = 32  # the demo's keep-best evaluation
+FINETUNE_WINDOWS = 16  # the demo's keep-best evaluation (make demo: --eval-windows 16)
 CHAT_SEQUENCES = 16  # compress --chat-data
 FINETUNE_CHAT_SEQUENCES = 32  # finetune --chat-data
 RECORDED = {"tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_bos_token": False}
