@@ -3,11 +3,12 @@ from a clean clone of the committed tree with an empty pvtune cache?
 
 Clones the current commit into a temporary folder, points PVTUNE_CACHE at an empty folder
 there (so the default model and text are downloaded and prepared as a new user's would be)
-and runs `make demo`: virtual environment and install, then `pvtune compress --method gptq
---format q2_0 --preset demo`, `pvtune finetune` (20 PV-Tuning steps) and `pvtune export --to
-gguf`. Records the wall time of the whole command and of the compression step, and the figures
-the demo prints (perplexity of the reference, the compressed and the PV-tuned model; the GGUF
-file's size and bits).
+and runs `make demo`: virtual environment and install, then `pvtune compress --target-size
+60MiB --preset demo --chat-data 16`, `pvtune finetune` (20 PV-Tuning steps), `pvtune export
+--to gguf` and `pvtune ask --limit 6`. Records the wall time of the whole command and of the
+compression step, and the figures the demo prints (perplexity of the reference, the
+compressed and the PV-tuned model; the GGUF file's size and bits; correct answers of the
+model and of the reference).
 
     python benchmarks/demo_time.py                # clean clone, empty cache (about 20 min)
     python benchmarks/demo_time.py --warm-cache   # reuse ~/.cache/pvtune (no downloads)
@@ -36,6 +37,9 @@ SUMMARY = {
     "gguf_bits": r"bits/param \(whole file\)\s+\|\s+([0-9.]+)",
     "gguf_mib": r"\| size\s+\|\s+([0-9.]+) MiB",
     "compress_minutes": r"compression time\s+\|\s+([0-9.]+) min",
+    "answers_correct": r"correct answers: ([0-9]+) of",
+    "answers_reference": r"the reference \(.*?\): ([0-9]+) of",
+    "questions": r"correct answers: [0-9]+ of ([0-9]+)",
 }
 
 
@@ -69,14 +73,17 @@ def main() -> None:
         "demo_time", __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
         ["job", "cache", "total_minutes", "compress_minutes", "perplexity_reference",
          "perplexity_compressed", "perplexity_pv_tuned", "linear_bits", "gguf_bits",
-         "gguf_mib"],
+         "gguf_mib", "answers_correct", "answers_reference", "questions"],
         key=["job", "cache"],
         notes="total_minutes: the whole `make demo` from a fresh clone (venv, install, "
               "downloads and preparation when the cache is empty, compression, fine-tuning, "
-              "evaluations, export). The reference is SmolLM2-135M-Instruct's Q4_1 GGUF "
-              "dequantized to fp32; perplexity on the demo's 32 evaluation windows of 512 "
-              "tokens; gguf_bits: the GGUF file's bytes over all parameters (Q8_0 embeddings "
-              "included); linear_bits: the decoder linears' tensor bytes over their weights.",
+              "evaluations, export, questions). The reference is SmolLM2-135M-Instruct's Q4_1 "
+              "GGUF dequantized to fp32; perplexity by pvtune on the demo's 16 evaluation "
+              "windows of 512 tokens; gguf_bits: the GGUF file's bytes over all parameters "
+              "(embeddings included); linear_bits: the decoder linears' tensor bytes over "
+              "their weights; answers: `pvtune ask --limit 6` (the first 6 questions of "
+              "pvtune.llm.questions), the model's and the reference's correct answers. "
+              "Rows of an older demo are carried over only where marked.",
     )
 
 
