@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pvtune.errors import ConfigError, OutputError, PvtuneError
+from pvtune.errors import ConfigError, DataError, OutputError, PvtuneError
 
 log = logging.getLogger("pvtune")
 
@@ -182,6 +182,10 @@ def _source_record(args_model: str | None) -> tuple[str, Path | None]:
 
         return DEFAULT_MODEL, default_model_dir()
     path = Path(args_model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from pvtune.llm.assets import prepared_gguf_dir
+
+        return str(path.resolve()), prepared_gguf_dir(path)
     if path.exists():
         return str(path.resolve()), path.resolve()
     return str(args_model), None  # a hub id
@@ -772,8 +776,6 @@ def _answer_cell(result, scored: bool, width: int = 70) -> str:
 
 
 def _check_chat_template(tokenizer, source) -> None:
-    from pvtune.errors import DataError
-
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{source or DEFAULT_MODEL} has no chat template, so it cannot be "
                         "asked questions; use `pvtune generate` to continue plain text")
@@ -888,7 +890,6 @@ def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from pvtune.errors import DataError
     from pvtune.llm.chat import stream_generate
     from pvtune.llm.checkpoint import read_meta
     from pvtune.llm.evaluate import prompt_ids
@@ -953,7 +954,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation reset)", file=sys.stderr)
             continue
         print("model> " if interactive else "", end="", flush=True)
-        _, stats = session.reply(message, _print_now)
+        try:
+            _, stats = session.reply(message, _print_now)
+        except DataError as err:  # the conversation outgrew the context: the session goes on
+            print(f"\n({err}; /reset starts a new conversation)", file=sys.stderr)
+            continue
         print()
         print(_speed_line(stats), file=sys.stderr)
     return 0

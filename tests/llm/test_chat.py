@@ -76,3 +76,29 @@ def test_cli_generate_reports_decode_speed(llama_dir, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("The quick")
     assert "decode 6 tokens at" in captured.err
+
+
+def test_generation_past_the_context_window_is_refused(chat_dir, capsys):
+    """The tiny model's context holds 256 tokens: a longer request is refused up front, in
+    the library and on the command line (not generated until killed)."""
+    from pvtune.llm.evaluate import generate
+    from tests.test_cli import error_of
+
+    model, tokenizer = load_causal_lm(chat_dir)
+    ids = tokenizer("The quick brown", return_tensors="pt").input_ids
+    room = 256 - ids.shape[1]
+    with pytest.raises(DataError, match=f"context window of 256 tokens; ask for at most {room}"):
+        stream_generate(model, tokenizer, ids, room + 1)
+    assert stream_generate(model, tokenizer, ids, 2)[1].new_tokens == 2
+    with pytest.raises(DataError, match="context window of 256"):
+        generate(model, tokenizer, "The quick brown", max_new_tokens=100_000_000)
+    with pytest.raises(DataError, match="context window"):
+        ChatSession(model, tokenizer, max_new_tokens=1000)
+    assert main(["generate", str(chat_dir), "--prompt", "The quick",
+                 "--max-new-tokens", "100000000"]) == 2
+    assert "context window of 256 tokens" in error_of(capsys)
+    # a chat that outgrows the window says so and goes on
+    session = ChatSession(model, tokenizer, max_new_tokens=250)
+    with pytest.raises(DataError, match="context window"):
+        session.reply("hello " * 40)
+    assert session.history == []

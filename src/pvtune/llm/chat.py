@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pvtune.errors import DataError
+from pvtune.llm.model import check_generation_length
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def stream_generate(model: nn.Module, tokenizer, ids: Tensor, max_new_tokens: in
     its :class:`GenerationStats`."""
     if max_new_tokens < 1:
         raise DataError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generation_length(model, ids.shape[1], max_new_tokens)
     model.eval()
     streamer = _Streamer(tokenizer, on_text)
     sampling = {"do_sample": False} if temperature <= 0 else \
@@ -105,6 +107,7 @@ class ChatSession:
         if not getattr(self.tokenizer, "chat_template", None):
             raise DataError("this model's tokenizer has no chat template, so it cannot chat; "
                             "use `pvtune generate` to continue plain text")
+        check_generation_length(self.model, 1, self.max_new_tokens)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from pvtune.distributed import DistributedContext
 from pvtune.errors import DataError
 from pvtune.llm.bos import BosChoice, model_logits, with_bos
+from pvtune.llm.model import check_generation_length
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
         raise DataError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     model.eval()
     ids = prompt_ids(tokenizer, prompt, chat, bos)
+    check_generation_length(model, ids.shape[1], max_new_tokens)
     if max_new_tokens == 0:
         return ""
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pvtune.errors import ModelError
+from pvtune.errors import DataError, ModelError
 from pvtune.nn.quantized_linear import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ def load_tokenizer(source: str | Path):
 
 def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a local Hugging Face directory, a pvtune compressed
-    checkpoint, or (``None``) the offline default SmolLM2-135M-Instruct.
+    checkpoint, a GGUF file (dequantized once, see
+    :func:`~pvtune.llm.assets.prepared_gguf_dir`), or (``None``) the offline default
+    SmolLM2-135M-Instruct.
 
     A string that is not a local path (see :func:`looks_local`) is passed to transformers as
     a hub id.
@@ -135,9 +137,13 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
                 "model directory (config.json + safetensors), a pvtune checkpoint, or nothing "
                 "for the offline default model"
             )
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from pvtune.llm.assets import prepared_gguf_dir
+
+            path = prepared_gguf_dir(path)
         if not path.is_dir():
-            raise ModelError(f"{path} is a file, not a model directory (config.json + "
-                             "safetensors, or a pvtune checkpoint)")
+            raise ModelError(f"{path} is a file, not a model: give a model directory "
+                             "(config.json + safetensors), a pvtune checkpoint or a .gguf file")
         if is_pvtune_checkpoint(path):
             from pvtune.llm.checkpoint import load_compressed
 
@@ -183,6 +189,10 @@ def model_fingerprint(source: str | Path | None) -> str:
 
         source = default_model_dir()
     path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from pvtune.llm.assets import prepared_gguf_dir
+
+        path = prepared_gguf_dir(path)
     if not path.is_dir():
         return f"hub:{source}"
     digest = hashlib.sha256(str(path.resolve()).encode())
@@ -200,3 +210,26 @@ def model_fingerprint(source: str | Path | None) -> str:
 def count_params(model: nn.Module) -> int:
     """Parameters counted once even when tied."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` was built for (its config's position limit), or None
+    when the config does not say."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for name in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_generation_length(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A :class:`~pvtune.errors.DataError` when a prompt of ``prompt_tokens`` plus
+    ``max_new_tokens`` new tokens would run past the model's context window."""
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        room = max(limit - prompt_tokens, 0)
+        raise DataError(f"{max_new_tokens} new tokens after a {prompt_tokens}-token prompt run "
+                        f"past this model's context window of {limit} tokens; ask for at most "
+                        f"{room} new tokens")
