@@ -185,6 +185,62 @@ def test_full_disk_is_found_before_the_work(llama_dir, text_file, tmp_path, caps
     assert "MiB free" in error_of(capsys)
 
 
+def test_an_output_another_run_is_writing_is_refused(compressed, text_file, tmp_path, capsys):
+    from tests.checkpoint.test_files import hold_lock
+
+    out = tmp_path / "busy"
+    proc = hold_lock(out)
+    try:
+        assert main(finetune_args(compressed, text_file, out)) == 2
+        assert f"being written by another pvtune run (process {proc.pid}" in error_of(capsys)
+        assert main(finetune_args(compressed, text_file, out, "--overwrite")) == 2
+        assert "another pvtune run" in error_of(capsys)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(finetune_args(compressed, text_file, out)) == 0  # free again
+
+
+def fail_writes_under(monkeypatch, folder):
+    """Tokenizer writes under ``folder`` fail as a full file system makes them fail."""
+    from transformers import PreTrainedTokenizerBase
+
+    from tests.checkpoint.test_files import FILE_TOO_LARGE
+
+    original = PreTrainedTokenizerBase.save_pretrained
+
+    def save(self, directory, *a, **k):
+        if str(directory).startswith(str(folder)):
+            raise Exception(FILE_TOO_LARGE)  # noqa: TRY002 - what tokenizers raises
+        return original(self, directory, *a, **k)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
+
+
+def test_a_failed_final_save_names_the_cause_and_keeps_the_model(compressed, text_file, tmp_path,
+                                                                 capsys, monkeypatch):
+    import tempfile
+
+    from pvtune.llm.checkpoint import load_compressed
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "full"
+    fail_writes_under(monkeypatch, out)
+    assert main(finetune_args(compressed, text_file, out, "--no-eval")) == 2
+    line = error_of(capsys)
+    assert f"cannot write {out}: File too large (os error 27)" in line
+    assert "no checkpoint was saved there" in line
+    rescued = next((tmp_path / "tmp").glob("pvtune-rescued-full-*"))
+    assert f"the model is saved in {rescued} instead" in line
+    load_compressed(rescued)  # the fine-tuned model, whole
+    assert read_meta(rescued)["best_step"] == 2
+    # nowhere to write at all: said so, still one line
+    fail_writes_under(monkeypatch, tmp_path)
+    assert main(finetune_args(compressed, text_file, tmp_path / "full2", "--no-eval")) == 2
+    assert "could not be saved elsewhere either" in error_of(capsys)
+
+
 def test_sample_runs_after_the_save_and_is_optional(llama_dir, text_file, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(rtn(llama_dir, text_file, out, "--max-new-tokens", "0")) == 0

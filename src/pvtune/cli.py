@@ -20,14 +20,19 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pvtune.errors import ConfigError, DataError, OutputError, PvtuneError
+
+if TYPE_CHECKING:
+    from pvtune.checkpoint.files import OutputLock
 
 log = logging.getLogger("pvtune")
 
@@ -140,18 +145,26 @@ def _same_path(a: Path, b: Path) -> bool:
     return a.expanduser().resolve() == b.expanduser().resolve()
 
 
-def _prepare_output(output: Path, overwrite: bool, forbidden: dict[str, Path | None]) -> None:
-    """Refuse an output that would lose or mix work, before any work is done: a file, the
-    source or teacher folder, a non-empty folder without ``--overwrite`` (pvtune's own resume
-    state and teacher cache excepted), a folder that cannot be written."""
+def _prepare_output(output: Path, overwrite: bool,
+                    forbidden: dict[str, Path | None]) -> OutputLock:
+    """Refuse an output that would lose or mix work, before any work is done: a folder
+    another run is writing, a file, the source or teacher folder, a non-empty folder without
+    ``--overwrite`` (pvtune's own resume state and teacher cache excepted), a folder that
+    cannot be written. Returns the folder's lock: keep it until the command ends."""
+    from pvtune.checkpoint.files import LOCK_FILE, OutputLock
+
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file; give a folder for the checkpoint")
     for what, path in forbidden.items():
         if path is not None and path.exists() and _same_path(output, path):
             raise OutputError(f"--output {output} is the {what}: writing there would replace "
                               "it; choose another --output")
+    # an existing folder is locked first: a run writing it is named, not called "not empty"
+    lock = OutputLock(output).acquire() if output.is_dir() and os.access(output, os.W_OK) \
+        else None
     if output.is_dir() and not overwrite:
-        other = [p.name for p in output.iterdir() if p.name not in OWNED_SUBFOLDERS]
+        other = [p.name for p in output.iterdir()
+                 if p.name not in OWNED_SUBFOLDERS and p.name != LOCK_FILE]
         if other:
             raise OutputError(f"output folder {output} is not empty ({', '.join(other[:3])}"
                               f"{', ...' if len(other) > 3 else ''}); pass --overwrite or "
@@ -161,6 +174,9 @@ def _prepare_output(output: Path, overwrite: bool, forbidden: dict[str, Path | N
         probe = output / ".pvtune-write-probe"
         probe.write_bytes(b"ok")
         probe.unlink()
+        return lock or OutputLock(output).acquire()
+    except OutputError:
+        raise
     except OSError as err:
         raise OutputError(f"cannot write to --output {output}: {err.strerror or err}") from None
 
@@ -371,7 +387,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from pvtune.llm.bos import with_bos
-    from pvtune.llm.checkpoint import save_compressed, size_on_disk
+    from pvtune.llm.checkpoint import save_or_rescue, size_on_disk
     from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
     from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fingerprint
     from pvtune.llm.pipeline import check_layers_fit, compress_model
@@ -391,8 +407,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
     output = Path(args.output or f"compressed-{args.method}-{kind}")
     dist = _distributed_context()
-    if dist.is_main:
-        _prepare_output(output, args.overwrite, {"source model folder": source_dir})
+    # the output's lock is held until the command returns
+    _lock = _prepare_output(output, args.overwrite, {"source model folder": source_dir}) \
+        if dist.is_main else None
     dist.barrier()
     t0 = time.perf_counter()
     model, tokenizer = load_causal_lm(source_dir or args.model)
@@ -445,7 +462,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         meta["rotation"] = report.rotation.to_dict()
     if args.model is None:
         meta["reference_note"] = REFERENCE_NOTE
-    record = save_compressed(model, tokenizer, output, meta)  # before anything optional
+    record = save_or_rescue(model, tokenizer, output, meta)  # before anything optional
     bits = record["bits"]
     chosen = (", ".join(f"{k}: {v}" for k, v in report.plan.summary().items())
               if report.plan is not None else None)
@@ -533,7 +550,7 @@ def _checked_meta(meta: dict, source: Path) -> dict:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pvtune.errors import ModelError, TrainingError
-    from pvtune.llm.checkpoint import read_meta, save_compressed, size_on_disk, write_meta
+    from pvtune.llm.checkpoint import read_meta, save_or_rescue, size_on_disk, write_meta
     from pvtune.llm.data import (
         CalibrationConfig,
         EvalConfig,
@@ -590,8 +607,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         log.info("--shard shards across the processes of a torchrun job; with one process "
                  "it changes nothing")
     student, tokenizer = load_causal_lm(source)
+    _lock = None  # the output's lock, held by rank 0 until the command returns
     if dist.is_main:  # rank 0 prepares the output; the others wait for it
-        _prepare_output(output, args.overwrite or resuming,
+        _lock = _prepare_output(output, args.overwrite or resuming,
                         {"source checkpoint": source, "teacher model folder": teacher_dir})
         _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
         if args.overwrite and resume.is_dir():
@@ -649,7 +667,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
              config.batch_size * config.grad_accum, args.seq_len, args.strategy)
 
     def save_best(model, step) -> None:
-        save_compressed(model, tokenizer, output, {**record, "best_step": step})
+        save_or_rescue(model, tokenizer, output, {**record, "best_step": step})
         log.info("saved the best model so far (step %d) to %s", step, output)
 
     dist.barrier()  # every rank has tidied the shared teacher cache before any writes to it
@@ -666,7 +684,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if windows is None:
         with full_parameters(student):  # whole on every rank (FSDP); rank 0 writes
             if dist.is_main:
-                save_compressed(student, tokenizer, output,
+                save_or_rescue(student, tokenizer, output,
                                 {**record, "best_step": config.steps})
     if not dist.is_main:  # every rank holds the same model; rank 0 writes and reports
         dist.close()
@@ -976,8 +994,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(method=method, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, width=args.width, act=act, seed=args.seed)
     output = Path(args.output) if args.output else None
-    if output is not None:
-        _prepare_output(output, args.overwrite, {})
+    _lock = _prepare_output(output, args.overwrite, {}) if output is not None else None
     data = load_images(args.dataset)
     if args.train_examples:
         data = data.subset(train=args.train_examples)

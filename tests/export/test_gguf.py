@@ -119,6 +119,28 @@ def test_cli_compress_format_then_export(wide_llama_dir, text_file, tmp_path, ca
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("failure", [OSError("34816 requested and 4384 written"),
+                                     KeyboardInterrupt()])
+def test_a_failed_or_interrupted_export_leaves_no_partial_file(failure, tokenizer, tmp_path,
+                                                               monkeypatch):
+    import gguf
+
+    from pvtune.errors import OutputError
+
+    def fail(self, *a, **k):
+        raise failure
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    model = compressed_model("llama", tokenizer, "q4_0")
+    expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as err:
+        export_gguf(model, tokenizer, tmp_path / "m.gguf")
+    if expected is OutputError:
+        assert str(err.value) == (f"cannot write {tmp_path / 'm.gguf'}: 34816 requested and "
+                                  "4384 written; no file was written")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_export_of_a_non_gguf_checkpoint_says_what_to_do(llama_dir, text_file, tmp_path,
                                                              capsys):
     ckpt = tmp_path / "ckpt"

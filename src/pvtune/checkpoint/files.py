@@ -8,18 +8,25 @@ plus at most a temporary file that the next save in that directory removes.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 
+from pvtune.errors import OutputError
+
 TMP_MARK = ".pvtune-tmp"  # every temporary name contains this
+LOCK_FILE = ".pvtune-lock"  # held by the run writing a folder (see OutputLock)
 
 
 def temporary_path(path: Path) -> Path:
@@ -111,3 +118,99 @@ def remove_temporaries(directory: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+
+def is_write_error(err: BaseException) -> bool:
+    """Whether ``err`` is a failed write: an ``OSError``, or what the Rust writers of
+    safetensors and tokenizers raise for one (an exception ending in ``(os error N)``)."""
+    return isinstance(err, OSError) or "(os error " in str(err) \
+        or type(err).__name__ == "SafetensorError"
+
+
+def write_error(err: BaseException, target: Path, kept: str = "") -> OutputError:
+    """One clear :class:`OutputError` for a failed write of ``target``: the cause as the
+    system gives it, the free space and file-size limit when they explain it, and ``kept``
+    (what survives)."""
+    cause = getattr(err, "strerror", None) or " ".join(str(err).split()) or type(err).__name__
+    folder = next((p for p in (target, *target.parents) if p.is_dir()), Path("."))
+    hints = []
+    free = shutil.disk_usage(folder).free
+    if free < 64 * 2**20:
+        hints.append(f"{free / 2**20:.0f} MiB free on its disk")
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            hints.append(f"the file-size limit (ulimit -f) is {limit / 2**20:.1f} MiB")
+    except (ImportError, OSError, ValueError):
+        pass
+    detail = f" ({'; '.join(hints)})" if hints else ""
+    return OutputError(f"cannot write {target}: {cause}{detail}" + (f"; {kept}" if kept else ""))
+
+
+@contextlib.contextmanager
+def writing(target: Path, kept: str = "") -> Iterator[None]:
+    """Turn a failed write inside the block into :func:`write_error`'s one-line error."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - only write errors are translated
+        if not is_write_error(err):
+            raise
+        raise write_error(err, Path(target), kept) from None
+
+
+class OutputLock:
+    """Exclusive use of an output folder for one run: a second run (another process) that
+    asks for the same folder gets an :class:`OutputError` naming the process that holds it.
+
+    The lock is an advisory ``flock`` on ``LOCK_FILE`` inside the folder, so the system
+    releases it when the holding process ends, however it ends (no stale locks). Where
+    ``fcntl`` does not exist (Windows) the lock is a no-op.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._fd: int | None = None
+
+    def acquire(self) -> OutputLock:
+        """Take the lock or raise :class:`OutputError` (without waiting)."""
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputError(f"{self.directory} is being written by another pvtune run "
+                              f"({holder}); wait for it to finish or choose another output "
+                              "folder") from None
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        command = " ".join(os.path.basename(a) if i == 0 else a
+                           for i, a in enumerate(sys.argv))[:200]
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()}, started {stamp}: {command}".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock back (also done when the object is collected or the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pvtune.checkpoint.files import TMP_MARK, replace_durably
+from pvtune.checkpoint.files import TMP_MARK, replace_durably, writing
 from pvtune.errors import CheckpointError, ConfigError
 from pvtune.nn.quantize import quantized_layers
 from pvtune.nn.quantized_embedding import QuantizedEmbedding
@@ -123,7 +123,8 @@ def export_aqlm(model: nn.Module, tokenizer, output: str | Path,
             not_quantized + [f"{n}.weight" for n in not_quantized]),
     }
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
-    with tempfile.TemporaryDirectory(dir=output, prefix=f".aqlm{TMP_MARK}-") as tmp:
+    with writing(output, "the folder's earlier files are unchanged"), \
+            tempfile.TemporaryDirectory(dir=output, prefix=f".aqlm{TMP_MARK}-") as tmp:
         tmp = Path(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

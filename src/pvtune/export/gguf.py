@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pvtune.checkpoint.files import TMP_MARK, replace_durably
+from pvtune.checkpoint.files import replace_durably, temporary_path, writing
 from pvtune.errors import ConfigError, ModelError
 from pvtune.export.gguf_file import read_gguf
 from pvtune.llm.model import find_blocks
@@ -287,7 +287,7 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
     structure = find_blocks(model)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}{TMP_MARK}")
+    tmp = temporary_path(output)
     report = GGUFExportReport(output, 0)
     writer = gguf.GGUFWriter(tmp, arch)
     _write_metadata(writer, model, tokenizer, config, name, recorded_gguf or {})
@@ -337,13 +337,17 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
     main = max(type_counts, key=type_counts.get) if type_counts else 1
     writer.add_file_type(next((f.file_type for f in BLOCK_FORMATS.values()
                                if f.ggml_type == main), 1))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+    try:  # a failed or interrupted write leaves no partial file behind
+        with writing(output, "no file was written"):
+            try:
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+            replace_durably(tmp, output)
     finally:
-        writer.close()
-    replace_durably(tmp, output)
+        tmp.unlink(missing_ok=True)
     report.file_bytes = output.stat().st_size
     return report
 

@@ -8,6 +8,7 @@ The record lives inside ``pvtune_layout.json`` (the checkpoint's commit point, s
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pvtune.checkpoint.files import TMP_MARK, replace_durably, write_json_atomic
+from pvtune.checkpoint.files import TMP_MARK, replace_durably, write_json_atomic, writing
 from pvtune.checkpoint.format import (
     LAYOUT_FILE,
     load_quantized,
@@ -25,7 +26,7 @@ from pvtune.checkpoint.format import (
     storage_report,
     update_meta,
 )
-from pvtune.errors import CheckpointError
+from pvtune.errors import CheckpointError, OutputError
 
 META_FILE = "pvtune_meta.json"
 CONFIG_FILE = "config.json"
@@ -37,20 +38,45 @@ def save_compressed(model: nn.Module, tokenizer, directory: str | Path,
     the record saved with it, whose ``"bits"`` are computed from the bytes written.
 
     Crash-safe: the Hugging Face files are replaced one by one, atomically, and the layout
-    that ties them to the weights is written last.
+    that ties them to the weights is written last, so a failed write (a full disk) leaves
+    the checkpoint the folder held before loadable; it raises one :class:`OutputError`
+    naming the folder and the cause.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=f".hf{TMP_MARK}-") as tmp:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
-            if path.is_file():
-                replace_durably(path, directory / path.name)
-    record = save_quantized(model, directory, meta=meta, companions=(CONFIG_FILE,))["meta"]
-    write_json_atomic(directory / META_FILE, record)
+    kept = ("the checkpoint it held before is unchanged" if (directory / LAYOUT_FILE).is_file()
+            else "no checkpoint was saved there")
+    with writing(directory, kept):
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f".hf{TMP_MARK}-") as tmp:
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for path in Path(tmp).iterdir():
+                if path.is_file():
+                    replace_durably(path, directory / path.name)
+        record = save_quantized(model, directory, meta=meta, companions=(CONFIG_FILE,))["meta"]
+        write_json_atomic(directory / META_FILE, record)
     return record
+
+
+def save_or_rescue(model: nn.Module, tokenizer, directory: str | Path,
+                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`save_compressed`; when ``directory`` cannot be written, the same checkpoint goes
+    to a rescue folder among the system's temporary files, and the :class:`OutputError`
+    names where the model is (or that it could not be saved anywhere): finished work is
+    never lost silently."""
+    directory = Path(directory)
+    try:
+        return save_compressed(model, tokenizer, directory, meta)
+    except OutputError as err:
+        rescue = Path(tempfile.gettempdir()) / f"pvtune-rescued-{directory.name}-{os.getpid()}"
+        try:
+            save_compressed(model, tokenizer, rescue, meta)
+        except OutputError as second:
+            raise OutputError(f"{err}; the model could not be saved elsewhere either "
+                              f"({second})") from None
+        raise OutputError(f"{err}; the model is saved in {rescue} instead: move it where it "
+                          "belongs") from None
 
 
 def write_meta(directory: str | Path, record: dict[str, Any]) -> None:
