@@ -165,3 +165,29 @@ def test_embedding_options_a_decoded_table_cannot_honour_are_refused(tokenizer):
     model.model.embed_tokens.max_norm = 1.0
     with pytest.raises(ConfigError, match="max_norm"):
         compress_embeddings_(model, EmbeddingCompression(GGUFBlockConfig("q8_0")))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_dequantize_gives_back_the_embedding_module_and_keeps_the_tie(kind, tokenizer):
+    """``dequantize_`` undoes compression into the plain modules: the table becomes the
+    embedding class it was (not an ``nn.Linear``), a tied head shares its weight again, and
+    the logits stay those of the compressed model."""
+    from pvtune.nn.quantize import dequantize_
+
+    model, _ = compressed(kind, tokenizer)
+    emb_class = type(model.get_input_embeddings().lookup)
+    tied = getattr(model.get_output_embeddings(), "qweight", None) \
+        is model.get_input_embeddings().qweight
+    assert tied == (kind != "qwen2")  # the tiny qwen2 has an untied head
+    ids = torch.tensor([[0, 3, 7, 11, 250]])
+    with torch.no_grad():
+        before = model(ids).logits
+    dequantize_(model)
+    assert not quantized_layers(model)
+    emb = model.get_input_embeddings()
+    assert type(emb) is emb_class and isinstance(emb, torch.nn.Embedding)
+    head = model.get_output_embeddings()
+    assert isinstance(head, torch.nn.Linear)
+    assert (head.weight is emb.weight) == tied
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)

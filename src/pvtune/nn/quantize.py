@@ -88,11 +88,19 @@ def quantize_(
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Replace every :class:`QuantizedLinear` with an ``nn.Linear`` of its decoded weight
-    (a :class:`~pvtune.nn.QuantizedConv2d` with an ``nn.Conv2d``)."""
+    """Replace every :class:`QuantizedLinear` with the plain module it stands for, holding
+    its decoded weight (``nn.Linear``; ``nn.Embedding`` for a compressed embedding table;
+    ``nn.Conv2d`` for a :class:`~pvtune.nn.QuantizedConv2d`). Layers that share one
+    representation (a head tied to the embeddings) share one decoded weight again."""
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    shared: dict[int, nn.Parameter] = {}
     for name, qlinear in targets:
-        _set_submodule(model, name, qlinear.to_dense_module())
+        dense = qlinear.to_dense_module()
+        holder = dense[-1] if isinstance(dense, nn.Sequential) else dense
+        first = shared.setdefault(id(qlinear.qweight), holder.weight)
+        if first is not holder.weight and first.shape == holder.weight.shape:
+            holder.weight = first
+        _set_submodule(model, name, dense)
     return model
 
 

@@ -72,6 +72,10 @@ class QuantizedEmbedding(QuantizedLinear):
         emb.weight = nn.Parameter(w.clone())
         return emb
 
+    def to_dense_module(self) -> nn.Module:
+        """The embedding module this layer replaces (see :meth:`to_embedding`)."""
+        return self.to_embedding()
+
     def extra_repr(self) -> str:
         return f"{self.out_features}, {self.in_features}, lookup={type(self.lookup).__name__}"
 
