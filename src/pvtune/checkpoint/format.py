@@ -35,10 +35,11 @@ from pvtune.checkpoint.files import (
     write_json_atomic,
 )
 from pvtune.errors import CheckpointError
-from pvtune.nn.quantize import _set_submodule, quantized_layers
+from pvtune.nn.quantize import quantized_layers
 from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_embedding import QuantizedEmbedding, shared_layers
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
 from pvtune.packing import codec_from_dict
 from pvtune.qat.convert import activation_spec, quantizer_from_spec
 from pvtune.qat.layers import QATConv2d
@@ -525,6 +526,6 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
             f"{unexpected[:5]}, other shapes {wrong[:5]}"
         )
     for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.load_state_dict(state, strict=True)
     return model

@@ -143,7 +143,7 @@ def import_aqlm(directory: str | Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pvtune.llm.model import load_tokenizer
+    from pvtune.llm.tokenizer import load_tokenizer
 
     directory = Path(directory)
     try:

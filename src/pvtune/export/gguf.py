@@ -27,8 +27,8 @@ from pvtune.checkpoint.files import replace_durably, temporary_path, writing
 from pvtune.errors import ConfigError, ModelError
 from pvtune.export.gguf_file import read_gguf
 from pvtune.llm.model import find_blocks
-from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
 from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWeight
 
 log = logging.getLogger(__name__)
@@ -392,10 +392,10 @@ def import_gguf_linears(model: nn.Module, path: str | Path) -> dict[str, Any]:
                     linear.weight.copy_(torch.from_numpy(data.astype(np.float32)))
                     if bias is not None:
                         linear.bias.copy_(bias)
-                _set_submodule(block, lname, linear)
+                set_submodule(block, lname, linear)
                 continue
             rep = GGUFBlockWeight.from_gguf_blocks(data, out_f, in_f,
                                                    GGUFBlockConfig(by_type[tensor.ggml_type].name))
-            _set_submodule(block, lname, QuantizedLinear(rep, None if bias is None else bias))
+            set_submodule(block, lname, QuantizedLinear(rep, None if bias is None else bias))
     return contents.metadata
 

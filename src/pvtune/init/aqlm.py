@@ -116,7 +116,7 @@ def sweep_codes(rep: AdditiveWeight, weight: Tensor, xtx: Tensor, beam_size: int
     """
     g = rep.config.in_group_size
     with torch.no_grad():
-        books = rep._books().detach()
+        books = rep.books().detach()
         scale = rep.scales.detach().view(-1, 1)
         wq = rep().detach().clone()
         grad = (wq - weight) @ xtx  # (dW H), kept current as groups change

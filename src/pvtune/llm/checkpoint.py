@@ -89,7 +89,7 @@ def load_compressed(directory: str | Path):
     """``(model, tokenizer)`` from a directory written by :func:`save_compressed`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pvtune.llm.model import _build_errors, load_tokenizer
+    from pvtune.llm.tokenizer import load_tokenizer, transformers_load_errors
 
     directory = Path(directory)
     read_layout(directory)  # a clear error for an incomplete or damaged checkpoint first
@@ -99,7 +99,7 @@ def load_compressed(directory: str | Path):
     try:
         config = AutoConfig.from_pretrained(directory)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except _build_errors() as err:
+    except transformers_load_errors() as err:
         raise CheckpointError(f"{directory}/{CONFIG_FILE} does not describe a model "
                               f"transformers can build: {err}") from None
     tokenizer = load_tokenizer(directory)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pvtune.errors import DataError, ModelError
+from pvtune.llm.tokenizer import load_tokenizer, transformers_load_errors
 from pvtune.nn.quantized_linear import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ def is_pvtune_checkpoint(path: Path) -> bool:
         path.is_dir() and any(path.glob(f"{WEIGHTS_PREFIX}*.safetensors")))
 
 
-def _build_errors() -> tuple[type[Exception], ...]:
-    """What transformers raises for a config or model folder it cannot use (its strict
-    config dataclasses raise huggingface_hub's own validation error)."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    return (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError,
-            StrictDataclassError)
-
-
 def looks_local(source: str | Path) -> bool:
     """Whether ``source`` names a local path rather than a model-hub id (``org/name``).
 
@@ -92,25 +84,6 @@ def looks_local(source: str | Path) -> bool:
             or text.count("/") != 1:
         return True
     return Path(text.split("/")[0]).is_dir()
-
-
-def load_tokenizer(source: str | Path):
-    """The tokenizer of a model directory (or hub id), or a :class:`ModelError` saying what
-    is missing."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except _build_errors() as err:
-        tokenizer, reason = None, " (" + " ".join(str(err).split()).rstrip(".") + ")"
-    else:
-        reason = ""
-    if tokenizer is None or not callable(tokenizer):
-        raise ModelError(
-            f"{source} has no usable tokenizer{reason}; copy the tokenizer files "
-            "(tokenizer.json, tokenizer_config.json, ...) from the source model into it"
-        )
-    return tokenizer
 
 
 def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32):
@@ -153,7 +126,7 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         source = path
     try:
         config = AutoConfig.from_pretrained(source)
-    except _build_errors() as err:
+    except transformers_load_errors() as err:
         where = "" if local else " (not a local folder, so it was looked up on the model hub)"
         raise ModelError(f"cannot read the model config of {source}{where}: {err}") from None
     architectures = getattr(config, "architectures", None) or []
@@ -167,7 +140,7 @@ def load_causal_lm(source: str | Path | None, dtype: torch.dtype = torch.float32
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except _build_errors() as err:
+    except transformers_load_errors() as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelError(
                 f"{source} is a {config.model_type!r} model, not a causal language model; "

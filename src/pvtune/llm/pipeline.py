@@ -27,9 +27,9 @@ from pvtune.init.registry import get_init
 from pvtune.llm.budget import EMBEDDINGS, HEAD, BudgetConfig, BudgetPlan, plan_budget, type_config
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.model import BlockStructure, find_blocks
-from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_embedding import EmbeddingCompression, compress_embeddings_
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
 from pvtune.reprs.base import ReprConfig, check_int, check_range, round_to_fp16
 from pvtune.reprs.gguf_block import GGUFBlockConfig
 from pvtune.rotation.fold import RotationConfig, RotationReport, rotate_model_
@@ -345,7 +345,7 @@ def _quantize_linear(block, name, xtx, config, prefix, rep_config) -> LayerRepor
     t0 = time.perf_counter()
     qweight = init.fn(linear.weight.detach().float(), xtx, rep_config,
                       config.method_config)
-    _set_submodule(block, name, QuantizedLinear(qweight, linear.bias))
+    set_submodule(block, name, QuantizedLinear(qweight, linear.bias))
     err = None
     if xtx is not None:
         with torch.no_grad():
@@ -377,7 +377,7 @@ def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedConte
         qweight, layer_report = payload[0]
         if n not in mine:
             linear = block.get_submodule(n)
-            _set_submodule(block, n, QuantizedLinear(qweight, linear.bias))
+            set_submodule(block, n, QuantizedLinear(qweight, linear.bias))
         reports.append(layer_report)
     return reports
 

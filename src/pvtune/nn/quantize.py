@@ -12,18 +12,25 @@ from tqdm.auto import tqdm
 from pvtune.errors import ConfigError
 from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
+from pvtune.registry import Registry
 from pvtune.reprs.base import ReprConfig, representation_for
 
 if TYPE_CHECKING:
     from pvtune.qat.config import QATConfig
 
 FilterFn = Callable[[nn.Module, str], bool]
+QuantizeHandler = Callable[[nn.Module, object, "FilterFn | None"], nn.Module]
+# config types that quantize_ hands to another verb (pvtune.qat registers QATConfig)
+QUANTIZE_HANDLERS: Registry[type, QuantizeHandler] = Registry("quantize_ handler")
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+def register_quantize_handler(config_type: type, *,
+                              overwrite: bool = False) -> Callable[[QuantizeHandler],
+                                                                   QuantizeHandler]:
+    """Decorator: ``quantize_(model, config, filter_fn)`` with a ``config_type`` config
+    calls the decorated ``handler(model, config, filter_fn)`` instead of compressing."""
+    return QUANTIZE_HANDLERS.decorator(config_type, overwrite=overwrite)
 
 
 def quantize_(
@@ -46,12 +53,10 @@ def quantize_(
     A bare ``nn.Linear`` cannot replace itself in place: use
     ``QuantizedLinear.from_linear(linear, config)``.
     """
-    from pvtune.qat.config import QATConfig
-
-    if isinstance(config, QATConfig):  # train through an estimator instead of compressing
-        from pvtune.qat.convert import prepare_qat_
-
-        return prepare_qat_(model, config, filter_fn)
+    handler = next((QUANTIZE_HANDLERS.get(c) for c in type(config).__mro__
+                    if c in QUANTIZE_HANDLERS), None)
+    if handler is not None:  # e.g. a QATConfig: train through an estimator instead
+        return handler(model, config, filter_fn)
     if not isinstance(config, ReprConfig):
         raise TypeError(f"quantize_ needs a representation config, got {type(config).__name__}")
     representation_for(config)  # fail early on an unregistered config type
@@ -83,7 +88,7 @@ def quantize_(
             shape = f"{layer.weight.shape[0]}x{layer.weight[0].numel()}"
             raise ConfigError(f"cannot quantize layer {name!r} ({shape}): {err}") from None
     for name, qlinear in replacements:
-        _set_submodule(model, name, qlinear)
+        set_submodule(model, name, qlinear)
     return model
 
 
@@ -100,7 +105,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
         first = shared.setdefault(id(qlinear.qweight), holder.weight)
         if first is not holder.weight and first.shape == holder.weight.shape:
             holder.weight = first
-        _set_submodule(model, name, dense)
+        set_submodule(model, name, dense)
     return model
 
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from pvtune.errors import ConfigError
-from pvtune.nn.quantize import _set_submodule
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
 from pvtune.reprs.base import ReprConfig, representation_for
 
 
@@ -138,13 +138,13 @@ def compress_embeddings_(model: nn.Module, config: EmbeddingCompression) -> dict
         except ValueError as err:
             raise ConfigError(f"cannot compress the embeddings ({emb.num_embeddings}x"
                               f"{emb.embedding_dim}): {err}") from None
-        _set_submodule(model, names[id(emb)], QuantizedEmbedding.of(rep, emb))
+        set_submodule(model, names[id(emb)], QuantizedEmbedding.of(rep, emb))
         done[names[id(emb)]] = config.embeddings.type_name
     if tied and config.embeddings is not None:
-        _set_submodule(model, names[id(head)], QuantizedLinear(rep, head.bias))
+        set_submodule(model, names[id(head)], QuantizedLinear(rep, head.bias))
         done[names[id(head)]] = "tied to the embeddings"
     elif head is not None and config.head is not None and isinstance(head, nn.Linear):
-        _set_submodule(model, names[id(head)], QuantizedLinear.from_linear(head, config.head))
+        set_submodule(model, names[id(head)], QuantizedLinear.from_linear(head, config.head))
         done[names[id(head)]] = config.head.type_name
     return done
 

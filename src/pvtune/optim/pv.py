@@ -76,7 +76,7 @@ class PVOptimizer:
         # code steps act on the decoder's linears; compressed embeddings (and a head tied to
         # them) keep their codes, their continuous parameters train with the base optimizer
         self.layers: dict[str, QuantizedLinear] = decoder_layers(model)
-        if not self.layers and config.strategy != "frozen":
+        if not self.layers and self.strategy.moves_codes:
             raise ConfigError("the model has no QuantizedLinear layers: quantize it first")
         self.owned = set(self.layers) if owned is None else set(owned)
         unknown = sorted(self.owned - set(self.layers))
@@ -126,7 +126,7 @@ class PVOptimizer:
 
     def _v_step(self, lr_scale: float) -> tuple[int, int]:
         changed = total = 0
-        if self.config.strategy == "frozen":  # no code moves: no dense gradient needed
+        if not self.strategy.moves_codes:  # no dense gradient needed
             return 0, sum(math.prod(layer.qweight.groups_shape)
                           for name, layer in self.layers.items() if name in self.owned)
         for index, (name, layer) in enumerate(self.layers.items()):

@@ -237,6 +237,7 @@ class Strategy(Protocol):
     """A discrete step: updates ``rep``'s codes in place from the dense gradient."""
 
     needs_buffer: bool
+    moves_codes: bool
 
     def __call__(self, rep: QuantizedWeight, grad: Tensor, state: WeightState,
                  config: VStepConfig, generator: torch.Generator) -> None: ...
@@ -245,17 +246,20 @@ class Strategy(Protocol):
 STRATEGIES: Registry[str, Strategy] = Registry("discrete step strategy")
 
 
-def register_strategy(name: str, needs_buffer: bool):
-    """Decorator registering a strategy function under ``name``."""
+def register_strategy(name: str, needs_buffer: bool, moves_codes: bool = True):
+    """Decorator registering a strategy function under ``name``: ``needs_buffer`` gives it
+    a dense buffer in its state; ``moves_codes=False`` says it never changes codes (so no
+    dense gradient is captured for it)."""
 
     def wrap(fn):
         fn.needs_buffer = needs_buffer
+        fn.moves_codes = moves_codes
         return STRATEGIES.register(name, fn)
 
     return wrap
 
 
-@register_strategy("frozen", needs_buffer=False)
+@register_strategy("frozen", needs_buffer=False, moves_codes=False)
 def frozen(rep, grad, state, config, generator) -> None:
     """Codes never change."""
 

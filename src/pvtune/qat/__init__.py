@@ -19,7 +19,8 @@ from pvtune.qat.convert import (
 )
 from pvtune.qat.diagnostics import FlipTracker, layer_bits, reste_layer_indicators
 from pvtune.qat.layers import ActivationQuantizer, QATConv2d, QATLinear
-from pvtune.qat.projections import Projection, projection_for
+from pvtune.qat.projections import Projection, projection_for, register_projection
+from pvtune.qat.rules import register_qat_estimator
 
 __all__ = [
     "ActivationQuantConfig",
@@ -35,6 +36,8 @@ __all__ = [
     "layer_bits",
     "prepare_qat_",
     "projection_for",
+    "register_projection",
+    "register_qat_estimator",
     "qat_layers",
     "reste_layer_indicators",
     "set_progress_",

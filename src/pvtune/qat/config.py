@@ -7,12 +7,9 @@ import math
 from dataclasses import dataclass, field
 
 from pvtune.errors import ConfigError
+from pvtune.qat.projections import projection_for
+from pvtune.qat.rules import estimator_names, learns_step
 from pvtune.reprs.base import ReprConfig
-
-SIGN_ESTIMATORS = ("ste", "clipped_ste", "approx_sign", "reste")
-ROUND_ESTIMATORS = ("ste", "clipped_ste", "lsq", "stochastic_rounding")
-MASK_ESTIMATORS = ("ste", "sr_ste")
-ESTIMATOR_NAMES = tuple(dict.fromkeys(SIGN_ESTIMATORS + ROUND_ESTIMATORS + MASK_ESTIMATORS))
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,8 @@ class EstimatorConfig:
       (None: LSQ's ``1 / sqrt(group * qmax)``).
     - ``stochastic_rounding``: random rounding in training, nearest at evaluation.
     - ``sr_ste``: SR-STE for N:M masks: dense gradient plus ``sr_ste_decay * (1 - mask) * w``.
+
+    Any name registered with :func:`pvtune.qat.register_qat_estimator` works as well.
     """
 
     name: str = "ste"
@@ -42,9 +41,10 @@ class EstimatorConfig:
     sr_ste_decay: float = 2e-4
 
     def __post_init__(self) -> None:
-        if self.name not in ESTIMATOR_NAMES:
+        if self.name not in estimator_names():
             raise ConfigError(f"EstimatorConfig.name: unknown estimator {self.name!r}; "
-                              f"known: {', '.join(ESTIMATOR_NAMES)}")
+                              f"known: {', '.join(estimator_names())} (add one with "
+                              "register_qat_estimator)")
         if not self.clip > 0:
             raise ConfigError(f"EstimatorConfig.clip must be > 0, got {self.clip}")
         o0, o1 = self.reste_o
@@ -93,7 +93,8 @@ class ActivationQuantConfig:
                               f"{self.bits!r}")
         est = _as_estimator(self.estimator, "ActivationQuantConfig")
         object.__setattr__(self, "estimator", est)
-        allowed = SIGN_ESTIMATORS if self.bits == 1 else ("lsq",)
+        allowed = estimator_names("sign") if self.bits == 1 else \
+            tuple(n for n in estimator_names("round") if learns_step(n))
         if est.name not in allowed:
             what = "sign activations" if self.bits == 1 else f"{self.bits}-bit activations"
             raise ConfigError(f"ActivationQuantConfig: estimator {est.name!r} does not apply to "
@@ -131,6 +132,4 @@ class QATConfig:
         if self.activations is not None and not isinstance(self.activations,
                                                            ActivationQuantConfig):
             raise ConfigError("QATConfig.activations must be an ActivationQuantConfig or None")
-        from pvtune.qat.projections import projection_for
-
         projection_for(self.representation).check_estimator(self.estimator)

@@ -11,11 +11,12 @@ from typing import Any
 from torch import nn
 
 from pvtune.errors import CheckpointError, ConfigError
-from pvtune.nn.quantize import _set_submodule
+from pvtune.nn.quantize import register_quantize_handler
 from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.replace import set_submodule
 from pvtune.qat.config import ActivationQuantConfig, EstimatorConfig, QATConfig
-from pvtune.qat.layers import ActivationQuantizer, QATConv2d, QATLinear, _QATLayer
+from pvtune.qat.layers import ActivationQuantizer, QATConv2d, QATLayer, QATLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -25,6 +26,7 @@ def _shape_of(module: nn.Module) -> tuple[int, int]:
     return w.shape[0], w[0].numel()
 
 
+@register_quantize_handler(QATConfig)
 def prepare_qat_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None = None
                  ) -> nn.Module:
     """Replace every ``nn.Linear`` (and ``nn.Conv2d`` when ``config.conv``) for which
@@ -48,13 +50,13 @@ def prepare_qat_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None
                               f"{config.representation.type_name}: {err}") from None
     for name, module, layer in replacements:
         layer.train(module.training)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     return model
 
 
-def qat_layers(model: nn.Module) -> dict[str, _QATLayer]:
+def qat_layers(model: nn.Module) -> dict[str, QATLayer]:
     """Every QAT layer of ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, _QATLayer)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATLayer)}
 
 
 def set_progress_(model: nn.Module, progress: float) -> None:
@@ -110,7 +112,7 @@ def freeze_(model: nn.Module) -> nn.Module:
             frozen = QuantizedLinear(rep, bias)
         frozen.input_quantizer = layer.input_quantizer
         frozen.train(layer.training)
-        _set_submodule(model, name, frozen)
+        set_submodule(model, name, frozen)
     return model
 
 

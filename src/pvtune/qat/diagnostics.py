@@ -54,7 +54,7 @@ def reste_layer_indicators(model: nn.Module) -> dict[str, dict[str, float]]:
         o = est.reste_power(layer.progress) if est.name == "reste" else 1.0
         with torch.no_grad():
             w = layer.flat_latent().detach()
-            u = proj._grouped(w) / proj._absmean(w).unsqueeze(-1)
+            u = proj.grouped(w) / proj.absmean(w).unsqueeze(-1)
             f = torch.sign(u) * u.abs().pow(1.0 / o)
             err = float(torch.linalg.vector_norm(f - binary_sign(u)))
             grad = layer.weight.grad

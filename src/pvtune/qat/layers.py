@@ -43,7 +43,7 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.config.bits}, estimator={self.config.estimator.name}"
 
 
-class _QATLayer(nn.Module):
+class QATLayer(nn.Module):
     """Shared machinery: ``weight`` is the latent float weight, ``projection`` its hard
     projection, ``progress`` (0 to 1) drives the estimator's schedule."""
 
@@ -85,7 +85,7 @@ class _QATLayer(nn.Module):
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
 
-class QATLinear(_QATLayer):
+class QATLinear(QATLayer):
     """``nn.Linear`` trained through ``config``'s hard projection and estimator."""
 
     def __init__(self, linear: nn.Linear, config: QATConfig) -> None:
@@ -102,7 +102,7 @@ class QATLinear(_QATLayer):
                 f"estimator={self.config.estimator.name}")
 
 
-class QATConv2d(_QATLayer):
+class QATConv2d(QATLayer):
     """``nn.Conv2d`` trained through ``config``'s hard projection; the weight is projected as
     ``[out, in/groups * kh * kw]`` (groups of the representation run along that row)."""
 

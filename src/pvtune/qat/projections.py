@@ -10,27 +10,27 @@ model. The forward of a projection equals, bit for bit, the decoded weight of wh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from pvtune.errors import ConfigError
 from pvtune.estimators import (
-    ApproxSign,
-    ClippedStraightThrough,
     LearnedStepQuantize,
-    RectifiedStraightThrough,
-    SparseRefinedStraightThrough,
-    StochasticRound,
     StraightThrough,
-    binary_sign,
     nm_mask,
 )
-from pvtune.qat.config import MASK_ESTIMATORS, ROUND_ESTIMATORS, SIGN_ESTIMATORS, EstimatorConfig
+from pvtune.qat.rules import estimator_names, learns_step, rule
+from pvtune.registry import Registry
 from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for, round_to_fp16
 from pvtune.reprs.binary import BinaryConfig, BinaryWeight, TernaryConfig, TernaryWeight
 from pvtune.reprs.sparse import NMSparseConfig, NMSparseWeight
 from pvtune.reprs.uniform import FP16_TINY, UniformConfig, UniformWeight, grid_params
+
+if TYPE_CHECKING:
+    from pvtune.qat.config import EstimatorConfig
 
 
 def fp16_ste(x: Tensor) -> Tensor:
@@ -39,49 +39,25 @@ def fp16_ste(x: Tensor) -> Tensor:
 
 
 def sign_estimate(u: Tensor, est: EstimatorConfig, progress: float) -> Tensor:
-    """``sign(u)`` (+-1, sign(0) = +1) with the backward of the estimator ``est``."""
-    if est.name == "ste":
-        return StraightThrough.apply(u, binary_sign)
-    if est.name == "clipped_ste":
-        return ClippedStraightThrough.apply(u, binary_sign, float(est.clip))
-    if est.name == "approx_sign":
-        return ApproxSign.apply(u)
-    if est.name == "reste":
-        return RectifiedStraightThrough.apply(u, est.reste_power(progress), est.reste_t,
-                                              est.reste_m)
-    raise ConfigError(f"estimator {est.name!r} does not apply to a sign")
+    """``sign(u)`` (+-1, sign(0) = +1) with the backward of the estimator ``est`` (its
+    registered ``sign`` rule, :mod:`pvtune.qat.rules`)."""
+    return rule("sign", est.name)(u, est, progress)
 
 
 def round_estimate(u: Tensor, lo: float, hi: float, est: EstimatorConfig,
                    training: bool) -> Tensor:
-    """``round(clamp(u, lo, hi))`` with the estimator's backward: ``ste`` passes the gradient
-    through the clamp too (BitNet's RoundClip), ``clipped_ste`` zeroes it outside
-    ``[lo - clip + 1/2, hi + clip - 1/2]`` (with the default clip 1: the grid +- 1/2),
-    ``stochastic_rounding`` rounds at random while training and to nearest otherwise."""
-
-    def roundclip(v: Tensor) -> Tensor:
-        return torch.round(v.clamp(lo, hi))
-
-    if est.name == "ste":
-        return StraightThrough.apply(u, roundclip)
-    if est.name == "clipped_ste":
-        center, half = (lo + hi) / 2, (hi - lo) / 2 + est.clip - 0.5
-        return center + ClippedStraightThrough.apply(u - center, lambda v: roundclip(v + center)
-                                                     - center, half)
-    if est.name == "stochastic_rounding":
-        if not training:
-            return StraightThrough.apply(u, roundclip)
-        clamped = u.clamp(lo, hi)
-        noise = torch.rand_like(clamped)
-        return StochasticRound.apply(clamped, noise).clamp(lo, hi)
-    raise ConfigError(f"estimator {est.name!r} does not apply to rounding")
+    """``round(clamp(u, lo, hi))`` with the backward of the estimator ``est`` (its registered
+    ``round`` rule); a learned-step estimator (LSQ) is its projection's own business."""
+    fn = rule("round", est.name)
+    if not callable(fn):
+        raise ConfigError(f"estimator {est.name!r} learns its step: its projection applies it")
+    return fn(u, lo, hi, est, training)
 
 
 class Projection(nn.Module):
     """Base: the hard projection of a representation for ``[out, in]`` latent weights."""
 
-    estimators: tuple[str, ...] = ()
-    config_types: tuple[type[ReprConfig], ...] = ()
+    kind: str = "round"  # which estimator rules apply (pvtune.qat.rules.KINDS)
 
     def __init__(self, config: ReprConfig, est: EstimatorConfig, out_features: int,
                  in_features: int) -> None:
@@ -94,9 +70,14 @@ class Projection(nn.Module):
     @classmethod
     def check_estimator(cls, est: EstimatorConfig) -> None:
         """Raise a :class:`ConfigError` unless ``est`` applies to this projection."""
-        if est.name not in cls.estimators:
+        if est.name not in cls.estimator_choices():
             raise ConfigError(f"estimator {est.name!r} does not apply to {cls.describe()}; "
-                              f"use one of: {', '.join(cls.estimators)}")
+                              f"use one of: {', '.join(cls.estimator_choices())}")
+
+    @classmethod
+    def estimator_choices(cls) -> tuple[str, ...]:
+        """The estimators that apply (those registered for this projection's kind)."""
+        return estimator_names(cls.kind)
 
     @classmethod
     def describe(cls) -> str:
@@ -127,12 +108,13 @@ class _Grouped(Projection):
         size = getattr(config, "group_size", None)
         self.group = in_features if size is None else size
 
-    def _grouped(self, w: Tensor) -> Tensor:
+    def grouped(self, w: Tensor) -> Tensor:
+        """``w`` as ``[out, groups, group]``."""
         return w.reshape(self.out_features, -1, self.group)
 
-    def _absmean(self, w: Tensor) -> Tensor:
+    def absmean(self, w: Tensor) -> Tensor:
         """fp16 ``mean|w|`` per group (at least float16's smallest normal), identity grad."""
-        return fp16_ste(self._grouped(w).abs().mean(-1).clamp(min=FP16_TINY))
+        return fp16_ste(self.grouped(w).abs().mean(-1).clamp(min=FP16_TINY))
 
 
 class BinaryProjection(_Grouped):
@@ -140,12 +122,11 @@ class BinaryProjection(_Grouped):
     on ``u = w / alpha`` (so ``clip`` and ReSTE's thresholds are in units of the scale), and
     ``alpha`` gets its own gradient from ``w``."""
 
-    estimators = SIGN_ESTIMATORS
-    config_types = (BinaryConfig,)
+    kind = "sign"
 
     def _parts(self, latent: Tensor, progress: float) -> tuple[Tensor, Tensor]:
-        alpha = self._absmean(latent)
-        u = self._grouped(latent) / alpha.detach().unsqueeze(-1)
+        alpha = self.absmean(latent)
+        u = self.grouped(latent) / alpha.detach().unsqueeze(-1)
         return alpha, sign_estimate(u, self.est, progress)
 
     def forward(self, latent: Tensor, progress: float = 0.0) -> Tensor:
@@ -158,7 +139,7 @@ class BinaryProjection(_Grouped):
     def freeze(self, latent: Tensor) -> QuantizedWeight:
         rep = BinaryWeight(self.out_features, self.in_features, self.config)
         with torch.no_grad():
-            rep.scale.copy_(self._absmean(latent))
+            rep.scale.copy_(self.absmean(latent))
             rep.codes.copy_((latent >= 0).to(torch.uint8))
         return rep
 
@@ -171,15 +152,16 @@ class _LevelGrid(_Grouped):
 
     def __init__(self, config, est, out_features, in_features) -> None:
         super().__init__(config, est, out_features, in_features)
-        if est.name == "lsq":
+        self.learned_step = learns_step(est.name)
+        if self.learned_step:
             self.step = nn.Parameter(torch.ones(out_features, in_features // self.group))
 
     def _lsq_init(self, latent: Tensor) -> Tensor:
         """LSQ's initial step ``2 mean|w| / sqrt(hi)``."""
-        return 2 * self._grouped(latent).abs().mean(-1) / math.sqrt(max(self.hi, 1))
+        return 2 * self.grouped(latent).abs().mean(-1) / math.sqrt(max(self.hi, 1))
 
     def init_from(self, latent: Tensor) -> None:
-        if self.est.name == "lsq":
+        if self.learned_step:
             with torch.no_grad():
                 self.step.copy_(round_to_fp16(self._lsq_init(latent).clamp(min=FP16_TINY)))
 
@@ -190,12 +172,12 @@ class _LevelGrid(_Grouped):
         """Per-group fixed step ``[out, groups]`` and the integer levels ``[out, groups,
         group]`` as floats, with the estimator's gradient (not LSQ)."""
         step = self._fixed_step(latent)
-        u = self._grouped(latent) / step.detach().unsqueeze(-1)
+        u = self.grouped(latent) / step.detach().unsqueeze(-1)
         return step, round_estimate(u, self.lo, self.hi, self.est, self.training)
 
     def forward(self, latent: Tensor, progress: float = 0.0) -> Tensor:
-        w = self._grouped(latent)
-        if self.est.name == "lsq":  # LSQ's own product, so the step gets its gradient
+        w = self.grouped(latent)
+        if self.learned_step:  # LSQ's own product, so the step gets its gradient
             step = fp16_ste(self.step.abs().clamp(min=FP16_TINY))
             scale = self.est.lsq_grad_scale or 1.0 / math.sqrt(self.group * max(self.hi, 1))
             out = LearnedStepQuantize.apply(w, step.unsqueeze(-1), self.lo, self.hi, scale)
@@ -205,8 +187,8 @@ class _LevelGrid(_Grouped):
 
     def _frozen_levels(self, latent: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            w = self._grouped(latent)
-            if self.est.name == "lsq":
+            w = self.grouped(latent)
+            if self.learned_step:
                 step = round_to_fp16(self.step.abs().clamp(min=FP16_TINY))
             else:
                 step = self._fixed_step(latent)
@@ -220,11 +202,10 @@ class TernaryProjection(_LevelGrid):
     """BitNet b1.58: ``gamma * RoundClip(w / gamma, -1, 1)``, ``gamma = mean|w|`` per group
     (or a step learned by LSQ)."""
 
-    estimators = ROUND_ESTIMATORS
-    config_types = (TernaryConfig,)
+    kind = "round"
 
     def _fixed_step(self, latent: Tensor) -> Tensor:
-        return self._absmean(latent)
+        return self.absmean(latent)
 
     def freeze(self, latent: Tensor) -> QuantizedWeight:
         step, levels = self._frozen_levels(latent)
@@ -240,11 +221,10 @@ class UniformProjection(_LevelGrid):
     with a learned step; otherwise the min/max grid of the latent weights (scale and
     zero-point refitted every step, no gradient), rounded through the estimator."""
 
-    estimators = ROUND_ESTIMATORS
-    config_types = (UniformConfig,)
+    kind = "round"
 
     def __init__(self, config: UniformConfig, est, out_features, in_features) -> None:
-        if est.name == "lsq" and not config.symmetric:
+        if learns_step(est.name) and not config.symmetric:
             raise ConfigError("LSQ learns a symmetric grid: use UniformConfig(symmetric=True) "
                               "with estimator 'lsq'")
         if config.scale_search:
@@ -256,24 +236,24 @@ class UniformProjection(_LevelGrid):
 
     def _grid(self, latent: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return grid_params(self._grouped(latent.detach()), self.config)
+            return grid_params(self.grouped(latent.detach()), self.config)
 
     def _step_levels(self, latent: Tensor) -> tuple[Tensor, Tensor]:
         scale, zero = self._grid(latent)
-        u = self._grouped(latent) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        u = self.grouped(latent) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
         q = round_estimate(u, 0, self.config.maxq, self.est, self.training)
         return scale, q - zero.unsqueeze(-1)
 
     def codes(self, latent: Tensor) -> Tensor:
-        if self.est.name == "lsq":
+        if self.learned_step:
             return super().codes(latent)
         scale, zero = self._grid(latent)
-        u = self._grouped(latent.detach()) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        u = self.grouped(latent.detach()) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
         return torch.round(u.clamp(0, self.config.maxq)).to(torch.int16)
 
     def freeze(self, latent: Tensor) -> QuantizedWeight:
         rep = UniformWeight(self.out_features, self.in_features, self.config)
-        if self.est.name == "lsq":
+        if self.learned_step:
             step, levels = self._frozen_levels(latent)
             half = torch.full_like(step, float(-self.lo))
             rep.set_grid(step, half)
@@ -291,18 +271,14 @@ class NMSparseProjection(Projection):
     """Keep the ``n`` largest |w| of every ``m`` (values rounded to fp16): plain ``ste`` passes
     the dense gradient to every weight; ``sr_ste`` adds SR-STE's decay of pruned weights."""
 
-    estimators = MASK_ESTIMATORS
-    config_types = (NMSparseConfig,)
+    kind = "mask"
 
     def mask(self, latent: Tensor) -> Tensor:
         """The boolean N:M mask of ``latent``."""
         return nm_mask(latent.detach(), self.config.n, self.config.m)
 
     def forward(self, latent: Tensor, progress: float = 0.0) -> Tensor:
-        w16, mask = fp16_ste(latent), self.mask(latent)
-        if self.est.name == "sr_ste":
-            return SparseRefinedStraightThrough.apply(w16, mask, float(self.est.sr_ste_decay))
-        return StraightThrough.apply(w16, lambda v: v * mask)
+        return rule("mask", self.est.name)(fp16_ste(latent), self.mask(latent), self.est)
 
     def codes(self, latent: Tensor) -> Tensor:
         return self.mask(latent)
@@ -315,7 +291,7 @@ class NMSparseProjection(Projection):
             keep = self.mask(latent).reshape(blocks.shape).nonzero()[:, 2]
             keep = keep.reshape(self.out_features, -1, n)  # ascending within each block
             rep.values.copy_(blocks.gather(-1, keep))
-            rep.pattern.copy_(rep._pattern_index(keep).to(rep.pattern.dtype))
+            rep.pattern.copy_(rep.pattern_index(keep).to(rep.pattern.dtype))
         return rep
 
 
@@ -323,7 +299,9 @@ class GenericProjection(Projection):
     """Any other representation (GGUF blocks, codebooks): fitted to the latent weights from
     scratch on every forward (round to nearest), plain straight-through gradient."""
 
-    estimators = ("ste",)
+    @classmethod
+    def estimator_choices(cls) -> tuple[str, ...]:
+        return ("ste",)
 
     @classmethod
     def describe(cls) -> str:
@@ -346,15 +324,24 @@ class GenericProjection(Projection):
         return self._fit(latent)
 
 
-PROJECTIONS: tuple[type[Projection], ...] = (
-    TernaryProjection, BinaryProjection, UniformProjection, NMSparseProjection,
-)
+PROJECTIONS: Registry[type, type[Projection]] = Registry("QAT projection")
+
+
+def register_projection(config_type: type[ReprConfig], *,
+                        overwrite: bool = False) -> Callable[[type[Projection]],
+                                                             type[Projection]]:
+    """Decorator: the hard projection QAT uses for representations of ``config_type``
+    (others get :class:`GenericProjection`)."""
+    return PROJECTIONS.decorator(config_type, overwrite=overwrite)
+
+
+for _config, _projection in ((TernaryConfig, TernaryProjection), (BinaryConfig, BinaryProjection),
+                             (UniformConfig, UniformProjection),
+                             (NMSparseConfig, NMSparseProjection)):
+    register_projection(_config)(_projection)
 
 
 def projection_for(config: ReprConfig) -> type[Projection]:
-    """The projection class for a representation config (exact type first: TernaryConfig
-    derives from BinaryConfig)."""
-    for cls in PROJECTIONS:
-        if type(config) in cls.config_types:
-            return cls
-    return GenericProjection
+    """The projection class registered for the exact type of ``config`` (TernaryConfig
+    derives from BinaryConfig yet has its own), :class:`GenericProjection` otherwise."""
+    return PROJECTIONS.get(type(config)) if type(config) in PROJECTIONS else GenericProjection

@@ -215,7 +215,8 @@ class AdditiveWeight(QuantizedWeight):
     def code_group_size(self) -> int:
         return self.config.in_group_size
 
-    def _books(self) -> Tensor:
+    def books(self) -> Tensor:
+        """The codebooks as ``[M, K, g]`` (codebook, codeword, weights of one group)."""
         return self.codebooks[:, :, 0, :]  # [M, K, g]
 
     def lut_matmul(self, x: Tensor) -> Tensor | None:
@@ -262,12 +263,12 @@ class AdditiveWeight(QuantizedWeight):
         with torch.no_grad():
             self.codebooks.copy_(round_to_fp16(torch.stack(books)).unsqueeze(2))
             vectors = self._unit_vectors(weight)
-            codes = beam_search(vectors, self._books(), c.beam_size)
-            codes = refine_codes(vectors, self._books(), codes)
+            codes = beam_search(vectors, self.books(), c.beam_size)
+            codes = refine_codes(vectors, self.books(), codes)
             self.codes.copy_(codes.view(self.codes.shape).to(self.codes.dtype))
 
     def forward(self) -> Tensor:
-        dense = additive_decode(self._books(), self.codes)  # [out, in/g, g]
+        dense = additive_decode(self.books(), self.codes)  # [out, in/g, g]
         return (self.scales.view(-1, 1, 1) * dense).reshape(self.out_features, self.in_features)
 
     def _group_scales(self, index: Tensor) -> Tensor:
@@ -278,7 +279,7 @@ class AdditiveWeight(QuantizedWeight):
     def decode_groups(self, index: Tensor) -> Tensor:
         with torch.no_grad():
             codes = self.codes.view(-1, self.config.num_codebooks)[index]
-            return self._group_scales(index) * additive_decode(self._books(), codes)
+            return self._group_scales(index) * additive_decode(self.books(), codes)
 
     def encode(
         self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
@@ -288,7 +289,7 @@ class AdditiveWeight(QuantizedWeight):
         target, groups = self._check_inputs(target, groups, beam_size)
         beam = self.config.beam_size if beam_size is None else beam_size
         with torch.no_grad():
-            books = self._books().detach()
+            books = self.books().detach()
             flat = self.codes.view(-1, self.config.num_codebooks)
             if groups is None:
                 vectors, old = self._unit_vectors(target), flat.long()

@@ -84,7 +84,7 @@ class NMSparseWeight(QuantizedWeight):
     def code_group_size(self) -> int:
         return self.config.m
 
-    def _pattern_index(self, positions: Tensor) -> Tensor:
+    def pattern_index(self, positions: Tensor) -> Tensor:
         """Index into the pattern table of ascending ``positions [..., n]``."""
         key = (1 << positions).sum(-1)  # each position set as a bit mask
         table_keys = (1 << self._positions).sum(-1)
@@ -98,7 +98,7 @@ class NMSparseWeight(QuantizedWeight):
         keep = blocks.abs().topk(self.config.n, dim=-1).indices.sort(-1).values
         with torch.no_grad():
             self.values.copy_(round_to_fp16(blocks.gather(-1, keep)))
-            self.pattern.copy_(self._pattern_index(keep).to(self.pattern.dtype))
+            self.pattern.copy_(self.pattern_index(keep).to(self.pattern.dtype))
 
     def _scatter(self, pattern: Tensor, values: Tensor) -> Tensor:
         positions = self._positions[pattern.long()]  # [..., n]
