@@ -49,6 +49,9 @@ def test_gumbel_guidance_smoke(results):
     assert [r["arm"] for r in rows][0] == "unguided"
     for r in rows:
         assert 0 <= r["success"] <= 1 and 0 <= r["valid"] <= 1
+    # the study's point, already at smoke scale (seeded): guidance lifts the rare class
+    unguided = rows[0]["success"]
+    assert all(r["success"] > 2 * unguided + 0.1 for r in rows[1:]), rows
 
 
 def test_topn_budget_smoke(results):

@@ -14,7 +14,8 @@ def test_find_blocks_generic(model_dir):
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
     ]
-    assert tokenizer is not None
+    text = "The quick brown fox"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
 
 
 def test_count_params_counts_tied_once(llama_dir):

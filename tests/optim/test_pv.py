@@ -85,6 +85,14 @@ def sign_test_critical(n: int, alpha: float = 0.05) -> int:
                 if sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n <= alpha)
 
 
+def test_sign_test_critical_values():
+    """Against the binomial table: P(X >= 9 | 10) = 11/1024 <= 5% < P(X >= 8) = 56/1024;
+    for 24 trials 17 wins (P = 0.032; 16 wins: 0.076)."""
+    assert sign_test_critical(10) == 9
+    assert sign_test_critical(24) == 17
+    assert sign_test_critical(5) == 5  # 1/32 = 3.1%
+
+
 def test_pv_reaches_a_better_point_than_ste():
     """The PV-Tuning paper's claim on a toy with a brute-force quantized optimum: subspace V
     steps end closer to it than STE, paired over 24 seeds, judged by a one-sided sign test
@@ -106,7 +114,6 @@ def test_pv_reaches_a_better_point_than_ste():
                                             strict=True))
     best_wins = sum(a < b for a, b in zip(relative("subspace_v_ste", 1), relative("ste", 1),
                                            strict=True))
-    assert need == 17
     assert final_wins >= need and best_wins >= need, (final_wins, best_wins)
 
 

@@ -27,10 +27,19 @@ def test_method_names():
         method_for("2:4", "reste")
 
 
-def test_every_study_arm_builds():
+def test_every_study_arm_builds_what_it_names():
     for study in STUDIES.values():
         for arm in study.arms:
-            arm.config(study.base, seed=0)
+            config = arm.config(study.base, seed=3)
+            assert config.seed == 3 and config.act == arm.act
+            if arm.representation == "fp32":
+                assert config.method is None
+            elif arm.pv:
+                assert isinstance(config.method, PVMethod)
+            elif not arm.peer:
+                assert isinstance(config.method, QATConfig)
+                assert config.method.estimator.name == arm.estimator
+                assert (config.method.activations is None) == (arm.activations == "none")
 
 
 def test_study_writes_json_markdown_and_plot(tmp_path, monkeypatch):

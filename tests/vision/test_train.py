@@ -57,7 +57,8 @@ def test_two_epochs_on_digits_learn(digits, label, method, act):
         assert isinstance(result.model.fc, QuantizedLinear)
         assert result.bits_per_param < 32
     if isinstance(method, QATConfig):
-        assert "flips" in result.history[0] and result.history[0]["flips"] >= 0
+        # training from scratch moves the latent weights across their code boundaries
+        assert result.history[0]["flips"] > 0, result.history
 
 
 def test_bad_config_is_refused():
