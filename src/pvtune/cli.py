@@ -181,6 +181,11 @@ def _prepare_output(output: Path, overwrite: bool,
         raise OutputError(f"cannot write to --output {output}: {err.strerror or err}") from None
 
 
+def _with_flags(err: PvtuneError, flags: str) -> PvtuneError:
+    """The library's error (same class) with the command-line flags that set what it names."""
+    return type(err)(f"{err} (on the command line: {flags})")
+
+
 def _check_space(output: Path, needed_bytes: int) -> None:
     """Refuse an output folder without room for the checkpoint (found before the work)."""
     free = shutil.disk_usage(output).free
@@ -677,10 +682,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                           save_best=save_best if windows is not None else None, bos=bos,
                           identity={"source": model_fingerprint(source),
                                     "teacher": teacher_print}, dist=dist)
-    except TrainingError:
+    except TrainingError as err:
         if dist.is_main and is_pvtune_checkpoint(output):
             log.error("the best model so far stays in %s", output)
-        raise
+        raise _with_flags(err, "--lr, --code-lr") from None
     if windows is None:
         with full_parameters(student):  # whole on every rank (FSDP); rank 0 writes
             if dist.is_main:
@@ -841,8 +846,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                              else "q8_0")
     head_type = args.head_type or ("f16" if planned.get("head") == "f16" else None)
     config = GGUFExportConfig(embedding_type=embedding_type, head_type=head_type)
-    report = export_gguf(model, tokenizer, output, config, name=f"pvtune {source.name}",
-                         recorded_gguf=_recorded_gguf(meta))
+    try:
+        report = export_gguf(model, tokenizer, output, config, name=f"pvtune {source.name}",
+                             recorded_gguf=_recorded_gguf(meta))
+    except ConfigError as err:
+        raise _with_flags(err, "`pvtune compress --format q4_0` or `--target-size`; "
+                               "`pvtune export --to aqlm` for AQLM checkpoints") from None
     counts: dict[str, int] = {}
     for kind in report.tensor_types.values():
         counts[kind] = counts.get(kind, 0) + 1
@@ -871,7 +880,10 @@ def _export_aqlm(args, source: Path) -> int:
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise OutputError(f"{output} exists and is not an empty folder; pass --overwrite")
     model, tokenizer = load_compressed(source)
-    report = export_aqlm(model, tokenizer, output)
+    try:
+        report = export_aqlm(model, tokenizer, output)
+    except ConfigError as err:
+        raise _with_flags(err, "`pvtune compress --method aqlm`") from None
     rows = [["folder", str(output)], ["weights", f"{report.weights_bytes / 2**20:.2f} MiB"],
             ["AQLM layers", str(report.layers)],
             ["left dense", ", ".join(report.not_quantized) or "none"]]

@@ -99,7 +99,7 @@ class DistributedContext:
             return index
         if len(index) % self.world_size:
             raise ConfigError(f"a micro-batch of {len(index)} sequences cannot be split evenly "
-                              f"across {self.world_size} processes: make --batch-size a "
+                              f"across {self.world_size} processes: make the batch size a "
                               f"multiple of {self.world_size}")
         size = len(index) // self.world_size
         return index[self.rank * size:(self.rank + 1) * size]

@@ -65,7 +65,7 @@ def test_export_import_bit_exact(kind, tokenizer, tmp_path):
 
 
 def test_export_refuses_a_model_without_aqlm_layers(tokenizer, tmp_path):
-    with pytest.raises(ConfigError, match="--method aqlm"):
+    with pytest.raises(ConfigError, match="AQLM initialiser"):
         export_aqlm(tiny("llama", tokenizer), tokenizer, tmp_path / "x")
 
 

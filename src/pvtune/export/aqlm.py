@@ -76,7 +76,7 @@ def export_aqlm(model: nn.Module, tokenizer, output: str | Path,
               if isinstance(m.qweight, AdditiveWeight) and not isinstance(m, QuantizedEmbedding)}
     if not layers:
         raise ConfigError("the AQLM format needs layers in pvtune's AQLM representation; "
-                          "compress with `pvtune compress --method aqlm`")
+                          "compress with the AQLM initialiser (method 'aqlm')")
     cfg = _aqlm_config(layers)
     decoded_embeddings = False
     state: dict[str, torch.Tensor] = {}

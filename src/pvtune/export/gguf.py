@@ -146,8 +146,8 @@ def _weight_tensor(module: nn.Module, type_name: str) -> tuple[np.ndarray, int, 
         if not isinstance(rep, GGUFBlockWeight):
             raise ConfigError(
                 f"GGUF export writes GGUF block types; a layer is stored as "
-                f"{type(rep.config).__name__}. Compress with `pvtune compress --format q4_0` "
-                f"(or q8_0, q4_1, q2_0, q1_0, tq2_0), or export AQLM models with `--to aqlm`")
+                f"{type(rep.config).__name__}. Compress into a GGUFBlockConfig type (q4_0, q8_0, "
+                f"q4_1, q2_0, q1_0, tq2_0), or export AQLM models in the AQLM format")
         data, ggml_type = _block_tensor(rep)
         return data, ggml_type, rep.out_features * rep.in_features
     weight = module.weight

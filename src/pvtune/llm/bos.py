@@ -72,12 +72,12 @@ def _bos_id(tokenizer, config) -> int | None:
 
 def decide_bos(model_dir: str | Path | None, tokenizer, config,
                override: bool | None = None) -> BosChoice:
-    """The BOS choice for a model (see the module docstring); ``override`` (``--bos`` /
-    ``--no-bos``) wins over the rule."""
+    """The BOS choice for a model (see the module docstring); ``override`` (True: always,
+    False: never) wins over the rule."""
     token = _bos_id(tokenizer, config)
     if override is not None:
         return BosChoice(override, token if override else None,
-                         "--bos given" if override else "--no-bos given")
+                         "asked for" if override else "asked to leave it out")
     directory = Path(model_dir) if model_dir is not None else None
     if directory is not None and (directory / SOURCE_FILE).is_file():
         source = json.loads((directory / SOURCE_FILE).read_text())

@@ -312,7 +312,7 @@ def finetune(
                 f"; the best model so far (step {result.best_step}) was saved"
             raise TrainingError(
                 f"the KL loss became {total} at step {done}: the fine-tuning diverged{best}. "
-                "Lower --lr or --code-lr"
+                "Lower the learning rates (FinetuneConfig.lr, or the code step VStepConfig.lr)"
             )
         t1 = time.perf_counter()
         stats = exchange.step(opt, factor)
@@ -446,7 +446,7 @@ def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
     from pvtune.checkpoint.format import unpack_state
 
     path = directory / RESUME_META
-    afresh = "delete that folder (or choose another --output) to start afresh"
+    afresh = "delete that folder (or write to another output folder) to start afresh"
     try:
         meta: dict[str, Any] = json.loads(path.read_text())
         step, name, digest = int(meta["step"]), meta["file"], meta["sha256"]
@@ -466,7 +466,7 @@ def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
                          if saved_run.get(k) != run.get(k))
         raise ConfigError(
             f"{directory} holds the resume state of a run on other inputs ({keys} differ: "
-            "another source checkpoint, teacher, calibration text, --num-seqs, --seq-len, "
+            "another source checkpoint, teacher, calibration text or its sequence count or length, "
             f"evaluation text or BOS choice); run on the same inputs to continue it, or {afresh}"
         )
     tensors_path = directory / name

@@ -464,7 +464,7 @@ def finetune_block(
     after = _block_loss(block, inputs, targets, extra, capture_batch)
     if after > before:  # a too-large learning rate must not make the block worse
         log.warning("block fine-tuning raised the output error (%.4g -> %.4g); reverted it. "
-                    "Try a smaller learning rate (--block-finetune-lr, now %g)", before, after,
+                    "Try a smaller learning rate (BlockFinetuneConfig.lr, now %g)", before, after,
                     config.lr)
         with torch.no_grad():
             for p, saved in zip(params, snapshot, strict=True):

@@ -59,7 +59,8 @@ def method_for(representation: str, estimator: str = "ste", *, activations: str 
         return None
     if pv:
         if activations != "none":
-            raise ConfigError("PV-Tuning here trains weights only: use --activations none")
+            raise ConfigError("PV-Tuning here trains weights only: leave the activations "
+                              "unquantized (activations='none')")
         return PVMethod(rep, VStepConfig(strategy="subspace_v_ste"))
     acts = {"none": None,
             "sign": ActivationQuantConfig(bits=1, estimator=_sign_estimator(estimator)),
