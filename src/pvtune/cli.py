@@ -270,61 +270,23 @@ def _cmd_reprs(args: argparse.Namespace) -> int:
 
 
 def _compress_config(args: argparse.Namespace, preset):
-    from pvtune.init.gptq import GPTQConfig
-    from pvtune.init.rtn import RTNConfig
-    from pvtune.llm.data import CalibrationConfig
-    from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig
-    from pvtune.reprs import AQLMConfig, GGUFBlockConfig, UniformConfig
+    """The library's compression config for the compress options (its rules, its errors with
+    the flags that set what they name)."""
+    from pvtune.llm.compress_request import CompressRequest, compress_config
 
-    calibration = CalibrationConfig(
-        num_sequences=args.num_seqs if args.num_seqs is not None
-        else preset.calibration.num_sequences,
-        sequence_length=args.seq_len if args.seq_len is not None
-        else preset.calibration.sequence_length,
-        seed=args.seed,
-    )
-    finetune = preset.block_finetune
-    if args.block_finetune_steps is not None or args.block_finetune_lr is not None:
-        steps = args.block_finetune_steps if args.block_finetune_steps is not None \
-            else (finetune.steps if finetune else 20)
-        lr = args.block_finetune_lr if args.block_finetune_lr is not None \
-            else (finetune.lr if finetune else 1e-3)
-        finetune = BlockFinetuneConfig(steps=steps, lr=lr)
-    budget = _budget_config(args)
-    if budget is not None:
-        if args.method == "aqlm" or args.format is not None or args.embeddings != "f16":
-            raise ConfigError("--target-size/--target-bits choose every tensor's GGUF block "
-                              "type: use them with --method gptq or rtn and without --format "
-                              "or --embeddings")
-        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
-        if args.block_finetune_steps is None and args.block_finetune_lr is None:
-            finetune = None
-        return CompressConfig(method=args.method, representation=GGUFBlockConfig("q4_0"),
-                              method_config=method_config, calibration=calibration,
-                              block_finetune=finetune, budget=budget,
-                              rotation=_rotation_config(args))
-    if args.method == "aqlm":
-        if args.format is not None:
-            raise ConfigError("--format (a GGUF block type) works with --method gptq or rtn; "
-                              "AQLM models are exported with `pvtune export --to aqlm`")
-        representation = AQLMConfig.preset(args.codebooks, seed=args.seed)
-        method_config = preset.aqlm
-    elif args.format is not None:
-        representation = GGUFBlockConfig(args.format)
-        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
-        if args.block_finetune_steps is None and args.block_finetune_lr is None:
-            finetune = None
-    else:
-        representation = UniformConfig(bits=args.bits, group_size=args.group_size or None,
-                                       symmetric=args.symmetric)
-        method_config = GPTQConfig() if args.method == "gptq" else RTNConfig()
-        if args.block_finetune_steps is None and args.block_finetune_lr is None:
-            finetune = None  # scalar methods are calibrated without block fine-tuning
-    embeddings = None if args.embeddings == "f16" else GGUFBlockConfig(args.embeddings)
-    return CompressConfig(method=args.method, representation=representation,
-                          method_config=method_config, calibration=calibration,
-                          block_finetune=finetune, embeddings=embeddings,
-                          rotation=_rotation_config(args))
+    try:
+        request = CompressRequest(
+            method=args.method, format=args.format, bits=args.bits,
+            group_size=args.group_size or None, symmetric=args.symmetric,
+            codebooks=args.codebooks, embeddings=args.embeddings,
+            budget=_budget_config(args), rotation=_rotation_config(args),
+            num_sequences=args.num_seqs, sequence_length=args.seq_len,
+            block_finetune_steps=args.block_finetune_steps,
+            block_finetune_lr=args.block_finetune_lr, seed=args.seed)
+        return compress_config(request, preset)
+    except ConfigError as err:
+        raise _with_flags(err, "--method, --format, --embeddings, --target-size, "
+                               "--target-bits, --codebooks") from None
 
 
 def _rotation_config(args: argparse.Namespace):
@@ -357,24 +319,14 @@ def _with_chat_data(model, tokenizer, ids, count: int, fingerprint: str, seed: i
 
 def _budget_config(args: argparse.Namespace):
     """The size budget the compress options ask for (None without one)."""
-    from pvtune.llm.budget import DEFAULT_EMBEDDING_TYPES, DEFAULT_TYPES, DENSE, BudgetConfig
+    from pvtune.llm.budget import BudgetConfig
 
     if args.target_size is None and args.target_bits is None:
         if args.budget_types is not None:
             raise ConfigError("--budget-types needs --target-size or --target-bits")
         return None
-    types = args.budget_types or DEFAULT_TYPES
-    embedding_types = tuple(t for t in types if t != DENSE) if args.budget_types \
-        else DEFAULT_EMBEDDING_TYPES
-    return BudgetConfig(target_bytes=args.target_size, target_bits=args.target_bits,
-                        types=types, embedding_types=embedding_types or types)
-
-
-def _default_method(args: argparse.Namespace) -> str:
-    """gptq where the options ask for GGUF block types, else aqlm."""
-    if args.format is not None or args.target_size is not None or args.target_bits is not None:
-        return "gptq"
-    return "aqlm"
+    return BudgetConfig.for_types(target_bytes=args.target_size, target_bits=args.target_bits,
+                                  types=args.budget_types)
 
 
 def _distributed_context():
@@ -400,9 +352,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from pvtune.report import format_table
 
     torch.manual_seed(args.seed)
-    args.method = args.method or _default_method(args)
     preset = PRESETS[args.preset]
     config = _compress_config(args, preset)
+    args.method = config.method  # the library's default when none was named
     eval_config = _eval_config(args, preset.evaluation)
     source, source_dir = _source_record(args.model)
     if config.budget is not None:
@@ -1046,6 +998,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from pvtune.init import INIT_METHODS
     from pvtune.llm.recipes import PRESETS
     from pvtune.reprs.gguf_block import BLOCK_FORMATS
 
@@ -1063,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "after, and save a checkpoint.")
     p.add_argument("model", nargs="?", help="local Hugging Face model directory (default: the "
                    "offline SmolLM2-135M-Instruct, prepared and cached on first use)")
-    p.add_argument("--method", choices=["aqlm", "gptq", "rtn"], default=None,
+    p.add_argument("--method", choices=INIT_METHODS.names(), default=None,
                    help="initialisation (default: gptq with --format, --target-size or "
                         "--target-bits, else aqlm)")
     p.add_argument("--codebooks", default="2x8g8", help="AQLM layout MxBgG (default 2x8g8)")

@@ -107,6 +107,19 @@ class BudgetConfig:
                 raise ConfigError(f"BudgetConfig.{name}: unknown storage types {unknown}; "
                                   f"known: {sorted(BLOCK_FORMATS) + [DENSE]}")
 
+    @classmethod
+    def for_types(cls, target_bytes: int | None = None, target_bits: float | None = None,
+                  types: tuple[str, ...] | None = None, sequences: int = 8) -> BudgetConfig:
+        """A budget whose tensors may take ``types`` (None: :data:`DEFAULT_TYPES`, with
+        :data:`DEFAULT_EMBEDDING_TYPES` for the embeddings); the embeddings take the block
+        types among ``types`` (all of them when it holds no block type)."""
+        if types is None:
+            return cls(target_bytes=target_bytes, target_bits=target_bits, sequences=sequences)
+        types = tuple(types)
+        blocks = tuple(t for t in types if t != DENSE)
+        return cls(target_bytes=target_bytes, target_bits=target_bits, types=types,
+                   embedding_types=blocks or types, sequences=sequences)
+
     def budget_bytes(self, params: int) -> int:
         """The byte budget for a model of ``params`` parameters."""
         if self.target_bytes is not None:
