@@ -324,8 +324,8 @@ def test_finetune_teacher_resolution(llama_dir, text_file, tmp_path, capsys, mon
     assert "as the relative path 'model'" in error_of(capsys)
     rewrite_meta(work / "ckpt", lambda meta: meta.update(source_model=str(tmp_path / "gone")))
     assert main(finetune_args(work / "ckpt", text_file, "g", "--no-eval")) == 2
-    assert "which no longer exists; pass the uncompressed model with --teacher" in \
-        error_of(capsys)
+    assert "which no longer exists; name the uncompressed model as the teacher (on the " \
+        "command line: --teacher)" in error_of(capsys)
 
 
 def test_teacher_with_another_vocabulary(llama_dir, text_file, tmp_path, capsys):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pvtune.errors import ConfigError, DataError, OutputError, PvtuneError
+from pvtune.llm.teacher import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from pvtune.checkpoint.files import OutputLock
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvtune")
 
 SAMPLE_PROMPT = "The history of the Roman Empire"
-DEFAULT_MODEL = "default:SmolLM2-135M-Instruct"
 REFERENCE_NOTE = ("the offline default model is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized "
                   "to fp32: its 'reference' figures are those of a 4-bit model")
 OWNED_SUBFOLDERS = ("resume", "teacher_cache")  # what pvtune itself keeps inside an output
@@ -344,7 +344,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from pvtune.llm.bos import with_bos
-    from pvtune.llm.checkpoint import save_or_rescue, size_on_disk
+    from pvtune.llm.checkpoint import config_record, save_or_rescue, size_on_disk
     from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
     from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fingerprint
     from pvtune.llm.pipeline import check_layers_fit, compress_model
@@ -407,7 +407,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         results["compressed"] = _evaluate(model, windows, "compressed model", bos)
     meta = {"source_model": source,
             "source_fingerprint": model_fingerprint(source_dir or args.model),
-            "bos": bos.to_dict(), "compress_config": _jsonable(config),
+            "bos": bos.to_dict(), "compress_config": config_record(config),
             "evaluation": results, "compress_seconds": report.seconds,
             "layers": [dataclasses.asdict(r) for r in report.layers],
             "block_finetune": report.block_losses}
@@ -482,32 +482,15 @@ def _repr_name(rep) -> str:
     return f"{rep.bits}-bit g{rep.group_size}{' sym' if rep.symmetric else ''}"
 
 
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        out = {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        return {"type": type(obj).__name__, **out}
-    return obj
-
-
-def _checked_meta(meta: dict, source: Path) -> dict:
-    """The entries of a checkpoint's record that fine-tuning uses, type-checked."""
-    from pvtune.errors import CheckpointError
-
-    recorded = meta.get("source_model")
-    if recorded is not None and not isinstance(recorded, str):
-        raise CheckpointError(f"{source}: its record's source_model must be a string, got "
-                              f"{recorded!r}")
-    storage = (meta.get("compress_config") or {}).get("dense_storage", "float16") \
-        if isinstance(meta.get("compress_config", {}), dict) else None
-    if storage not in ("float16", "float32"):
-        raise CheckpointError(f"{source}: its record's compress_config.dense_storage must be "
-                              f"float16 or float32, got {storage!r}")
-    return {"source_model": recorded, "dense_storage": storage, "bos": meta.get("bos")}
-
-
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pvtune.errors import ModelError, TrainingError
-    from pvtune.llm.checkpoint import read_meta, save_or_rescue, size_on_disk, write_meta
+    from pvtune.llm.checkpoint import (
+        config_record,
+        read_meta,
+        save_or_rescue,
+        size_on_disk,
+        write_meta,
+    )
     from pvtune.llm.data import (
         CalibrationConfig,
         EvalConfig,
@@ -526,36 +509,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         count_params,
         is_pvtune_checkpoint,
         load_causal_lm,
-        looks_local,
         model_fingerprint,
     )
     from pvtune.llm.sharding import full_parameters
+    from pvtune.llm.teacher import FinetuneRecord, resolve_teacher
     from pvtune.optim.strategies import VStepConfig
     from pvtune.report import format_table
 
     source = Path(args.checkpoint)
     if not is_pvtune_checkpoint(source):
         raise ModelError(f"{source} is not a pvtune checkpoint; run `pvtune compress` first")
-    meta = _checked_meta(read_meta(source), source)
-    teacher_src = args.teacher
-    if teacher_src is None:
-        if meta["source_model"] is None:
-            raise ModelError(f"{source} does not record the model it was compressed from; "
-                             "pass the uncompressed model with --teacher")
-        teacher_src = _model_source(meta["source_model"])
-        if teacher_src is not None and looks_local(teacher_src) and \
-                not Path(teacher_src).expanduser().is_absolute():
-            raise ModelError(f"{source} records its source model as the relative path "
-                             f"{teacher_src!r} (an older pvtune), which may name another "
-                             "model from here; pass the uncompressed model with --teacher")
-        if teacher_src is not None and looks_local(teacher_src) and \
-                not Path(teacher_src).is_dir():
-            raise ModelError(f"{source} was compressed from {teacher_src}, which no longer "
-                             "exists; pass the uncompressed model with --teacher")
-    teacher_dir = Path(teacher_src).expanduser() if teacher_src is not None else None
-    if teacher_dir is not None and _same_path(teacher_dir, source):
-        raise ModelError("--teacher is the checkpoint being fine-tuned: the student would be "
-                         "its own teacher; pass the uncompressed model")
+    try:
+        record_in = FinetuneRecord.of(read_meta(source), source)
+        teacher_choice = resolve_teacher(source, record_in, args.teacher)
+    except ModelError as err:
+        raise _with_flags(err, "--teacher") from None
+    meta = {"source_model": record_in.source_model, "dense_storage": record_in.dense_storage,
+            "bos": record_in.bos}
+    teacher_src, teacher_dir = teacher_choice.source, teacher_choice.path
     output = Path(args.output or f"{source}-finetuned-{args.strategy}")
     resume = output / "resume"
     resuming = (resume / RESUME_META).is_file() and not args.overwrite
@@ -614,8 +585,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                    fingerprint=teacher_print, bos=bos)
     record = {"source_checkpoint": str(source.resolve()),
               "source_model": meta["source_model"],
-              "teacher": str(teacher_dir.resolve()) if teacher_dir else DEFAULT_MODEL,
-              "bos": bos.to_dict(), "finetune_config": _jsonable(config),
+              "teacher": teacher_choice.name,
+              "bos": bos.to_dict(), "finetune_config": config_record(config),
               "compress_config": {"dense_storage": meta["dense_storage"]}}
     if chat_record is not None:
         record["chat_data"] = chat_record
@@ -851,7 +822,7 @@ def _export_aqlm(args, source: Path) -> int:
 def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
     """Perplexity of the checkpoint in pvtune and of the exported file in llama.cpp, on
     the same windows."""
-    from pvtune.export.llamacpp import llamacpp_perplexity
+    from pvtune.export.llamacpp import Verification, llamacpp_perplexity
     from pvtune.llm.bos import BosChoice
     from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
 
@@ -861,10 +832,11 @@ def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
     ours = _evaluate(model, windows, "checkpoint in pvtune", bos)
     log.info("evaluating %s in llama.cpp on the same %d windows", output, windows.shape[0])
     theirs = llamacpp_perplexity(output, windows, bos)
-    gap = theirs.perplexity / ours["perplexity"] - 1
-    if abs(gap) > 0.03:
-        log.warning("llama.cpp's perplexity differs from pvtune's by %.1f%% (over 3%%)",
-                    100 * gap)
+    check = Verification(ours["perplexity"], theirs.perplexity)
+    gap = check.ratio - 1
+    if not check.agrees:
+        log.warning("llama.cpp's perplexity differs from pvtune's by %.1f%% (over %.0f%%)",
+                    100 * gap, 100 * check.tolerance)
     return [["perplexity, pvtune", f"{ours['perplexity']:.3f} ({ours['tokens']} tokens)"],
             ["perplexity, llama.cpp", f"{theirs.perplexity:.3f} ({theirs.tokens} tokens, "
                                       f"{theirs.tokens_per_second:.0f} tok/s)"],

@@ -207,3 +207,12 @@ def test_llama_cpp_runs_a_rotated_mixed_type_file(kind, tokenizer, tmp_path):
     written = export_gguf(model, tokenizer, tmp_path / "m.gguf")
     assert written.file_bytes <= report.plan.budget_bytes
     assert_llamacpp_matches(model, tokenizer, tmp_path / "m.gguf")
+
+
+def test_verification_tolerance_is_the_libraries():
+    from pvtune.export.llamacpp import VERIFY_TOLERANCE, Verification
+
+    assert VERIFY_TOLERANCE == 0.03
+    assert Verification(10.0, 10.29).agrees and not Verification(10.0, 10.31).agrees
+    assert not Verification(10.0, 9.69).agrees
+    assert Verification(10.0, 10.5, tolerance=0.06).agrees

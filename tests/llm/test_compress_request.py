@@ -63,3 +63,15 @@ def test_budget_types_give_the_embeddings_the_block_types_among_them():
     assert mixed.types == ("q2_0", "f16") and mixed.embedding_types == ("q2_0",)
     dense = BudgetConfig.for_types(target_bits=3.0, types=("f16",))
     assert dense.embedding_types == ("f16",)
+
+
+def test_config_record_is_json_with_class_names():
+    import json
+
+    from pvtune.llm.checkpoint import config_record
+
+    record = config_record(compress_config(CompressRequest(budget=BUDGET), DEMO))
+    assert record["type"] == "CompressConfig" and record["method"] == "gptq"
+    assert record["budget"]["type"] == "BudgetConfig"
+    assert record["budget"]["types"] == list(DEFAULT_TYPES)
+    assert json.loads(json.dumps(record)) == record

@@ -70,6 +70,11 @@ def test_cli_compresses_and_evaluates_a_gguf_file(tokenizer, text_file, tmp_path
                  str(text_file), "--num-seqs", "2", "--seq-len", "16", "--eval-window", "16",
                  "--max-new-tokens", "0", "--output", str(out)]) == 0
     assert read_meta(out)["source_model"] == str((tmp_path / "m.gguf").resolve())
+    # the GGUF file it came from teaches the fine-tune
+    assert main(["finetune", str(out), "--steps", "1", "--num-seqs", "2", "--seq-len", "16",
+                 "--calib-text", str(text_file), "--no-eval", "--output",
+                 str(tmp_path / "ft")]) == 0
+    assert read_meta(tmp_path / "ft")["teacher"] == str((tmp_path / "m.gguf").resolve())
     assert main(["eval", str(tmp_path / "m.gguf"), "--eval-text", str(text_file),
                  "--eval-window", "16"]) == 0
     assert "perplexity" in capsys.readouterr().out.lower()

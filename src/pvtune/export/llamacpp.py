@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,27 @@ def llamacpp_decode_speed(path: str | Path, prompt_ids: list[int], new_tokens: i
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([token])
     return new_tokens / (time.perf_counter() - start)
+
+
+# llama.cpp's perplexity may differ from pvtune's by its own arithmetic (float16 activations,
+# its matmul kernels); beyond this relative gap, an export is suspect
+VERIFY_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class Verification:
+    """pvtune's perplexity of a model next to llama.cpp's of its exported file."""
+
+    pvtune: float
+    llamacpp: float
+    tolerance: float = VERIFY_TOLERANCE
+
+    @property
+    def ratio(self) -> float:
+        """llama.cpp's perplexity over pvtune's."""
+        return self.llamacpp / self.pvtune
+
+    @property
+    def agrees(self) -> bool:
+        """Whether the two agree within :attr:`tolerance` (relative)."""
+        return abs(self.ratio - 1) <= self.tolerance

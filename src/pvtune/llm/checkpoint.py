@@ -79,6 +79,19 @@ def save_or_rescue(model: nn.Module, tokenizer, directory: str | Path,
                           "belongs") from None
 
 
+def config_record(obj: Any) -> Any:
+    """A config (frozen dataclasses, nested) as the JSON a checkpoint's record keeps: each
+    dataclass a dict of its fields with its class name under ``"type"``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: config_record(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {"type": type(obj).__name__, **fields}
+    if isinstance(obj, tuple | list):
+        return [config_record(v) for v in obj]
+    return obj
+
+
 def write_meta(directory: str | Path, record: dict[str, Any]) -> None:
     """Replace the record of a saved checkpoint (and its readable copy)."""
     update_meta(directory, record)
