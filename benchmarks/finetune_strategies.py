@@ -77,8 +77,9 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
 
     from pvtune.llm.checkpoint import bits_report
     from pvtune.llm.evaluate import perplexity
-    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+    from pvtune.llm.finetune import FinetuneConfig, finetune
     from pvtune.llm.model import load_causal_lm, model_fingerprint
+    from pvtune.llm.teacher_logits import TeacherLogits
     from pvtune.nn.quantize import quantized_layers
     from pvtune.optim import VStepConfig
 
@@ -122,8 +123,9 @@ def run_torchao(args) -> dict:
     from torchao.quantization.qat import FakeQuantizedLinear, QATConfig
 
     from pvtune.llm.evaluate import perplexity
-    from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, batch_indices, kl_loss
+    from pvtune.llm.finetune import FinetuneConfig, batch_indices, kl_loss
     from pvtune.llm.model import find_blocks, load_causal_lm, model_fingerprint
+    from pvtune.llm.teacher_logits import TeacherLogits
 
     torch.manual_seed(0)
     model, tok = load_causal_lm(None)

@@ -353,7 +353,7 @@ def test_killed_cache_teacher_run_is_not_refused(llama_dir, text_file, tmp_path)
 def test_resume_with_other_calibration_is_refused(llama_dir, text_file, tmp_path, capsys):
     ckpt, out = tmp_path / "c", tmp_path / "f"
     assert main(rtn(llama_dir, text_file, ckpt)) == 0
-    from pvtune.llm.finetune import RESUME_META
+    from pvtune.llm.resume import RESUME_META
 
     args = finetune_args(ckpt, text_file, out, "--checkpoint-every", "1", "--steps", "3")
     # leave a resume state behind, as a killed run would

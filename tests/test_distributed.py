@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from pvtune.distributed import DistributedContext
 from pvtune.errors import ConfigError
-from pvtune.llm.finetune import TeacherLogits, finetune
+from pvtune.llm.finetune import finetune
+from pvtune.llm.teacher_logits import TeacherLogits
 from tests.llm.finetune_worker import REPRESENTATION, config
 from tests.llm.test_finetune import setup
 

@@ -498,21 +498,17 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         eval_windows,
         tokenize_stream,
     )
-    from pvtune.llm.finetune import (
-        RESUME_META,
-        FinetuneConfig,
-        TeacherLogits,
-        clear_resume_state,
-        finetune,
-    )
+    from pvtune.llm.finetune import FinetuneConfig, finetune
     from pvtune.llm.model import (
         count_params,
         is_pvtune_checkpoint,
         load_causal_lm,
         model_fingerprint,
     )
+    from pvtune.llm.resume import RESUME_META, clear_resume_state
     from pvtune.llm.sharding import full_parameters
     from pvtune.llm.teacher import FinetuneRecord, resolve_teacher
+    from pvtune.llm.teacher_logits import TeacherLogits
     from pvtune.optim.strategies import VStepConfig
     from pvtune.report import format_table
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from pvtune.distributed import DistributedContext
-from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+from pvtune.llm.finetune import FinetuneConfig, finetune
 from pvtune.llm.sharding import full_parameters, is_sharded
+from pvtune.llm.teacher_logits import TeacherLogits
 from pvtune.optim import VStepConfig
 from pvtune.reprs import UniformConfig
 from tests.llm.test_finetune import setup

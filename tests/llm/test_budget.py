@@ -27,8 +27,9 @@ from pvtune.llm.budget import (
 )
 from pvtune.llm.checkpoint import load_compressed, save_compressed
 from pvtune.llm.data import CalibrationConfig, calibration_batch, tokenize_stream
-from pvtune.llm.finetune import FinetuneConfig, TeacherLogits, finetune
+from pvtune.llm.finetune import FinetuneConfig, finetune
 from pvtune.llm.pipeline import CompressConfig, compress_model
+from pvtune.llm.teacher_logits import TeacherLogits
 from pvtune.nn.quantize import quantized_layers
 from pvtune.optim import VStepConfig
 from pvtune.optim.strategies import STRATEGIES

@@ -14,16 +14,11 @@ from pvtune.errors import CheckpointError, ConfigError, TrainingError
 from pvtune.llm.bos import BosChoice
 from pvtune.llm.checkpoint import bits_report
 from pvtune.llm.data import CalibrationConfig, calibration_batch, tokenize_stream
-from pvtune.llm.finetune import (
-    RESUME_META,
-    FinetuneConfig,
-    TeacherLogits,
-    finetune,
-    kl_loss,
-    lr_factor,
-)
+from pvtune.llm.finetune import FinetuneConfig, finetune, kl_loss, lr_factor
 from pvtune.llm.model import load_causal_lm
 from pvtune.llm.pipeline import CompressConfig, compress_model
+from pvtune.llm.resume import RESUME_META
+from pvtune.llm.teacher_logits import TeacherLogits
 from pvtune.optim import VStepConfig
 from pvtune.reprs import (
     AQLMConfig,

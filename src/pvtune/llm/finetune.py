@@ -16,46 +16,36 @@ teacher, calibration and evaluation tokens, BOS choice) and a run that differs i
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pvtune.checkpoint.files import (
-    remove_temporaries,
-    save_tensors_atomic,
-    save_tensors_by_content,
-    sha256_file,
-    write_json_atomic,
-)
-from pvtune.distributed import DistributedContext, full_tensor, placed_like
-from pvtune.errors import CheckpointError, ConfigError, TrainingError
+from pvtune.distributed import DistributedContext, full_tensor
+from pvtune.errors import ConfigError, TrainingError
 from pvtune.llm.bos import BosChoice, model_logits
 from pvtune.llm.data_parallel import PLACEMENTS, StepExchange
 from pvtune.llm.evaluate import perplexity
+from pvtune.llm.resume import RESUME_META, load_resume_state, save_resume_state
 from pvtune.llm.sharding import full_parameters, shard_model
+from pvtune.llm.teacher_logits import TeacherLogits
 from pvtune.nn.quantize import decoder_layers
 from pvtune.optim.precision import DENSE_STORAGE
 from pvtune.optim.pv import PVOptimizer, continuous_parameters
-from pvtune.optim.state_io import optimizer_from_tensors, optimizer_to_tensors
+from pvtune.optim.state_io import optimizer_to_tensors
 from pvtune.optim.strategies import VStepConfig
 from pvtune.reprs.base import check_int, check_range
 
 log = logging.getLogger(__name__)
 
-RESUME_PREFIX = "resume_state"  # tensors: resume_state-<sha256 prefix>.safetensors
-RESUME_META = "resume_state.json"  # the commit record naming them
 
 
 @dataclass(frozen=True)
@@ -178,52 +168,6 @@ def tensor_digest(t: Tensor | None) -> str | None:
     return digest.hexdigest()
 
 
-class TeacherLogits:
-    """The teacher's logits per calibration sequence: on the fly, or cached to disk in
-    float16 (one safetensors file per sequence, written atomically on first use).
-
-    A cache file is named by a digest of ``fingerprint`` (which must change with the
-    teacher's weights), the BOS choice and the sequence's tokens, so a cache is never reused
-    for another teacher or other text; a damaged file is recomputed.
-    """
-
-    def __init__(self, teacher: nn.Module, ids: Tensor, cache_dir: Path | None = None,
-                 fingerprint: str = "", bos: BosChoice | None = None):
-        self.teacher, self.ids, self.cache_dir, self.bos = teacher, ids, cache_dir, bos
-        self._key = hashlib.sha256(
-            (fingerprint + json.dumps(bos.to_dict() if bos else None)).encode()).digest()
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            remove_temporaries(cache_dir)
-
-    def _path(self, i: int) -> Path:
-        digest = hashlib.sha256(self._key + self.ids[i].numpy().tobytes()).hexdigest()
-        return self.cache_dir / f"{digest[:32]}.safetensors"
-
-    def _compute(self, index: Tensor) -> Tensor:
-        return model_logits(self.teacher, self.ids[index], self.bos)
-
-    @torch.no_grad()
-    def __call__(self, index: Tensor) -> Tensor:
-        if self.cache_dir is None:
-            return self._compute(index)
-        rows = []
-        for i in index.tolist():
-            path = self._path(i)
-            logits = None
-            if path.is_file():
-                try:
-                    logits = load_file(str(path))["logits"].float()
-                except (SafetensorError, OSError, KeyError) as err:
-                    log.warning("teacher cache %s is damaged (%s); recomputing it", path, err)
-            if logits is None or logits.shape[0] != self.ids.shape[1]:
-                logits = self._compute(torch.tensor([i]))[0]
-                save_tensors_atomic({"logits": logits.to(torch.float16).contiguous()}, path)
-                logits = logits.to(torch.float16).float()  # what a cache hit would return
-            rows.append(logits)
-        return torch.stack(rows)
-
-
 def finetune(
     student: nn.Module,
     teacher_logits: TeacherLogits,
@@ -280,7 +224,7 @@ def finetune(
     result = FinetuneResult()
     start = 0
     if checkpoint_dir is not None and (checkpoint_dir / RESUME_META).is_file():
-        start = _load_resume(checkpoint_dir, student, base, opt, result, config, run)
+        start = load_resume_state(checkpoint_dir, student, base, opt, result, config, run)
         log.info("resumed from %s at step %d", checkpoint_dir, start)
     elif eval_windows is not None:
         _evaluate(student, eval_windows, 0, result, save_best, bos, progress, dist)
@@ -336,7 +280,7 @@ def finetune(
                 done % config.checkpoint_every == 0 and done < config.steps:
             tensors, layout, adam_meta = _resume_tensors(student, base, opt, exchange, dist)
             if dist.is_main:
-                _save_resume(checkpoint_dir, tensors, layout, adam_meta, result, done, config,
+                save_resume_state(checkpoint_dir, tensors, layout, adam_meta, result, done, config,
                              run)
             dist.barrier()
         if stop_at is not None and done >= stop_at:
@@ -397,95 +341,3 @@ def _evaluate(student, windows, step, result: FinetuneResult, save_best, bos,
         result.best_perplexity, result.best_step = ppl, step
         if save_best is not None:
             save_best(student, step)
-
-
-# settings that do not change the training trajectory: a resumed run may change them
-_RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement", "shard")
-
-
-def _trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
-    """The config as JSON values, without the fields a resumed run may change."""
-    settings = json.loads(json.dumps(asdict(config)))
-    return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
-
-
-def _save_resume(directory: Path, tensors: dict[str, Tensor], layout: dict[str, Any],
-                 adam_meta: dict[str, Any], result, step: int, config: FinetuneConfig,
-                 run: dict[str, Any]) -> None:
-    """Crash-safe: the tensors go to a new content-named file; the JSON record naming it
-    (with its checksum and step) is written last, atomically; older files go after it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(directory)
-    name, digest = save_tensors_by_content(tensors, directory, RESUME_PREFIX)
-    meta = {"step": step, "file": name, "sha256": digest, "layout": layout, "adam": adam_meta,
-            "result": asdict(result), "settings": _trajectory_settings(config), "run": run}
-    write_json_atomic(directory / RESUME_META, meta, indent=None)
-    for old in directory.glob(f"{RESUME_PREFIX}-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-
-
-def clear_resume_state(directory: Path) -> None:
-    """Remove a finished run's resume state (call after its final checkpoint is saved): a
-    rerun of the same command then finds a finished output, not a run to continue."""
-    (directory / RESUME_META).unlink(missing_ok=True)  # first: the tensors alone mean nothing
-    for path in directory.glob(f"{RESUME_PREFIX}-*.safetensors"):
-        path.unlink(missing_ok=True)
-    remove_temporaries(directory)
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
-
-
-def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
-                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-
-
-def _load_resume(directory: Path, student, base, opt: PVOptimizer, result,
-                 config: FinetuneConfig, run: dict[str, Any]) -> int:
-    from pvtune.checkpoint.format import unpack_state
-
-    path = directory / RESUME_META
-    afresh = "delete that folder (or write to another output folder) to start afresh"
-    try:
-        meta: dict[str, Any] = json.loads(path.read_text())
-        step, name, digest = int(meta["step"]), meta["file"], meta["sha256"]
-        saved_settings, saved_run = meta["settings"], meta["run"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path} is damaged or was written by an older pvtune ({err}); "
-                              f"{afresh}") from None
-    changed = _differences(saved_settings, _trajectory_settings(config))
-    if changed:
-        raise ConfigError(
-            f"{directory} holds the resume state of a run with other settings ({changed}); "
-            f"run with the same settings to continue it, or {afresh}"
-        )
-    changed = _differences(saved_run, run)
-    if changed:
-        keys = ", ".join(k for k in sorted(set(saved_run) | set(run))
-                         if saved_run.get(k) != run.get(k))
-        raise ConfigError(
-            f"{directory} holds the resume state of a run on other inputs ({keys} differ: "
-            "another source checkpoint, teacher, calibration text or its sequence count or length, "
-            f"evaluation text or BOS choice); run on the same inputs to continue it, or {afresh}"
-        )
-    tensors_path = directory / name
-    if "/" in name or not tensors_path.is_file() or sha256_file(tensors_path) != digest:
-        raise CheckpointError(f"{directory}: the resume tensors {name} are missing or damaged "
-                              f"(checksum mismatch); {afresh}")
-    tensors = load_file(str(tensors_path))
-    if int(tensors.get("pv.steps", torch.tensor(-1))) != step:
-        raise CheckpointError(f"{directory}: the resume record says step {step} but its tensors "
-                              f"hold step {int(tensors.get('pv.steps', torch.tensor(-1)))}; "
-                              f"{afresh}")
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    current = student.state_dict()  # sharded parameters take their shard of the whole
-    student.load_state_dict({k: placed_like(v, current[k]) if k in current else v
-                             for k, v in unpack_state(model_state, meta["layout"]).items()},
-                            strict=True)
-    optimizer_from_tensors(base, "adam", tensors, meta["adam"])
-    opt.load_state_tensors(tensors)
-    for key, value in meta["result"].items():
-        setattr(result, key, value if not isinstance(value, list)
-                else [tuple(v) if isinstance(v, list) else v for v in value])
-    return step
