@@ -3,7 +3,7 @@
 
 Each point is one command, as a user runs it (SmolLM2-135M-Instruct, the offline Wikipedia
 calibration split, sequences of 512 tokens, GPTQ into the budget's GGUF block types, no
-fine-tuning), evaluated by pvtune on the demo's 32 evaluation windows:
+fine-tuning), evaluated by pvtune on the demo's 16 evaluation windows:
 
     pvtune compress --target-size 60MiB --preset demo --num-seqs N [--rotate hadamard] ...
 
@@ -56,7 +56,7 @@ def plot() -> None:
                     label=f"rotation: {rot}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration sequences of 512 tokens")
-    ax.set_ylabel("perplexity after GPTQ (32 windows)")
+    ax.set_ylabel("perplexity after GPTQ (pvtune)")
     ax.set_title(f"SmolLM2-135M, {rows[0]['budget'] if rows else ''} budget")
     ax.grid(True, alpha=0.3)
     ax.legend()
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="16,32,64,128,256")
     parser.add_argument("--rotations", default="off,on")
     parser.add_argument("--budget", default="60MiB")
+    parser.add_argument("--eval-windows", type=int, default=16)
     args = parser.parse_args()
     done = _done(provenance()["commit"])
     pvtune = str(Path(sys.executable).with_name("pvtune"))
@@ -82,7 +83,7 @@ def main() -> None:
                 out = Path(tmp) / "ckpt"
                 cmd = [pvtune, "compress", "--target-size", args.budget, "--preset", "demo",
                        "--num-seqs", str(seqs), "--rotate", rotation, "--output", str(out),
-                       "--max-new-tokens", "0"]
+                       "--eval-windows", str(args.eval_windows), "--max-new-tokens", "0"]
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, env=os.environ.copy(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,7 +99,8 @@ def main() -> None:
                           key=["budget", "rotation", "sequences"],
                           notes="SmolLM2-135M-Instruct (reference: its Q4_1 GGUF dequantized "
                                 "to fp32); pvtune compress --target-size with GPTQ, no "
-                                "fine-tuning; perplexity by pvtune on the demo's 32 windows; "
+                                "fine-tuning; perplexity by pvtune on the demo's "
+                                f"{args.eval_windows} windows; "
                                 "seconds: the whole command (reference and compressed "
                                 "evaluation included).")
             plot()
