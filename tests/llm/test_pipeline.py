@@ -9,18 +9,12 @@ import torch
 
 from pvtune.checkpoint import CheckpointError
 from pvtune.init import AQLMInitConfig, GPTQConfig
+from pvtune.llm.activations import XTXCollector, capture_block_inputs, run_block
 from pvtune.llm.checkpoint import bits_report, load_compressed, read_meta, save_compressed
 from pvtune.llm.data import CalibrationConfig, calibration_batch, tokenize_stream
 from pvtune.llm.evaluate import perplexity
 from pvtune.llm.model import find_blocks, load_causal_lm
-from pvtune.llm.pipeline import (
-    BlockFinetuneConfig,
-    CompressConfig,
-    XTXCollector,
-    capture_block_inputs,
-    compress_model,
-    run_block,
-)
+from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig, compress_model
 from pvtune.nn import dequantize_, quantized_layers
 from pvtune.reprs import AQLMConfig, BinaryConfig, UniformConfig
 from tests.llm.conftest import TEXT
@@ -186,7 +180,7 @@ def test_xtx_collector_never_mixes_inputs_that_reuse_memory():
     product; layers fed the same tensor object share one."""
     from torch import nn
 
-    from pvtune.llm.pipeline import XTXCollector
+    from pvtune.llm.activations import XTXCollector
 
     class SameAddress(nn.Module):
         def __init__(self):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,13 @@ from tqdm.auto import tqdm
 from pvtune.distributed import DistributedContext, assign_layers
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
+from pvtune.llm.activations import (
+    XTXCollector,
+    capture_block_inputs,
+    largest_divisor_at_most,
+    minibatches,
+    run_block,
+)
 from pvtune.llm.budget import EMBEDDINGS, HEAD, BudgetConfig, BudgetPlan, plan_budget, type_config
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.model import BlockStructure, find_blocks
@@ -133,115 +139,6 @@ class CompressReport:
     seconds: float = 0.0
     plan: BudgetPlan | None = None  # the storage type of every tensor, under a budget
     rotation: RotationReport | None = None  # the rotations folded into the weights
-
-
-class _Stop(Exception):
-    """Raised by a recorder to end a forward pass early."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for block ``index`` and records the arguments it is called with."""
-
-    def __init__(self, index: int, sink: dict, stop_at: int) -> None:
-        super().__init__()
-        self.index, self.sink, self.stop_at = index, sink, stop_at
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink[self.index] = (hidden_states, args, kwargs)
-        if self.index >= self.stop_at:
-            raise _Stop
-        return hidden_states
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
-def capture_block_inputs(
-    model: nn.Module, structure: BlockStructure, ids: Tensor, batch_size: int
-) -> tuple[Tensor, list[tuple[tuple, dict]]]:
-    """Inputs of block 0 for every sequence (``[N, L, hidden]``) and, for each block, the
-    extra arguments the model passes it for a mini-batch of ``batch_size`` sequences."""
-    blocks = structure.blocks
-    originals = list(blocks)
-    sink: dict[int, tuple] = {}
-    hidden = []
-    try:
-        for s in range(0, ids.shape[0], batch_size):
-            stop_at = len(blocks) - 1 if s == 0 else 0
-            for i in range(len(blocks)):
-                blocks[i] = _Recorder(i, sink, stop_at)
-            with torch.no_grad():
-                try:
-                    model(input_ids=ids[s : s + batch_size], use_cache=False)
-                except _Stop:
-                    pass
-            hidden.append(sink[0][0].detach())
-            if s == 0:
-                extras = [(sink[i][1], sink[i][2]) for i in range(len(blocks))]
-    finally:
-        for i, block in enumerate(originals):
-            blocks[i] = block
-    return torch.cat(hidden), extras
-
-
-def run_block(block: nn.Module, x: Tensor, extra: tuple[tuple, dict]) -> Tensor:
-    """Apply a decoder block to hidden states ``x`` with the recorded extra arguments."""
-    args, kwargs = extra
-    out = block(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-class XTXCollector:
-    """Accumulates ``sum x x^T`` of every linear layer's inputs inside a module.
-
-    Layers fed the same tensor (q/k/v, gate/up) share one product per forward call.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
-        self._handles = [
-            m.register_forward_pre_hook(self._hook(name))
-            for name, m in module.named_modules() if isinstance(m, nn.Linear)
-        ]
-
-    def _hook(self, name: str):
-        def hook(module, inputs):
-            x = inputs[0]
-            # Share the product between layers fed the *same tensor object*. The cache holds
-            # that tensor, so neither its id nor its memory can be reused by another input
-            # during the call (keying by data_ptr alone once gave the MLP the attention's
-            # inputs whenever the allocator reused the address: nondeterministic XTX).
-            cached = self._cache.get(id(x))
-            if cached is None or cached[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                cached = (x, flat.T @ flat)
-                self._cache[id(x)] = cached
-            prod = cached[1]
-            self.sums[name] = self.sums[name] + prod if name in self.sums else prod.clone()
-            self.counts[name] = self.counts.get(name, 0) + x.numel() // x.shape[-1]
-
-        return hook
-
-    def new_call(self) -> None:
-        """Forget shared products (call before each forward pass)."""
-        self._cache.clear()
-
-    def xtx(self, name: str) -> Tensor:
-        """``E[x x^T]`` of layer ``name``."""
-        return self.sums[name] / max(1, self.counts[name])
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for h in self._handles:
-            h.remove()
-
-
-def _minibatches(n: int, size: int) -> Iterator[slice]:
-    for s in range(0, n, size):
-        yield slice(s, s + size)
 
 
 def check_layers_fit(model: nn.Module, structure: BlockStructure, config: CompressConfig) -> None:
@@ -390,7 +287,7 @@ def _compress_without_data(structure, config, report, progress, dist, reprs) -> 
 
 
 def _compress_with_data(model, structure, ids, config, report, progress, dist, reprs) -> None:
-    batch = _largest_divisor_at_most(ids.shape[0], config.batch_size)
+    batch = largest_divisor_at_most(ids.shape[0], config.batch_size)
     inputs, extras = capture_block_inputs(model, structure, ids, batch)
     bar = tqdm(total=len(structure.blocks), desc=f"compress ({config.method})",
                disable=not progress, unit="block")
@@ -399,7 +296,7 @@ def _compress_with_data(model, structure, ids, config, report, progress, dist, r
         targets = torch.empty_like(inputs)
         collector = XTXCollector(block)
         with torch.no_grad():
-            for sl in _minibatches(inputs.shape[0], batch):
+            for sl in minibatches(inputs.shape[0], batch):
                 collector.new_call()
                 targets[sl] = run_block(block, inputs[sl], extras[i])
         collector.remove()
@@ -411,7 +308,7 @@ def _compress_with_data(model, structure, ids, config, report, progress, dist, r
                 finetune_block(block, inputs, targets, extras[i], config.block_finetune, batch)
             )
         with torch.no_grad():
-            for sl in _minibatches(inputs.shape[0], batch):
+            for sl in minibatches(inputs.shape[0], batch):
                 inputs[sl] = run_block(block, inputs[sl], extras[i])
         errs = [r.output_error for r in report.layers if r.name.startswith(prefix + ".")]
         if errs:
@@ -423,7 +320,7 @@ def _compress_with_data(model, structure, ids, config, report, progress, dist, r
 def _block_loss(block, inputs, targets, extra, batch) -> float:
     total, norm = 0.0, 0.0
     with torch.no_grad():
-        for sl in _minibatches(inputs.shape[0], batch):
+        for sl in minibatches(inputs.shape[0], batch):
             out = run_block(block, inputs[sl], extra)
             total += float((out - targets[sl]).pow(2).sum())
             norm += float(targets[sl].pow(2).sum())
