@@ -36,14 +36,11 @@ from pvtune.checkpoint.files import (
 )
 from pvtune.errors import CheckpointError
 from pvtune.nn.quantize import quantized_layers
-from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_embedding import QuantizedEmbedding, shared_layers
-from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.nn.quantized_linear import LAYER_KINDS, QuantizedLinear
 from pvtune.nn.replace import set_submodule
 from pvtune.packing import codec_from_dict
 from pvtune.qat.convert import activation_spec, quantizer_from_spec
-from pvtune.qat.layers import QATConv2d
-from pvtune.reprs.base import ReprConfig, representation_for
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +75,9 @@ def pack_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             "in_features": layer.in_features,
             "bias": layer.bias is not None,
         }
-        if isinstance(layer, QuantizedEmbedding):
-            spec["kind"] = "embedding"
-        elif isinstance(layer, QuantizedConv2d):
-            spec["kind"] = "conv2d"
-            spec["conv"] = layer.conv_spec()
+        if layer.layout_kind != "linear":  # a plain linear's entry names no kind
+            spec["kind"] = layer.layout_kind
+        spec.update(layer.layout_spec())
         if layer.input_quantizer is not None:
             spec["activations"] = activation_spec(layer.input_quantizer)
         layout["layers"][name] = spec
@@ -270,15 +265,15 @@ def _check_layout_entries(layout: dict[str, Any], path: Path) -> None:
                 or not isinstance(spec.get("bias"), bool):
             raise _fail(path, f"layer {name!r} needs config (object), out_features and "
                               f"in_features (positive ints) and bias (true/false), got {spec!r}")
-        if spec.get("kind", "linear") not in ("linear", "embedding", "conv2d") \
+        if spec.get("kind", "linear") not in LAYER_KINDS \
                 or not isinstance(spec.get("shares", ""), str) \
                 or spec.get("shares", name) not in layout["layers"]:
-            raise _fail(path, f"layer {name!r}: 'kind' must be linear, embedding or conv2d "
-                              f"and 'shares' must name another layer, got {spec!r}")
-        if spec.get("kind") == "conv2d" and not _conv_spec_ok(spec.get("conv")):
-            raise _fail(path, f"layer {name!r}: a conv2d layer needs 'conv' with in_channels, "
-                              f"groups (positive ints), kernel_size, stride, padding and "
-                              f"dilation (pairs of ints), got {spec.get('conv')!r}")
+            raise _fail(path, f"layer {name!r}: 'kind' must be one of "
+                              f"{', '.join(LAYER_KINDS.names())} and 'shares' must name another "
+                              f"layer, got {spec!r}")
+        problem = LAYER_KINDS.get(spec.get("kind", "linear")).layout_problem(spec)
+        if problem:
+            raise _fail(path, f"layer {name!r}: {problem}")
         if not isinstance(spec.get("activations", {}), dict):
             raise _fail(path, f"layer {name!r}: 'activations' must be an object")
     for key, spec in layout["packed"].items():
@@ -307,15 +302,6 @@ def _check_layout_entries(layout: dict[str, Any], path: Path) -> None:
         if not isinstance(layout.get("meta", {}), dict) \
                 or not isinstance(layout.get("companions", {}), dict):
             raise _fail(path, "'meta' and 'companions' must be objects")
-
-
-def _conv_spec_ok(conv: Any) -> bool:
-    if not isinstance(conv, dict) or not _is_int(conv.get("in_channels"), 1) \
-            or not _is_int(conv.get("groups"), 1):
-        return False
-    pairs = ("kernel_size", "stride", "padding", "dilation")
-    return all(isinstance(conv.get(k), list) and len(conv[k]) == 2
-               and all(_is_int(v) for v in conv[k]) for k in pairs)
 
 
 def weights_path(directory: str | Path, layout: dict[str, Any]) -> Path:
@@ -402,79 +388,10 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str,
 
 def _replacement_layer(current: nn.Module, name: str, spec: dict[str, Any], source: str,
                        done: dict[str, QuantizedLinear]):
-    if spec.get("kind") == "conv2d":
-        return _conv_replacement(current, name, spec, source)
-    if spec.get("kind") == "embedding":
-        if not isinstance(current, nn.Embedding | QuantizedEmbedding):
-            raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
-                                  "the model, not an embedding table")
-        shape = (spec["out_features"], spec["in_features"])
-        have = (current.num_embeddings, current.embedding_dim)
-        if have != shape:
-            raise CheckpointError(f"{source}: embedding {name!r} is {have[0]}x{have[1]} in the "
-                                  f"model but {shape[0]}x{shape[1]} in the checkpoint")
-        try:
-            config = ReprConfig.from_dict(spec["config"])
-            rep = representation_for(config)(*shape, config)
-        except ValueError as err:
-            raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
-        return QuantizedEmbedding.of(rep, current)
-    if not isinstance(current, nn.Linear | QuantizedLinear):
-        raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in the "
-                              "model, not a linear layer")
-    shape = (spec["out_features"], spec["in_features"])
-    if (current.out_features, current.in_features) != shape:
-        raise CheckpointError(
-            f"{source}: layer {name!r} is {current.out_features}x{current.in_features} in the "
-            f"model but {shape[0]}x{shape[1]} in the checkpoint (another model size?)"
-        )
-    if (current.bias is not None) != spec["bias"]:
-        has = "has" if current.bias is not None else "has no"
-        raise CheckpointError(
-            f"{source}: layer {name!r} {has} bias in the model but the checkpoint says "
-            f"bias={spec['bias']} (a checkpoint of another architecture?)"
-        )
-    if "shares" in spec:
-        first = done.get(spec["shares"])
-        if first is None or (first.out_features, first.in_features) != shape:
-            raise CheckpointError(f"{source}: layer {name!r} shares {spec['shares']!r}, which "
-                                  "is missing or of another shape")
-        return QuantizedLinear(first.qweight, torch.zeros(shape[0]) if spec["bias"] else None)
-    try:
-        config = ReprConfig.from_dict(spec["config"])
-        return QuantizedLinear.empty(*shape, config, spec["bias"])
-    except ValueError as err:
-        raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
-
-
-def _conv_replacement(current: nn.Module, name: str, spec: dict[str, Any], source: str
-                      ) -> QuantizedConv2d:
-    conv = spec["conv"]
-    geometry = (spec["out_features"], conv["in_channels"], tuple(conv["kernel_size"]),
-                conv["groups"])
-    if isinstance(current, nn.Conv2d):
-        have = (current.out_channels, current.in_channels, tuple(current.kernel_size),
-                current.groups)
-    elif isinstance(current, QuantizedConv2d | QATConv2d):
-        have = (current.out_channels, current.in_channels, tuple(current.kernel_size),
-                current.groups)
-    else:
-        raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in the "
-                              "model, not a 2-d convolution")
-    if have != geometry or (current.bias is not None) != spec["bias"]:
-        raise CheckpointError(f"{source}: convolution {name!r} is (out, in, kernel, groups) = "
-                              f"{have} in the model but {geometry} in the checkpoint, or its "
-                              "bias differs")
-    try:
-        config = ReprConfig.from_dict(spec["config"])
-        rep = representation_for(config)(spec["out_features"], spec["in_features"], config)
-        bias = torch.zeros(spec["out_features"]) if spec["bias"] else None
-        return QuantizedConv2d(rep, bias, in_channels=conv["in_channels"],
-                               kernel_size=tuple(conv["kernel_size"]),
-                               stride=tuple(conv["stride"]), padding=tuple(conv["padding"]),
-                               dilation=tuple(conv["dilation"]), groups=conv["groups"])
-    except ValueError as err:
-        raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
+    """The compressed layer a layout entry describes, built by the layer class registered for
+    its kind (``linear`` when the entry names none)."""
+    return LAYER_KINDS.get(spec.get("kind", "linear")).from_layout(current, name, spec, source,
+                                                                   done)
 
 
 def _check_codes_match(layer: QuantizedLinear, name: str, layout: dict[str, Any],

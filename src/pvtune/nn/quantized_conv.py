@@ -12,10 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.errors import CheckpointError
+from pvtune.nn.quantized_linear import QuantizedLinear, register_layer_kind
 from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 
 
+def _is_int(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+@register_layer_kind("conv2d")
 class QuantizedConv2d(QuantizedLinear):
     """``conv2d(x, W)`` with ``W`` decoded from ``qweight`` and reshaped to the kernel."""
 
@@ -51,6 +57,49 @@ class QuantizedConv2d(QuantizedLinear):
         return {"in_channels": self.in_channels, "kernel_size": list(self.kernel_size),
                 "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups}
+
+    def layout_spec(self) -> dict[str, Any]:
+        return {"conv": self.conv_spec()}
+
+    @classmethod
+    def layout_problem(cls, spec: dict[str, Any]) -> str | None:
+        conv = spec.get("conv")
+        pairs = ("kernel_size", "stride", "padding", "dilation")
+        if isinstance(conv, dict) and _is_int(conv.get("in_channels"), 1) \
+                and _is_int(conv.get("groups"), 1) \
+                and all(isinstance(conv.get(k), list) and len(conv[k]) == 2
+                        and all(_is_int(v) for v in conv[k]) for k in pairs):
+            return None
+        return ("a conv2d layer needs 'conv' with in_channels, groups (positive ints), "
+                f"kernel_size, stride, padding and dilation (pairs of ints), got {conv!r}")
+
+    @classmethod
+    def from_layout(cls, current, name, spec, source, done) -> QuantizedConv2d:
+        """An empty compressed convolution for the checkpoint entry ``spec`` in place of the
+        model's 2-d convolution ``current`` (plain, compressed or in QAT)."""
+        conv = spec["conv"]
+        geometry = (spec["out_features"], conv["in_channels"], tuple(conv["kernel_size"]),
+                    conv["groups"])
+        if not all(hasattr(current, a) for a in ("out_channels", "in_channels", "kernel_size",
+                                                   "groups")):
+            raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
+                                  "the model, not a 2-d convolution")
+        have = (current.out_channels, current.in_channels, tuple(current.kernel_size),
+                current.groups)
+        if have != geometry or (getattr(current, "bias", None) is not None) != spec["bias"]:
+            raise CheckpointError(f"{source}: convolution {name!r} is (out, in, kernel, groups) "
+                                  f"= {have} in the model but {geometry} in the checkpoint, or "
+                                  "its bias differs")
+        try:
+            config = ReprConfig.from_dict(spec["config"])
+            rep = representation_for(config)(spec["out_features"], spec["in_features"], config)
+            bias = torch.zeros(spec["out_features"]) if spec["bias"] else None
+            return cls(rep, bias, in_channels=conv["in_channels"],
+                       kernel_size=tuple(conv["kernel_size"]), stride=tuple(conv["stride"]),
+                       padding=tuple(conv["padding"]), dilation=tuple(conv["dilation"]),
+                       groups=conv["groups"])
+        except ValueError as err:
+            raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
 
     def kernel(self) -> Tensor:
         """The decoded kernel ``[out, in/groups, kh, kw]``."""

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pvtune.errors import ConfigError
-from pvtune.nn.quantized_linear import QuantizedLinear
+from pvtune.errors import CheckpointError, ConfigError
+from pvtune.nn.quantized_linear import QuantizedLinear, register_layer_kind
 from pvtune.nn.replace import set_submodule
 from pvtune.reprs.base import ReprConfig, representation_for
 
 
+@register_layer_kind("embedding")
 class QuantizedEmbedding(QuantizedLinear):
     """``embedding[ids]`` with the ``[vocab, dim]`` table decoded from ``qweight``.
 
@@ -71,6 +72,25 @@ class QuantizedEmbedding(QuantizedLinear):
         emb = _copy_module(self.lookup)
         emb.weight = nn.Parameter(w.clone())
         return emb
+
+    @classmethod
+    def from_layout(cls, current, name, spec, source, done) -> QuantizedEmbedding:
+        """An empty compressed table for the checkpoint entry ``spec`` in place of the
+        model's embedding ``current`` (whose lookup it keeps)."""
+        if not isinstance(current, nn.Embedding | QuantizedEmbedding):
+            raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
+                                  "the model, not an embedding table")
+        shape = (spec["out_features"], spec["in_features"])
+        have = (current.num_embeddings, current.embedding_dim)
+        if have != shape:
+            raise CheckpointError(f"{source}: embedding {name!r} is {have[0]}x{have[1]} in the "
+                                  f"model but {shape[0]}x{shape[1]} in the checkpoint")
+        try:
+            config = ReprConfig.from_dict(spec["config"])
+            rep = representation_for(config)(*shape, config)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
+        return cls.of(rep, current)
 
     def to_dense_module(self) -> nn.Module:
         """The embedding module this layer replaces (see :meth:`to_embedding`)."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvtune.errors import CheckpointError
+from pvtune.registry import Registry
 from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 
 # inputs of at most this many tokens go through a representation's lookup-table kernel
@@ -13,6 +17,21 @@ from pvtune.reprs.base import QuantizedWeight, ReprConfig, representation_for
 # SmolLM2 AQLM 2x8g8, 2 threads (benchmarks/results/decode_kernel.md): the kernel is 1.28x,
 # 1.34x, 1.04x the dense path at 1, 2, 3 tokens per step and 0.83x at 4
 LUT_MAX_TOKENS = 3
+
+
+# the layer classes a checkpoint layout can name, by the "kind" of their entry
+LAYER_KINDS: Registry[str, type] = Registry("compressed layer kind")
+
+
+def register_layer_kind(kind: str):
+    """Class decorator: checkpoints record layers of this class as ``kind`` and rebuild them
+    with its :meth:`QuantizedLinear.from_layout`."""
+
+    def wrap(cls: type) -> type:
+        cls.layout_kind = kind
+        return LAYER_KINDS.register(kind, cls)
+
+    return wrap
 
 
 class QuantizedLinear(nn.Module):
@@ -42,6 +61,51 @@ class QuantizedLinear(nn.Module):
         """Compress ``linear.weight`` with the representation registered for ``config``."""
         qweight = representation_for(config).from_dense(linear.weight, config)
         return cls(qweight.to(linear.weight.device), linear.bias)
+
+    layout_kind: ClassVar[str] = "linear"
+
+    def layout_spec(self) -> dict[str, Any]:
+        """What a checkpoint layout records of this layer beyond its shape and config."""
+        return {}
+
+    @classmethod
+    def layout_problem(cls, spec: dict[str, Any]) -> str | None:
+        """What is wrong with a layout entry of this kind (None: nothing)."""
+        return None
+
+    @classmethod
+    def from_layout(cls, current: nn.Module, name: str, spec: dict[str, Any], source: str,
+                    done: dict[str, QuantizedLinear]) -> QuantizedLinear:
+        """An empty layer for the checkpoint entry ``spec`` of ``name``, in place of the
+        model's ``current`` module (``done``: the layers rebuilt so far, for a tied head);
+        a :class:`CheckpointError` when the two do not fit."""
+        if not isinstance(current, nn.Linear | QuantizedLinear):
+            raise CheckpointError(f"{source}: layer {name!r} is a {type(current).__name__} in "
+                                  "the model, not a linear layer")
+        shape = (spec["out_features"], spec["in_features"])
+        if (current.out_features, current.in_features) != shape:
+            raise CheckpointError(
+                f"{source}: layer {name!r} is {current.out_features}x{current.in_features} in "
+                f"the model but {shape[0]}x{shape[1]} in the checkpoint (another model size?)"
+            )
+        if (current.bias is not None) != spec["bias"]:
+            has = "has" if current.bias is not None else "has no"
+            raise CheckpointError(
+                f"{source}: layer {name!r} {has} bias in the model but the checkpoint says "
+                f"bias={spec['bias']} (a checkpoint of another architecture?)"
+            )
+        if "shares" in spec:
+            first = done.get(spec["shares"])
+            if first is None or (first.out_features, first.in_features) != shape:
+                raise CheckpointError(f"{source}: layer {name!r} shares {spec['shares']!r}, "
+                                      "which is missing or of another shape")
+            return QuantizedLinear(first.qweight,
+                                   torch.zeros(shape[0]) if spec["bias"] else None)
+        try:
+            config = ReprConfig.from_dict(spec["config"])
+            return cls.empty(*shape, config, spec["bias"])
+        except ValueError as err:
+            raise CheckpointError(f"{source}: layer {name!r}: {err}") from None
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, config: ReprConfig, bias: bool):
@@ -110,3 +174,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+LAYER_KINDS.register("linear", QuantizedLinear)
