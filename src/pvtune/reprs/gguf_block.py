@@ -38,12 +38,11 @@ from torch import Tensor, nn
 from pvtune.errors import ConfigError
 from pvtune.packing import BitCodec, IntCodec
 from pvtune.reprs.base import (
-    QuantizedWeight,
     ReprConfig,
     register_representation,
     round_to_fp16,
-    uniform_noise,
 )
+from pvtune.reprs.scalar_grid import ScalarGridWeight
 from pvtune.reprs.uniform import FP16_TINY
 
 
@@ -184,7 +183,7 @@ def decode_codes(q: Tensor, d: Tensor, m: Tensor, fmt: BlockFormat) -> Tensor:
 
 
 @register_representation("gguf_block")
-class GGUFBlockWeight(QuantizedWeight):
+class GGUFBlockWeight(ScalarGridWeight):
     """A GGUF block type: codes ``[out, in]`` (uint8), scale ``d`` ``[out, in/block]`` and,
     for ``Q4_1``, offset ``m`` ``[out, in/block]`` (parameters, fp16 values)."""
 
@@ -202,9 +201,6 @@ class GGUFBlockWeight(QuantizedWeight):
             self.offset = nn.Parameter(torch.zeros(out_features, nblocks))
         else:
             self.register_buffer("offset", torch.zeros(out_features, nblocks), persistent=False)
-
-    def _grouped(self, w: Tensor) -> Tensor:
-        return w.reshape(self.out_features, -1, self.group)
 
     # -- the grid (shared with GPTQ) -----------------------------------------------------
     def fit_grid(self, w_grouped: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,58 +222,35 @@ class GGUFBlockWeight(QuantizedWeight):
         return q, decode_codes(q, d, m, self.format)
 
     def init_from_dense(self, weight: Tensor) -> None:
-        self.set_grid(*self.fit_grid(self._grouped(weight)))
+        self.set_grid(*self.fit_grid(self.grouped(weight)))
         self.encode(weight)
 
     # -- the representation --------------------------------------------------------------
     def forward(self) -> Tensor:
-        q = self._grouped(self.codes).to(self.scale.dtype)
+        q = self.grouped(self.codes).to(self.scale.dtype)
         w = decode_codes(q, self.scale.unsqueeze(-1), self.offset.unsqueeze(-1), self.format)
         return w.reshape(self.out_features, self.in_features)
 
-    def _block_index(self, index: Tensor) -> Tensor:
-        return (index // self.in_features) * (self.in_features // self.group) \
-            + (index % self.in_features) // self.group
-
     def decode_groups(self, index: Tensor) -> Tensor:
         with torch.no_grad():
-            block = self._block_index(index)
+            block = self.group_index(index)
             q = self.codes.view(-1)[index].to(self.scale.dtype)
             d = self.scale.detach().reshape(-1)[block]
             m = self.offset.detach().reshape(-1)[block]
             return decode_codes(q, d, m, self.format).unsqueeze(-1)
 
-    def encode(
-        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
-    ) -> None:
-        target, groups = self._check_inputs(target, groups, beam_size)
-        with torch.no_grad():
-            if groups is None:
-                d = self.scale.detach().unsqueeze(-1)
-                m = self.offset.detach().unsqueeze(-1)
-                q = round_to_codes(self._grouped(target), d, m, self.format)
-                self.codes.copy_(q.reshape(self.codes.shape).to(torch.uint8))
-            else:
-                sel = groups.reshape(-1).nonzero().squeeze(1)
-                block = self._block_index(sel)
-                q = round_to_codes(target.reshape(-1)[sel],
-                                   self.scale.detach().reshape(-1)[block],
-                                   self.offset.detach().reshape(-1)[block], self.format)
-                self.codes.view(-1)[sel] = q.to(torch.uint8)
+    def grid_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.scale.detach(), self.offset.detach()
 
-    def stochastic_encode(
-        self, target: Tensor, generator: torch.Generator | None = None,
-        groups: Tensor | None = None, beam_size: int | None = None,
-    ) -> None:
-        """Unbiased random rounding of ``target`` to one of its two neighbouring levels."""
-        target, groups = self._check_inputs(target, groups, beam_size)
-        with torch.no_grad():
-            d = _nonzero(self.scale.detach().unsqueeze(-1))
-            m = self.offset.detach().unsqueeze(-1)
-            x = ((self._grouped(target) - m) / d + self.format.zero) / self.format.step
-            q = torch.clamp(torch.floor(x + uniform_noise(x, generator)), 0, self.format.maxq)
-            q = q.reshape(self.codes.shape).to(torch.uint8)
-            self.codes.copy_(q if groups is None else torch.where(groups, q, self.codes))
+    @property
+    def max_code(self) -> int:
+        return self.format.maxq
+
+    def nearest_codes(self, x: Tensor, d: Tensor, m: Tensor) -> Tensor:
+        return round_to_codes(x, d, m, self.format)
+
+    def code_position(self, x: Tensor, d: Tensor, m: Tensor) -> Tensor:
+        return ((x - m) / _nonzero(d) + self.format.zero) / self.format.step
 
     def step_unit(self) -> Tensor:
         """The grid step ``|d| * step`` of each block."""

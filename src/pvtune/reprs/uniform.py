@@ -10,15 +10,14 @@ from torch import Tensor, nn
 from pvtune.errors import ConfigError
 from pvtune.packing import BitCodec, IntCodec
 from pvtune.reprs.base import (
-    QuantizedWeight,
     ReprConfig,
     check_group_divides,
     check_int,
     check_range,
     register_representation,
     round_to_fp16,
-    uniform_noise,
 )
+from pvtune.reprs.scalar_grid import ScalarGridWeight
 
 FP16_TINY = 2.0**-14  # smallest normal float16: scales never go below it
 
@@ -116,7 +115,7 @@ def _grid_error(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
 
 
 @register_representation("uniform")
-class UniformWeight(QuantizedWeight):
+class UniformWeight(ScalarGridWeight):
     """Uniform scalar grid with per-group fp16 scales and integer zero-points.
 
     Codes ``[out, in]`` (uint8), scale ``[out, in/g]`` (parameter), zero ``[out, in/g]``.
@@ -137,11 +136,8 @@ class UniformWeight(QuantizedWeight):
             self.register_buffer("zero", torch.zeros(out_features, ngroups, dtype=torch.uint8))
         self.scale = nn.Parameter(torch.ones(out_features, ngroups))
 
-    def _grouped(self, w: Tensor) -> Tensor:
-        return w.reshape(self.out_features, -1, self.group)
-
     def init_from_dense(self, weight: Tensor) -> None:
-        self.set_grid(*self.fit_grid(self._grouped(weight)))
+        self.set_grid(*self.fit_grid(self.grouped(weight)))
         self.encode(weight)
 
     def fit_grid(self, w_grouped: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,51 +159,29 @@ class UniformWeight(QuantizedWeight):
         return q, scale * (q - zero)
 
     def forward(self) -> Tensor:
-        q = self._grouped(self.codes).to(self.scale.dtype)
+        q = self.grouped(self.codes).to(self.scale.dtype)
         z = self.zero.to(self.scale.dtype).unsqueeze(-1)
         return (self.scale.unsqueeze(-1) * (q - z)).reshape(self.out_features, self.in_features)
 
-    def _grid_index(self, index: Tensor) -> Tensor:
-        """Flat scale/zero index of each flat weight ``index``."""
-        return (index // self.in_features) * (self.in_features // self.group) \
-            + (index % self.in_features) // self.group
-
     def decode_groups(self, index: Tensor) -> Tensor:
         with torch.no_grad():
-            grid = self._grid_index(index)
+            grid = self.group_index(index)
             q = self.codes.view(-1)[index].to(self.scale.dtype)
             z = self.zero.view(-1)[grid].to(self.scale.dtype)
             return (self.scale.detach().view(-1)[grid] * (q - z)).unsqueeze(-1)
 
-    def encode(
-        self, target: Tensor, groups: Tensor | None = None, beam_size: int | None = None
-    ) -> None:
-        target, groups = self._check_inputs(target, groups, beam_size)
-        with torch.no_grad():
-            if groups is None:
-                s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
-                q = quantize_to_grid(self._grouped(target), s, z, self.config.maxq)
-                self.codes.copy_(q.reshape(self.codes.shape).to(torch.uint8))
-            else:  # only the selected weights: no full-size work
-                sel = groups.reshape(-1).nonzero().squeeze(1)
-                grid = self._grid_index(sel)
-                q = quantize_to_grid(target.reshape(-1)[sel], self.scale.detach().view(-1)[grid],
-                                     self.zero.view(-1)[grid].to(target.dtype), self.config.maxq)
-                self.codes.view(-1)[sel] = q.to(torch.uint8)
+    def grid_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.scale.detach(), self.zero.to(dtype)
 
-    def stochastic_encode(
-        self, target: Tensor, generator: torch.Generator | None = None,
-        groups: Tensor | None = None, beam_size: int | None = None,
-    ) -> None:
-        """Unbiased random rounding of ``target`` to one of its two neighbouring codes."""
-        target, groups = self._check_inputs(target, groups, beam_size)
-        with torch.no_grad():
-            s, z = self.scale.unsqueeze(-1), self.zero.to(target.dtype).unsqueeze(-1)
-            x = self._grouped(target) / s + z
-            noise = uniform_noise(x, generator)
-            q = torch.clamp(torch.floor(x + noise), 0, self.config.maxq)
-            q = q.reshape(self.codes.shape).to(torch.uint8)
-            self.codes.copy_(q if groups is None else torch.where(groups, q, self.codes))
+    @property
+    def max_code(self) -> int:
+        return self.config.maxq
+
+    def nearest_codes(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        return quantize_to_grid(x, scale, zero, self.config.maxq)
+
+    def code_position(self, x: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        return x / scale + zero
 
     def step_unit(self) -> Tensor:
         """The grid step (``|scale|``) of each weight's group."""
