@@ -40,11 +40,24 @@ log = logging.getLogger("pvtune")
 SAMPLE_PROMPT = "The history of the Roman Empire"
 REFERENCE_NOTE = ("the offline default model is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized "
                   "to fp32: its 'reference' figures are those of a 4-bit model")
-OWNED_SUBFOLDERS = ("resume", "teacher_cache")  # what pvtune itself keeps inside an output
+OWNED_SUBFOLDERS = ("resume", "teacher_cache")
+TIME_BUDGET_MAX_STEPS = 1_000_000  # --time-budget without --steps: time alone decides
+TIME_BUDGET_EVAL_EVERY = 25  # what pvtune itself keeps inside an output
 
 
 # --------------------------------------------------------------------------------------
 # argument types: every bad value is refused where it is typed, never silently replaced
+
+
+def _duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``10m``, ``1.5h``."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 90s, 10m or "
+                                         f"1h, got {text!r}")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
 def _number_at_least(kind: type, minimum: float):
@@ -569,12 +582,18 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                _eval_config(args, EvalConfig(max_windows=32)))
     vstep = VStepConfig(strategy=args.strategy, lr=args.code_lr, tau=args.tau,
                         trust_ratio=args.trust_ratio, beam_size=args.beam_size, seed=args.seed)
-    config = FinetuneConfig(steps=args.steps, batch_size=args.batch_size,
+    # under a time budget the steps are an upper bound and evaluation keeps a schedule
+    steps = args.steps if args.steps is not None else \
+        (TIME_BUDGET_MAX_STEPS if args.time_budget else 50)
+    eval_every = args.eval_every if args.eval_every is not None else \
+        (TIME_BUDGET_EVAL_EVERY if args.time_budget else 0)
+    config = FinetuneConfig(steps=steps, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
                             warmup_steps=args.warmup_steps, vstep=vstep,
-                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                            eval_every=eval_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, dense_storage=meta["dense_storage"],
-                            vstep_placement=args.vstep_placement, shard=args.shard)
+                            vstep_placement=args.vstep_placement, shard=args.shard,
+                            time_budget=args.time_budget)
     teacher_print = model_fingerprint(teacher_load)
     teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
                                    if args.cache_teacher else None,
@@ -586,8 +605,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
               "compress_config": {"dense_storage": meta["dense_storage"]}}
     if chat_record is not None:
         record["chat_data"] = chat_record
-    log.info("fine-tuning %s (teacher %s, BOS %s): %d steps of %d x %d tokens, strategy %s",
-             source, record["teacher"], "yes" if bos.add else "no", config.steps,
+    span = (f"up to {config.steps} steps" if args.time_budget is None else
+            f"steps for {args.time_budget:.0f} s" + (f" (at most {config.steps})"
+                                                     if args.steps is not None else ""))
+    log.info("fine-tuning %s (teacher %s, BOS %s): %s of %d x %d tokens, strategy %s",
+             source, record["teacher"], "yes" if bos.add else "no", span,
              config.batch_size * config.grad_accum, args.seq_len, args.strategy)
 
     def save_best(model, step) -> None:
@@ -616,7 +638,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     saved = read_meta(output)
     saved["finetune_result"] = dataclasses.asdict(result)
     write_meta(output, saved)
-    if len(result.losses) == config.steps:
+    if len(result.losses) == config.steps or result.stopped_by_time:
         clear_resume_state(resume)  # finished: a rerun must not continue it
     fb, dv = result.seconds_forward_backward, result.seconds_discrete
     rows = [["strategy", args.strategy], ["steps", len(result.losses)],
@@ -1052,7 +1074,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a pvtune checkpoint (from `pvtune compress`)")
     p.add_argument("--teacher", help="uncompressed model (default: the checkpoint's source)")
     p.add_argument("--strategy", choices=STRATEGIES.names(), default="subspace_v_ste")
-    p.add_argument("--steps", type=_count, default=50)
+    p.add_argument("--steps", type=_count, default=None,
+                   help="optimizer steps (50; with --time-budget an upper bound, default none)")
+    p.add_argument("--time-budget", type=_duration, default=None,
+                   help="stop before the run would pass this much time (90s, 10m, 1h), "
+                        "closing evaluation included; the best model evaluated is kept")
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--grad-accum", type=_positive_int, default=1)
     p.add_argument("--lr", type=_nonnegative_float, default=3e-4,
@@ -1077,8 +1103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     _add_bos_arg(p)
     p.add_argument("--no-eval", action="store_true")
-    p.add_argument("--eval-every", type=_count, default=0,
-                   help="evaluate every N steps (0: at the start and the end)")
+    p.add_argument("--eval-every", type=_count, default=None,
+                   help="evaluate every N steps (0: at the start and the end; default 0, "
+                        f"{TIME_BUDGET_EVAL_EVERY} with --time-budget)")
     p.add_argument("--checkpoint-every", type=_count, default=0,
                    help="write resume state every N steps (0: never)")
     # the choices and default of pvtune.llm.data_parallel (a test keeps them equal)

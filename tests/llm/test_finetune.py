@@ -313,3 +313,51 @@ def test_gradient_accumulation_equals_the_larger_batch(llama_dir):
     codes = [k for k, v in a.items() if v.dtype == torch.uint8]
     assert codes and all(torch.equal(a[k], b[k]) for k in codes)
     assert any(f > 0 for f in result.fraction_changed)
+
+
+def test_a_time_budget_stops_in_time_and_keeps_the_best(llama_dir):
+    """Under a 3 s budget with no step limit to speak of: the run stops by the clock, within
+    one evaluation interval of the budget, evaluates where it stopped, and the model saved is
+    the best one evaluated."""
+    import time
+
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+    windows = ids[:2]
+    saved = []
+    cfg = FinetuneConfig(steps=1_000_000, batch_size=2, lr=1e-2, eval_every=4, time_budget=3.0,
+                         vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1, tau=0.05))
+    t0 = time.perf_counter()
+    result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, windows,
+                      save_best=lambda model, step: saved.append(step), progress=False)
+    elapsed = time.perf_counter() - t0
+    steps = len(result.losses)
+    assert result.stopped_by_time and 4 <= steps < 1_000_000
+    step_s = result.seconds_forward_backward / steps
+    interval = cfg.eval_every * 3 * step_s  # a step's share of all its work, generously
+    assert elapsed <= cfg.time_budget + interval + 1.0, (elapsed, steps)
+    assert elapsed >= cfg.time_budget - interval - 1.0, (elapsed, steps)
+    assert result.evals[-1][0] == steps  # the closing evaluation is where it stopped
+    assert saved[-1] == result.best_step
+    assert result.best_perplexity == min(p for _, p in result.evals)
+    with pytest.raises(ConfigError, match="time_budget"):
+        FinetuneConfig(time_budget=0)
+
+
+def test_cli_time_budget_is_a_duration(llama_dir, text_file, tmp_path, capsys):
+    from pvtune.cli import main
+
+    ckpt = tmp_path / "c"
+    assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "4", "--group-size",
+                 "16", "--calib-text", str(text_file), "--no-eval", "--num-seqs", "2",
+                 "--seq-len", "16", "--max-new-tokens", "0", "--output", str(ckpt)]) == 0
+    assert main(["finetune", str(ckpt), "--time-budget", "2s", "--num-seqs", "2", "--seq-len",
+                 "16", "--calib-text", str(text_file), "--eval-text", str(text_file),
+                 "--eval-window", "16", "--output", str(tmp_path / "f")]) == 0
+    from pvtune.llm.checkpoint import read_meta
+
+    done = read_meta(tmp_path / "f")["finetune_result"]
+    assert done["stopped_by_time"] and len(done["losses"]) >= 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", str(ckpt), "--time-budget", "soon", "--output", str(tmp_path / "g")])
+    assert exit_info.value.code == 2
+    assert "expected a positive duration such as 90s, 10m or 1h" in capsys.readouterr().err

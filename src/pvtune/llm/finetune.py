@@ -64,6 +64,9 @@ class FinetuneConfig:
     rank, which sends the changed codes; see :mod:`pvtune.llm.data_parallel`); ``shard``: a
     data-parallel run shards the continuous parameters and their Adam state with FSDP2
     (:mod:`pvtune.llm.sharding`) instead of replicating them. One process ignores both.
+    ``time_budget`` (seconds, None: none): stop before a step (and the evaluation that ends
+    the run) would pass it; ``steps`` is then an upper bound, and the best model evaluated
+    is kept as always.
     """
 
     steps: int = 50
@@ -81,6 +84,7 @@ class FinetuneConfig:
     dense_storage: str = "float16"
     vstep_placement: str = "owner"
     shard: bool = False
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "grad_accum", "warmup_steps", "eval_every",
@@ -93,6 +97,8 @@ class FinetuneConfig:
         check_range(self, "warmup_steps", self.warmup_steps, 0, None)
         check_range(self, "eval_every", self.eval_every, 0, None)
         check_range(self, "checkpoint_every", self.checkpoint_every, 0, None)
+        if self.time_budget is not None:
+            check_range(self, "time_budget", self.time_budget, 1e-3, None)
         if self.dense_storage not in DENSE_STORAGE:
             raise ConfigError(f"FinetuneConfig.dense_storage must be one of {DENSE_STORAGE}, "
                               f"got {self.dense_storage!r}")
@@ -151,6 +157,7 @@ class FinetuneResult:
     seconds_continuous: float = 0.0
     seconds_allreduce: float = 0.0
     code_bytes_sent: int = 0  # by this rank, V step on owner ranks only
+    stopped_by_time: bool = False  # the time budget ended the run before ``steps``
 
     @property
     def start_perplexity(self) -> float | None:
@@ -195,6 +202,7 @@ def finetune(
     resume state (which any number of processes can resume). Raises :class:`TrainingError`
     when the loss becomes non-finite (the best model so far has been saved by then).
     """
+    began = time.perf_counter()
     torch.manual_seed(config.seed)
     dist = dist or DistributedContext()
     if not dist.is_main:
@@ -228,6 +236,8 @@ def finetune(
         log.info("resumed from %s at step %d", checkpoint_dir, start)
     elif eval_windows is not None:
         _evaluate(student, eval_windows, 0, result, save_best, bos, progress, dist)
+    eval_seconds = time.perf_counter() - began  # what the closing evaluation will take
+    train_began, trained = time.perf_counter(), 0
     student.train()
     bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
                disable=not progress, unit="step", initial=start, total=config.steps)
@@ -272,10 +282,14 @@ def finetune(
         result.fraction_changed.append(stats.fraction_changed)
         bar.set_postfix(kl=f"{total:.4f}", changed=f"{stats.fraction_changed:.2e}")
         log.debug("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
+        trained += 1
         if eval_windows is not None and config.eval_every and done % config.eval_every == 0 \
                 and done < config.steps:
+            t_eval = time.perf_counter()
             _evaluate(student, eval_windows, done, result, save_best, bos, progress, dist)
             evaluated_at = done
+            eval_seconds = time.perf_counter() - t_eval
+            train_began += eval_seconds  # the mean step time counts training alone
         if checkpoint_dir is not None and config.checkpoint_every and \
                 done % config.checkpoint_every == 0 and done < config.steps:
             tensors, layout, adam_meta = _resume_tensors(student, base, opt, exchange, dist)
@@ -285,14 +299,28 @@ def finetune(
             dist.barrier()
         if stop_at is not None and done >= stop_at:
             break
+        if config.time_budget is not None and done < config.steps and _out_of_time(
+                config.time_budget, began, (time.perf_counter() - train_began) / trained,
+                eval_seconds if eval_windows is not None else 0.0, dist):
+            result.stopped_by_time = True
+            log.info("time budget of %.0f s: stopping after step %d", config.time_budget, done)
+            break
     bar.close()
-    finished = len(result.losses) == config.steps
-    if eval_windows is not None and finished and evaluated_at != config.steps and \
-            not any(s == config.steps for s, _ in result.evals):
-        _evaluate(student, eval_windows, config.steps, result, save_best, bos, progress,
-                  dist)
+    last = len(result.losses)
+    finished = last == config.steps or result.stopped_by_time
+    if eval_windows is not None and finished and evaluated_at != last and \
+            not any(s == last for s, _ in result.evals):
+        _evaluate(student, eval_windows, last, result, save_best, bos, progress, dist)
     student.eval()
     return result
+
+
+def _out_of_time(budget: float, began: float, step_seconds: float, eval_seconds: float,
+                 dist: DistributedContext) -> bool:
+    """Whether one more step and the closing evaluation would pass the budget (every rank
+    stops when any rank would: their clocks differ)."""
+    late = time.perf_counter() - began + step_seconds + eval_seconds > budget
+    return dist.mean(float(late)) > 0 if dist.active else late
 
 
 def _saving_whole(save_best):

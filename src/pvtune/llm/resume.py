@@ -31,7 +31,7 @@ RESUME_META = "resume_state.json"  # the commit record naming them
 
 
 # settings that do not change the training trajectory: a resumed run may change them
-RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement", "shard")
+RESUME_FREE = ("eval_every", "checkpoint_every", "vstep_placement", "shard", "time_budget")
 
 
 def trajectory_settings(config: FinetuneConfig) -> dict[str, Any]:
