@@ -194,6 +194,19 @@ def _prepare_output(output: Path, overwrite: bool,
         raise OutputError(f"cannot write to --output {output}: {err.strerror or err}") from None
 
 
+def _warn_overlap(training, windows) -> float:
+    """Say so when the evaluation text is (partly) the training text: its perplexity then
+    flatters. Returns the overlap (see :func:`pvtune.llm.data.overlap_fraction`)."""
+    from pvtune.llm.data import OVERLAP_SPAN, overlap_fraction
+
+    share = overlap_fraction(training, windows)
+    if share > 0.01:
+        log.warning("%.0f%% of the evaluation text's %d-token spans also occur in the training "
+                    "text: the perplexity printed is on text the run trained on (choose "
+                    "--eval-text apart from --calib-text)", 100 * share, OVERLAP_SPAN)
+    return share
+
+
 def _with_flags(err: PvtuneError, flags: str) -> PvtuneError:
     """The library's error (same class) with the command-line flags that set what it names."""
     return type(err)(f"{err} (on the command line: {flags})")
@@ -406,6 +419,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
                                                                       "evaluation")),
                                eval_config)
+        _warn_overlap(calib_ids, windows)
         results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
     what = "chosen per tensor within the budget" if config.budget else config.representation
     log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
@@ -580,6 +594,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
                                                                       "evaluation")),
                                _eval_config(args, EvalConfig(max_windows=32)))
+        _warn_overlap(ids, windows)
     vstep = VStepConfig(strategy=args.strategy, lr=args.code_lr, tau=args.tau,
                         trust_ratio=args.trust_ratio, beam_size=args.beam_size, seed=args.seed)
     # under a time budget the steps are an upper bound and evaluation keeps a schedule

@@ -89,3 +89,31 @@ def test_eval_windows_all_and_spread():
 def test_bad_configs(factory):
     with pytest.raises(ValueError, match="must be"):
         factory()
+
+
+def test_overlap_between_training_and_evaluation_text():
+    import torch
+
+    from pvtune.llm.data import overlap_fraction
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, 5000, (4, 128), generator=g)
+    other = torch.randint(0, 5000, (2, 128), generator=g)
+    assert overlap_fraction(text, other) == 0.0
+    assert overlap_fraction(text, text[1:3]) == 1.0
+    half = torch.cat([text[0, :64], other[0, :64]])[None]
+    assert 0.3 < overlap_fraction(text, half) < 0.6
+    assert overlap_fraction(text, text[:, :16]) == 0.0  # shorter than a span: nothing to say
+
+
+def test_cli_says_when_it_evaluates_on_its_training_text(llama_dir, text_file, tmp_path, caplog):
+    import logging
+
+    from pvtune.cli import main
+
+    with caplog.at_level(logging.WARNING, logger="pvtune"):
+        assert main(["compress", str(llama_dir), "--method", "rtn", "--bits", "4",
+                     "--group-size", "16", "--calib-text", str(text_file), "--eval-text",
+                     str(text_file), "--num-seqs", "2", "--seq-len", "48", "--eval-window",
+                     "48", "--max-new-tokens", "0", "--output", str(tmp_path / "c")]) == 0
+    assert "also occur in the training text" in caplog.text

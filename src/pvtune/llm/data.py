@@ -124,3 +124,22 @@ def eval_windows(stream: Tensor, config: EvalConfig) -> Tensor:
         pick = torch.linspace(0, count - 1, config.max_windows).round().long()
         windows = windows[pick]
     return windows
+
+
+OVERLAP_SPAN = 32  # tokens: a shared span this long is shared text, not a common phrase
+
+
+def overlap_fraction(training: Tensor, evaluation: Tensor, span: int = OVERLAP_SPAN) -> float:
+    """The share of ``evaluation``'s ``span``-token spans (every window, every offset) that
+    also occur in ``training`` (rows of token ids): 0 for disjoint texts, near 1 when the
+    evaluation text is part of the training text."""
+    def spans(rows: Tensor) -> list[bytes]:
+        rows = rows.to(torch.int64)
+        if rows.shape[-1] < span:
+            return []
+        windows = rows.unfold(-1, span, 1).reshape(-1, span)
+        return [w.numpy().tobytes() for w in windows]
+
+    seen = set(spans(training))
+    ours = spans(evaluation)
+    return sum(s in seen for s in ours) / len(ours) if ours else 0.0
