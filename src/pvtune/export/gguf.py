@@ -33,7 +33,12 @@ from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWei
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "phi3": "phi3",
+                 "gemma3_text": "gemma3"}
+# architectures whose norms compute x * (1 + w): transformers keeps w, llama.cpp stores 1 + w
+NORMS_PLUS_ONE = ("gemma3",)
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's Gemma-3: every 6th layer global, the others sliding
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 DENSE_TYPES = {"f32": 0, "f16": 1}
 GGUF_VERSION_NOTE = "pvtune GGUF export"
 
@@ -101,9 +106,45 @@ def _architecture(config) -> str:
         raise ModelError(f"GGUF export supports model types {sorted(ARCHITECTURES)}; this model "
                          f"is {getattr(config, 'model_type', None)!r}")
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
+    kinds = rope.values() if rope and all(isinstance(v, dict) for v in rope.values()) \
+        else [rope]
+    if any(k.get("rope_type", "default") != "default" for k in kinds):
         raise ModelError(f"GGUF export does not write rotary scaling yet; this model uses {rope}")
+    if arch == "gemma3":
+        _check_gemma3(config)
     return arch
+
+
+def _check_gemma3(config) -> None:
+    """Refuse Gemma-3 settings that llama.cpp's Gemma-3 fixes otherwise (it would run the
+    file, differently)."""
+    head_dim = config.head_dim
+    layers = config.num_hidden_layers
+    pattern = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention"
+               for i in range(layers)]
+    local = ((config.rope_parameters or {}).get("sliding_attention") or {}).get("rope_theta")
+    problems = []
+    if config.query_pre_attn_scalar != head_dim:
+        problems.append(f"query_pre_attn_scalar {config.query_pre_attn_scalar} != head_dim "
+                        f"{head_dim}")
+    if list(getattr(config, "layer_types", pattern)) != pattern:
+        problems.append("layer types other than every 6th layer global")
+    if local is not None and float(local) != GEMMA3_LOCAL_ROPE_BASE:
+        problems.append(f"a sliding-attention rope base of {local}")
+    if getattr(config, "final_logit_softcapping", None) or \
+            getattr(config, "attn_logit_softcapping", None):
+        problems.append("logit soft-capping")
+    if problems:
+        raise ModelError("GGUF export writes Gemma-3 models as llama.cpp runs them; this one "
+                         f"has {', '.join(problems)}, which llama.cpp's Gemma-3 would ignore")
+
+
+def _rope_theta(hf) -> float:
+    """The rotary base of the global-attention layers."""
+    rope = getattr(hf, "rope_parameters", None) or {}
+    if isinstance(rope.get("full_attention"), dict):
+        rope = rope["full_attention"]
+    return float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
 
 
 def rotary_row_order(rows: int, n_head: int) -> np.ndarray:
@@ -223,7 +264,7 @@ def _tokenizer_metadata(writer, tokenizer, model_dir: Path | None, config,
 
 
 def _write_metadata(writer, model: nn.Module, tokenizer, config: GGUFExportConfig, name: str,
-                    recorded: dict) -> None:
+                    recorded: dict, arch: str) -> None:
     """The key-value metadata llama.cpp reads: hyperparameters and tokenizer."""
     import gguf
 
@@ -238,12 +279,15 @@ def _write_metadata(writer, model: nn.Module, tokenizer, config: GGUFExportConfi
     writer.add_feed_forward_length(hf.intermediate_size)
     writer.add_head_count(hf.num_attention_heads)
     writer.add_head_count_kv(hf.num_key_value_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))))
+    writer.add_rope_freq_base(_rope_theta(hf))
     writer.add_layer_norm_rms_eps(float(hf.rms_norm_eps))
-    writer.add_rope_dimension_count(head_dim)
+    rotary = getattr(hf, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(head_dim * float(rotary)))
     if head_dim != hf.hidden_size // hf.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch in ("gemma3", "phi3") and getattr(hf, "sliding_window", None):
+        writer.add_sliding_window(int(hf.sliding_window))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(writer, tokenizer, None, hf, config.tokenizer_pre, recorded)
 
@@ -263,7 +307,7 @@ def gguf_metadata_bytes(model: nn.Module, tokenizer, recorded_gguf: dict | None 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "header.gguf"
         writer = gguf.GGUFWriter(path, arch)
-        _write_metadata(writer, model, tokenizer, config, "", recorded_gguf or {})
+        _write_metadata(writer, model, tokenizer, config, "", recorded_gguf or {}, arch)
         writer.add_file_type(1)
         try:
             writer.write_header_to_file()
@@ -290,7 +334,7 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
     tmp = temporary_path(output)
     report = GGUFExportReport(output, 0)
     writer = gguf.GGUFWriter(tmp, arch)
-    _write_metadata(writer, model, tokenizer, config, name, recorded_gguf or {})
+    _write_metadata(writer, model, tokenizer, config, name, recorded_gguf or {}, arch)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf.num_hidden_layers)
     type_counts: dict[int, int] = {}
@@ -313,6 +357,8 @@ def export_gguf(model: nn.Module, tokenizer, output: str | Path,
         if gname is None:
             raise ModelError(f"no GGUF name for {full!r} in architecture {arch!r}")
         vec = param.detach().to(torch.float32).numpy()
+        if arch in NORMS_PLUS_ONE and kind == "weight" and module_name.endswith("norm"):
+            vec = vec + 1.0
         order = _row_order(arch, module_name, vec.shape[0], hf) if kind == "bias" else None
         _add_tensor(writer, f"{gname}.{kind}", vec if order is None else vec[order], 0,
                     vec.shape, report)
