@@ -189,6 +189,7 @@ def _llamacpp_files(threads: int) -> dict[str, Path]:
 def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
     import torch
 
+    from pvtune.errors import ConfigError
     from pvtune.export import export_gguf
     from pvtune.export.gguf import gguf_metadata_bytes
     from pvtune.init.gptq import GPTQConfig
@@ -236,8 +237,12 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
                                         method_config=GPTQConfig(), calibration=calibration,
                                         budget=BudgetConfig(target_bytes=budget * 2**20))
                 t0 = time.perf_counter()
-                report = compress_model(model, calib, config, metadata_bytes=metadata,
-                                        sensitivities=options)
+                try:
+                    report = compress_model(model, calib, config, metadata_bytes=metadata,
+                                            sensitivities=options)
+                except ConfigError as err:  # below the smallest file of this setting
+                    print(f"{point}: not measured: {err}", file=sys.stderr)
+                    continue
                 seconds = time.perf_counter() - t0 + measure_seconds
                 meta = {"source_model": "default:SmolLM2-135M-Instruct",
                         "chat_data": {"sequences": CHAT_SEQUENCES},
@@ -292,6 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
     args.rotations = [r == "on" for r in args.rotations.split(",") if r]
+    from pvtune.llm.finetune import FinetuneConfig
     from pvtune.llm.model import count_params, load_causal_lm
 
     model, tok = load_causal_lm(None)
@@ -306,8 +312,10 @@ def main() -> None:
              f"(16 x 512 text + {CHAT_SEQUENCES} x 512 chat-data calibration tokens) with "
              "--target-size budgets; PV: the demo's `pvtune finetune "
              f"--steps {PV_STEPS} --eval-windows {FINETUNE_WINDOWS} --chat-data "
-             f"{FINETUNE_CHAT_SEQUENCES}`. llama.cpp's own files: carried over from the commit "
-             "that measured them.")
+             f"{FINETUNE_CHAT_SEQUENCES}` (continuous learning rate {FinetuneConfig.lr:g}, "
+             "the default). llama.cpp's own files: carried over from the commit "
+             "that measured them. A budget below the smallest file a setting can make (the "
+             "rotated model's head is untied: 45 MiB) has no row.")
     done = _done(provenance()["commit"])
     files = _llamacpp_files(args.threads)
     for point, path in files.items():

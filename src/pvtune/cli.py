@@ -603,7 +603,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     eval_every = args.eval_every if args.eval_every is not None else \
         (TIME_BUDGET_EVAL_EVERY if args.time_budget else 0)
     config = FinetuneConfig(steps=steps, batch_size=args.batch_size,
-                            grad_accum=args.grad_accum, lr=args.lr, schedule=args.schedule,
+                            grad_accum=args.grad_accum,
+                            lr=FinetuneConfig.lr if args.lr is None else args.lr,
+                            schedule=args.schedule,
                             warmup_steps=args.warmup_steps, vstep=vstep,
                             eval_every=eval_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, dense_storage=meta["dense_storage"],
@@ -1096,8 +1098,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "closing evaluation included; the best model evaluated is kept")
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--grad-accum", type=_positive_int, default=1)
-    p.add_argument("--lr", type=_nonnegative_float, default=3e-4,
-                   help="continuous learning rate")
+    p.add_argument("--lr", type=_nonnegative_float, default=None,
+                   help="continuous learning rate (default: FinetuneConfig's, 3e-5)")
     p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant")
     p.add_argument("--warmup-steps", type=_count, default=0)
     p.add_argument("--code-lr", type=_nonnegative_float, default=None,

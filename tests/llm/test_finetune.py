@@ -77,6 +77,34 @@ def test_finetune_lowers_kl(llama_dir, strategy):
         assert any(f > 0 for f in result.fraction_changed)
 
 
+def test_default_lr_keeps_a_near_lossless_model(tmp_path):
+    """From a near-lossless Q4_0 start, the default continuous step does not raise a held-out
+    KL; ten times the default (Adam's sign-like first steps on every block scale) does."""
+    from pvtune.reprs import GGUFBlockConfig
+    from tests.llm.conftest import build_model, build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    build_model("llama", len(tok), hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    held = {}
+    for lr in (FinetuneConfig.lr, 10 * FinetuneConfig.lr):
+        student, _ = load_causal_lm(tmp_path)
+        teacher, _ = load_causal_lm(tmp_path)
+        teacher.requires_grad_(False)
+        ids = calibration_batch(tokenize_stream(tok, [TEXT]),
+                                CalibrationConfig(num_sequences=8, sequence_length=32, seed=0))
+        compress_model(student, ids, CompressConfig(method="rtn",
+                                                    representation=GGUFBlockConfig("q4_0")),
+                       progress=False)
+        with torch.no_grad():
+            start = float(kl_loss(student(ids[6:]).logits, teacher(ids[6:]).logits))
+        cfg = FinetuneConfig(steps=3, batch_size=2, lr=lr, vstep=VStepConfig(strategy="frozen"))
+        finetune(student, TeacherLogits(teacher, ids[:6]), ids[:6], cfg, progress=False)
+        with torch.no_grad():
+            held[lr] = float(kl_loss(student(ids[6:]).logits, teacher(ids[6:]).logits)) / start
+    assert held[FinetuneConfig.lr] < 1.0
+    assert held[10 * FinetuneConfig.lr] > 1.3
+
+
 @pytest.mark.parametrize("representation", [
     UniformConfig(bits=2, group_size=16), BinaryConfig(group_size=16),
     TernaryConfig(group_size=16), NMSparseConfig(n=2, m=4),

@@ -1,7 +1,7 @@
 """``PVOptimizer``: a continuous (P) step by any torch optimizer, then a discrete (V) step on
 the codes of every compressed weight.
 
-    base = torch.optim.Adam(continuous_params, lr=3e-4, betas=(0.9, 0.95))
+    base = torch.optim.Adam(continuous_params, lr=3e-5, betas=(0.9, 0.95))
     opt = PVOptimizer(model, base, VStepConfig(strategy="subspace_v_ste"))
     loss.backward(); stats = opt.step(lr_scale=schedule(t)); opt.zero_grad()
 
