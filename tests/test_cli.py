@@ -162,7 +162,7 @@ def test_output_not_overwritten_and_not_a_file(compressed, llama_dir, text_file,
     assert main(rtn(llama_dir, text_file, a_file)) == 2
     assert "is a file" in error_of(capsys)
     assert main(rtn(llama_dir, text_file, a_file / "inside")) == 2
-    assert "cannot write to --output" in error_of(capsys)
+    assert "cannot write to the output" in error_of(capsys)
 
 
 def test_output_that_is_the_source_is_refused(llama_dir, text_file, tmp_path, capsys):
@@ -177,12 +177,21 @@ def test_output_that_is_the_source_is_refused(llama_dir, text_file, tmp_path, ca
 
 
 def test_full_disk_is_found_before_the_work(llama_dir, text_file, tmp_path, capsys, monkeypatch):
-    import pvtune.cli
+    import pvtune.llm.outputs
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(pvtune.cli.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(pvtune.llm.outputs.shutil, "disk_usage",
+                        lambda p: usage._replace(free=1000))
     assert main(rtn(llama_dir, text_file, tmp_path / "o")) == 2
     assert "MiB free" in error_of(capsys)
+    ckpt = tmp_path / "c"
+    monkeypatch.undo()
+    assert main(rtn(llama_dir, text_file, ckpt)) == 0
+    monkeypatch.setattr(pvtune.llm.outputs.shutil, "disk_usage",
+                        lambda p: usage._replace(free=1000))
+    assert main(finetune_args(ckpt, text_file, tmp_path / "f")) == 2
+    message = error_of(capsys)
+    assert "MiB free" in message and "--output" in message
 
 
 def test_an_output_another_run_is_writing_is_refused(compressed, text_file, tmp_path, capsys):
@@ -357,22 +366,20 @@ def test_resume_with_other_calibration_is_refused(llama_dir, text_file, tmp_path
 
     args = finetune_args(ckpt, text_file, out, "--checkpoint-every", "1", "--steps", "3")
     # leave a resume state behind, as a killed run would
-    import pvtune.llm.finetune as ft
+    import pvtune.llm.finetune_checkpoint as job
 
-    original = ft.finetune
+    original = job.finetune
     ft_calls = []
 
     def stop_early(*a, **k):
         ft_calls.append(1)
         return original(*a, **{**k, "stop_at": 1})
 
-    import pvtune.cli  # noqa: F401  (the CLI imports finetune at call time)
-
-    ft.finetune = stop_early
+    job.finetune = stop_early
     try:
         main(args)
     finally:
-        ft.finetune = original
+        job.finetune = original
     assert ft_calls and (out / "resume" / RESUME_META).is_file()
     capsys.readouterr()
     assert main([*args, "--num-seqs", "3"]) == 2

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -40,9 +39,6 @@ log = logging.getLogger("pvtune")
 SAMPLE_PROMPT = "The history of the Roman Empire"
 REFERENCE_NOTE = ("the offline default model is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized "
                   "to fp32: its 'reference' figures are those of a 4-bit model")
-OWNED_SUBFOLDERS = ("resume", "teacher_cache")
-TIME_BUDGET_MAX_STEPS = 1_000_000  # --time-budget without --steps: time alone decides
-TIME_BUDGET_EVAL_EVERY = 25  # what pvtune itself keeps inside an output
 
 
 # --------------------------------------------------------------------------------------
@@ -154,71 +150,30 @@ def _add_bos_arg(p: argparse.ArgumentParser) -> None:
                         "as llama.cpp does, and recorded in the checkpoint)")
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    return a.expanduser().resolve() == b.expanduser().resolve()
-
-
-def _prepare_output(output: Path, overwrite: bool,
-                    forbidden: dict[str, Path | None]) -> OutputLock:
-    """Refuse an output that would lose or mix work, before any work is done: a folder
-    another run is writing, a file, the source or teacher folder, a non-empty folder without
-    ``--overwrite`` (pvtune's own resume state and teacher cache excepted), a folder that
-    cannot be written. Returns the folder's lock: keep it until the command ends."""
-    from pvtune.checkpoint.files import LOCK_FILE, OutputLock
-
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"--output {output} is a file; give a folder for the checkpoint")
-    for what, path in forbidden.items():
-        if path is not None and path.exists() and _same_path(output, path):
-            raise OutputError(f"--output {output} is the {what}: writing there would replace "
-                              "it; choose another --output")
-    # an existing folder is locked first: a run writing it is named, not called "not empty"
-    lock = OutputLock(output).acquire() if output.is_dir() and os.access(output, os.W_OK) \
-        else None
-    if output.is_dir() and not overwrite:
-        other = [p.name for p in output.iterdir()
-                 if p.name not in OWNED_SUBFOLDERS and p.name != LOCK_FILE]
-        if other:
-            raise OutputError(f"output folder {output} is not empty ({', '.join(other[:3])}"
-                              f"{', ...' if len(other) > 3 else ''}); pass --overwrite or "
-                              "choose another --output")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".pvtune-write-probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-        return lock or OutputLock(output).acquire()
-    except OutputError:
-        raise
-    except OSError as err:
-        raise OutputError(f"cannot write to --output {output}: {err.strerror or err}") from None
-
-
-def _warn_overlap(training, windows) -> float:
-    """Say so when the evaluation text is (partly) the training text: its perplexity then
-    flatters. Returns the overlap (see :func:`pvtune.llm.data.overlap_fraction`)."""
-    from pvtune.llm.data import OVERLAP_SPAN, overlap_fraction
-
-    share = overlap_fraction(training, windows)
-    if share > 0.01:
-        log.warning("%.0f%% of the evaluation text's %d-token spans also occur in the training "
-                    "text: the perplexity printed is on text the run trained on (choose "
-                    "--eval-text apart from --calib-text)", 100 * share, OVERLAP_SPAN)
-    return share
-
-
 def _with_flags(err: PvtuneError, flags: str) -> PvtuneError:
     """The library's error (same class) with the command-line flags that set what it names."""
     return type(err)(f"{err} (on the command line: {flags})")
 
 
+def _prepare_output(output: Path, overwrite: bool,
+                    forbidden: dict[str, Path | None]) -> OutputLock:
+    """:func:`pvtune.llm.outputs.prepare_output`, its refusals naming the flags."""
+    from pvtune.llm.outputs import prepare_output
+
+    try:
+        return prepare_output(output, overwrite, forbidden)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
+
+
 def _check_space(output: Path, needed_bytes: int) -> None:
-    """Refuse an output folder without room for the checkpoint (found before the work)."""
-    free = shutil.disk_usage(output).free
-    if free < needed_bytes:
-        raise OutputError(f"--output {output} has {free / 2**20:.0f} MiB free, but the "
-                          f"checkpoint needs about {needed_bytes / 2**20:.0f} MiB; free some "
-                          "space or choose another --output")
+    """:func:`pvtune.llm.outputs.check_space`, its refusal naming the flag."""
+    from pvtune.llm.outputs import check_space
+
+    try:
+        check_space(output, needed_bytes)
+    except OutputError as err:
+        raise _with_flags(err, "--output") from None
 
 
 def _source_record(args_model: str | None) -> tuple[str, Path | None]:
@@ -327,22 +282,6 @@ def _rotation_config(args: argparse.Namespace):
     return RotationConfig(kind=choice, seed=args.seed)
 
 
-def _with_chat_data(model, tokenizer, ids, count: int, fingerprint: str, seed: int):
-    """``ids`` interleaved with ``count`` sequences of conversations ``model`` writes itself
-    (cached), and the record of what was added."""
-    import dataclasses as dc
-
-    from pvtune.llm.assets import cache_dir
-    from pvtune.llm.chat_data import ChatDataConfig, chat_sequences, interleave
-
-    config = ChatDataConfig(seed=seed)
-    log.info("adding %d sequences of %d tokens of conversations the uncompressed model writes "
-             "(cached under %s)", count, ids.shape[1], cache_dir() / "chat_data")
-    chat = chat_sequences(model, tokenizer, config, count, ids.shape[1], fingerprint,
-                          cache_dir() / "chat_data")
-    return interleave(ids, chat), {"sequences": count, **dc.asdict(config)}
-
-
 def _budget_config(args: argparse.Namespace):
     """The size budget the compress options ask for (None without one)."""
     from pvtune.llm.budget import BudgetConfig
@@ -370,8 +309,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     import torch
 
     from pvtune.llm.bos import with_bos
+    from pvtune.llm.chat_data import add_chat_data
     from pvtune.llm.checkpoint import config_record, save_or_rescue, size_on_disk
-    from pvtune.llm.data import calibration_batch, eval_windows, tokenize_stream
+    from pvtune.llm.data import (
+        calibration_batch,
+        eval_windows,
+        tokenize_stream,
+        warn_if_overlapping,
+    )
     from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fingerprint
     from pvtune.llm.pipeline import check_layers_fit, compress_model
     from pvtune.llm.recipes import PRESETS
@@ -410,7 +355,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
                                   config.calibration)
     chat_record = None
     if args.chat_data:
-        calib_ids, chat_record = _with_chat_data(model, tokenizer, calib_ids, args.chat_data,
+        calib_ids, chat_record = add_chat_data(model, tokenizer, calib_ids, args.chat_data,
                                                  model_fingerprint(source_dir or args.model),
                                                  args.seed)
     results: dict = {}
@@ -419,7 +364,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
                                                                       "evaluation")),
                                eval_config)
-        _warn_overlap(calib_ids, windows)
+        warn_if_overlapping(calib_ids, windows)
         results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
     what = "chosen per tensor within the budget" if config.budget else config.representation
     log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
@@ -511,152 +456,60 @@ def _repr_name(rep) -> str:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pvtune.errors import ModelError, TrainingError
-    from pvtune.llm.checkpoint import (
-        config_record,
-        read_meta,
-        save_or_rescue,
-        size_on_disk,
-        write_meta,
+    from pvtune.llm.data import CalibrationConfig, EvalConfig
+    from pvtune.llm.finetune import FinetuneConfig
+    from pvtune.llm.finetune_checkpoint import (
+        FinetuneJob,
+        check_source,
+        default_output,
+        finetune_checkpoint,
+        finetune_config,
     )
-    from pvtune.llm.data import (
-        CalibrationConfig,
-        EvalConfig,
-        calibration_batch,
-        eval_windows,
-        tokenize_stream,
-    )
-    from pvtune.llm.finetune import FinetuneConfig, finetune
-    from pvtune.llm.model import (
-        count_params,
-        is_pvtune_checkpoint,
-        load_causal_lm,
-        model_fingerprint,
-    )
-    from pvtune.llm.resume import RESUME_META, clear_resume_state
-    from pvtune.llm.sharding import full_parameters
-    from pvtune.llm.teacher import FinetuneRecord, resolve_teacher
-    from pvtune.llm.teacher_logits import TeacherLogits
+    from pvtune.llm.model import is_pvtune_checkpoint
     from pvtune.optim.strategies import VStepConfig
     from pvtune.report import format_table
 
     source = Path(args.checkpoint)
     if not is_pvtune_checkpoint(source):
         raise ModelError(f"{source} is not a pvtune checkpoint; run `pvtune compress` first")
-    try:
-        record_in = FinetuneRecord.of(read_meta(source), source)
-        teacher_choice = resolve_teacher(source, record_in, args.teacher)
+    try:  # before any work: the errors the --teacher flag can fix
+        check_source(source, args.teacher)
     except ModelError as err:
         raise _with_flags(err, "--teacher") from None
-    meta = {"source_model": record_in.source_model, "dense_storage": record_in.dense_storage,
-            "bos": record_in.bos}
-    teacher_src, teacher_dir = teacher_choice.source, teacher_choice.path
-    output = Path(args.output or f"{source}-finetuned-{args.strategy}")
-    resume = output / "resume"
-    resuming = (resume / RESUME_META).is_file() and not args.overwrite
+    output = Path(args.output) if args.output else default_output(source, args.strategy)
     dist = _distributed_context()
-    if args.shard and not dist.active:
-        log.info("--shard shards across the processes of a torchrun job; with one process "
-                 "it changes nothing")
-    student, tokenizer = load_causal_lm(source)
-    _lock = None  # the output's lock, held by rank 0 until the command returns
-    if dist.is_main:  # rank 0 prepares the output; the others wait for it
-        _lock = _prepare_output(output, args.overwrite or resuming,
-                        {"source checkpoint": source, "teacher model folder": teacher_dir})
-        _check_space(output, 4 * count_params(student))  # the checkpoint and resume state
-        if args.overwrite and resume.is_dir():
-            shutil.rmtree(resume)
-    dist.barrier()
-    if teacher_src is None:
-        from pvtune.llm.assets import default_model_dir
-
-        teacher_load = default_model_dir()  # verified once, then loaded and fingerprinted
-    else:
-        teacher_load = teacher_src
-    teacher, _ = load_causal_lm(teacher_load)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ModelError(f"the teacher ({teacher_src or DEFAULT_MODEL}) has a vocabulary of "
-                         f"{teacher.config.vocab_size} tokens, the student "
-                         f"{student.config.vocab_size}: pass the model {source} was "
-                         "compressed from as --teacher")
-    bos = _bos_choice(source, tokenizer, student.config, args.bos, meta)
-    calib = CalibrationConfig(num_sequences=args.num_seqs, sequence_length=args.seq_len,
-                              seed=args.seed)
-    ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
-                                                                   "calibration")), calib)
-    chat_record = None
-    if args.chat_data:
-        ids, chat_record = _with_chat_data(teacher, tokenizer, ids, args.chat_data,
-                                           model_fingerprint(teacher_load), args.seed)
-    windows = None
-    if not args.no_eval:
-        windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
-                                                                      "evaluation")),
-                               _eval_config(args, EvalConfig(max_windows=32)))
-        _warn_overlap(ids, windows)
     vstep = VStepConfig(strategy=args.strategy, lr=args.code_lr, tau=args.tau,
                         trust_ratio=args.trust_ratio, beam_size=args.beam_size, seed=args.seed)
-    # under a time budget the steps are an upper bound and evaluation keeps a schedule
-    steps = args.steps if args.steps is not None else \
-        (TIME_BUDGET_MAX_STEPS if args.time_budget else 50)
-    eval_every = args.eval_every if args.eval_every is not None else \
-        (TIME_BUDGET_EVAL_EVERY if args.time_budget else 0)
-    config = FinetuneConfig(steps=steps, batch_size=args.batch_size,
-                            grad_accum=args.grad_accum,
-                            lr=FinetuneConfig.lr if args.lr is None else args.lr,
-                            schedule=args.schedule,
-                            warmup_steps=args.warmup_steps, vstep=vstep,
-                            eval_every=eval_every, checkpoint_every=args.checkpoint_every,
-                            seed=args.seed, dense_storage=meta["dense_storage"],
-                            vstep_placement=args.vstep_placement, shard=args.shard,
-                            time_budget=args.time_budget)
-    teacher_print = model_fingerprint(teacher_load)
-    teacher_logits = TeacherLogits(teacher, ids, output / "teacher_cache"
-                                   if args.cache_teacher else None,
-                                   fingerprint=teacher_print, bos=bos)
-    record = {"source_checkpoint": str(source.resolve()),
-              "source_model": meta["source_model"],
-              "teacher": teacher_choice.name,
-              "bos": bos.to_dict(), "finetune_config": config_record(config),
-              "compress_config": {"dense_storage": meta["dense_storage"]}}
-    if chat_record is not None:
-        record["chat_data"] = chat_record
-    span = (f"up to {config.steps} steps" if args.time_budget is None else
-            f"steps for {args.time_budget:.0f} s" + (f" (at most {config.steps})"
-                                                     if args.steps is not None else ""))
-    log.info("fine-tuning %s (teacher %s, BOS %s): %s of %d x %d tokens, strategy %s",
-             source, record["teacher"], "yes" if bos.add else "no", span,
-             config.batch_size * config.grad_accum, args.seq_len, args.strategy)
-
-    def save_best(model, step) -> None:
-        save_or_rescue(model, tokenizer, output, {**record, "best_step": step})
-        log.info("saved the best model so far (step %d) to %s", step, output)
-
-    dist.barrier()  # every rank has tidied the shared teacher cache before any writes to it
+    config = finetune_config(steps=args.steps, eval_every=args.eval_every,
+                             time_budget=args.time_budget, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum,
+                             lr=FinetuneConfig.lr if args.lr is None else args.lr,
+                             schedule=args.schedule, warmup_steps=args.warmup_steps,
+                             vstep=vstep, checkpoint_every=args.checkpoint_every,
+                             seed=args.seed, vstep_placement=args.vstep_placement,
+                             shard=args.shard)
+    job = FinetuneJob(
+        config=config,
+        calibration=CalibrationConfig(num_sequences=args.num_seqs, sequence_length=args.seq_len,
+                                      seed=args.seed),
+        calib_text=args.calib_text, chat_data=args.chat_data,
+        evaluation=None if args.no_eval else _eval_config(args, EvalConfig(max_windows=32)),
+        eval_text=args.eval_text, teacher=args.teacher, bos=args.bos,
+        cache_teacher=args.cache_teacher, overwrite=args.overwrite)
     try:
-        result = finetune(student, teacher_logits, ids, config, windows,
-                          checkpoint_dir=resume if args.checkpoint_every else None,
-                          save_best=save_best if windows is not None else None, bos=bos,
-                          identity={"source": model_fingerprint(source),
-                                    "teacher": teacher_print}, dist=dist)
+        outcome = finetune_checkpoint(source, output, job, dist=dist)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
+    except ModelError as err:
+        raise _with_flags(err, "--teacher") from None
     except TrainingError as err:
         if dist.is_main and is_pvtune_checkpoint(output):
             log.error("the best model so far stays in %s", output)
         raise _with_flags(err, "--lr, --code-lr") from None
-    if windows is None:
-        with full_parameters(student):  # whole on every rank (FSDP); rank 0 writes
-            if dist.is_main:
-                save_or_rescue(student, tokenizer, output,
-                                {**record, "best_step": config.steps})
-    if not dist.is_main:  # every rank holds the same model; rank 0 writes and reports
+    if outcome is None:  # ranks other than 0: rank 0 reports
         dist.close()
         return 0
-    saved = read_meta(output)
-    saved["finetune_result"] = dataclasses.asdict(result)
-    write_meta(output, saved)
-    if len(result.losses) == config.steps or result.stopped_by_time:
-        clear_resume_state(resume)  # finished: a rerun must not continue it
+    result, saved = outcome.result, outcome.meta
     fb, dv = result.seconds_forward_backward, result.seconds_discrete
     rows = [["strategy", args.strategy], ["steps", len(result.losses)],
             ["KL first -> last", f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
@@ -669,7 +522,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                      f"{start:.3f} -> {result.best_perplexity:.3f} (step {result.best_step})"
                      if start is not None and result.best_perplexity is not None else "-"])
     rows += [*_bits_rows(saved["bits"]),
-             ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
+             ["size on disk", f"{outcome.size_bytes / 2**20:.1f} MiB"],
              ["checkpoint (best)", str(output)]]
     print(format_table(["finetune", "value"], rows))
     if result.evals and result.best_step == 0:
@@ -1081,6 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_compress)
 
+    from pvtune.llm.finetune_checkpoint import TIME_BUDGET_EVAL_EVERY
     from pvtune.optim.strategies import STRATEGIES
 
     p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint through its codes",
@@ -1266,7 +1120,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _process_label() -> str:
     """``rank R of N`` under torchrun (from the environment it sets), else empty."""
-    import os
 
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:

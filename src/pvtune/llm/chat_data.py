@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pvtune.checkpoint.files import save_tensors_atomic
 from pvtune.errors import DataError
+from pvtune.llm.assets import cache_dir
 from pvtune.reprs.base import check_int, check_range
 
 log = logging.getLogger(__name__)
@@ -166,3 +167,16 @@ def interleave(a: Tensor, b: Tensor) -> Tensor:
     for i in range(max(a.shape[0], b.shape[0])):
         rows += [t[i] for t in (a, b) if i < t.shape[0]]
     return torch.stack(rows)
+
+
+def add_chat_data(model: nn.Module, tokenizer, ids: Tensor, count: int, fingerprint: str,
+                  seed: int) -> tuple[Tensor, dict]:
+    """``ids`` interleaved with ``count`` sequences (of ``ids``' length) of conversations
+    ``model`` writes itself, cached under the pvtune cache by ``fingerprint``, and the record
+    of what was added."""
+    config = ChatDataConfig(seed=seed)
+    log.info("adding %d sequences of %d tokens of conversations the uncompressed model writes "
+             "(cached under %s)", count, ids.shape[1], cache_dir() / "chat_data")
+    chat = chat_sequences(model, tokenizer, config, count, ids.shape[1], fingerprint,
+                          cache_dir() / "chat_data")
+    return interleave(ids, chat), {"sequences": count, **asdict(config)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from torch import Tensor
 
 from pvtune.errors import ConfigError, DataError
 from pvtune.reprs.base import check_int, check_range
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,3 +146,15 @@ def overlap_fraction(training: Tensor, evaluation: Tensor, span: int = OVERLAP_S
     seen = set(spans(training))
     ours = spans(evaluation)
     return sum(s in seen for s in ours) / len(ours) if ours else 0.0
+
+
+def warn_if_overlapping(training: Tensor, evaluation: Tensor) -> float:
+    """Log a warning when the evaluation text is (partly) the training text: its perplexity
+    then flatters. Returns the overlap (:func:`overlap_fraction`)."""
+    share = overlap_fraction(training, evaluation)
+    if share > 0.01:
+        log.warning(
+            "%.0f%% of the evaluation text's %d-token spans also occur in the training text: "
+            "the perplexity printed is on text the run trained on (choose an evaluation text "
+            "apart from the calibration text)", 100 * share, OVERLAP_SPAN)
+    return share
