@@ -110,9 +110,9 @@ def _prompt(text: str) -> str:
 
 
 def _load_texts(path: str | None, split: str) -> list[str]:
-    from pvtune.llm.data import default_texts, read_texts
+    from pvtune.llm.data import load_texts
 
-    return default_texts(split) if path is None else read_texts(path)
+    return load_texts(path, split)
 
 
 def _eval_config(args: argparse.Namespace, default):

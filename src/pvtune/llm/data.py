@@ -91,6 +91,11 @@ def default_texts(split: str) -> list[str]:
     return read_texts(default_text_dir() / f"{split}.jsonl")
 
 
+def load_texts(path: str | Path | None, split: str) -> list[str]:
+    """The texts of ``path`` (see :func:`read_texts`), else the offline ``split``."""
+    return default_texts(split) if path is None else read_texts(path)
+
+
 def tokenize_stream(tokenizer, texts: list[str]) -> Tensor:
     """One 1-D token stream: documents joined by a blank line, no special tokens."""
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_tensors="pt").input_ids

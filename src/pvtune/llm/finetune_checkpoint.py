@@ -37,9 +37,8 @@ from pvtune.llm.data import (
     CalibrationConfig,
     EvalConfig,
     calibration_batch,
-    default_texts,
     eval_windows,
-    read_texts,
+    load_texts,
     tokenize_stream,
     warn_if_overlapping,
 )
@@ -121,10 +120,6 @@ def default_output(source: Path, strategy: str) -> Path:
     return Path(f"{source}-finetuned-{strategy}")
 
 
-def _texts(path: str | Path | None, split: str) -> list[str]:
-    return default_texts(split) if path is None else read_texts(path)
-
-
 def check_source(source: Path, teacher: str | None) -> tuple[FinetuneRecord, Teacher]:
     """The checked record of the checkpoint ``source`` and the teacher a fine-tune of it
     uses (``teacher``, else its recorded source); a :class:`~pvtune.errors.ModelError` or
@@ -183,7 +178,8 @@ def finetune_checkpoint(source: Path, output: Path, job: FinetuneJob,
         else:
             bos = decide_bos(source, tokenizer, student.config, job.bos)
         teacher_print = model_fingerprint(teacher_load)
-        ids = calibration_batch(tokenize_stream(tokenizer, _texts(job.calib_text, "calibration")),
+        ids = calibration_batch(tokenize_stream(tokenizer,
+                                                load_texts(job.calib_text, "calibration")),
                                 job.calibration)
         chat_record = None
         if job.chat_data:
@@ -191,7 +187,8 @@ def finetune_checkpoint(source: Path, output: Path, job: FinetuneJob,
                                              job.calibration.seed)
         windows = None
         if job.evaluation is not None:
-            windows = eval_windows(tokenize_stream(tokenizer, _texts(job.eval_text, "evaluation")),
+            windows = eval_windows(tokenize_stream(tokenizer,
+                                                   load_texts(job.eval_text, "evaluation")),
                                    job.evaluation)
             warn_if_overlapping(ids, windows)
         config = dataclasses.replace(job.config, dense_storage=record_in.dense_storage)
