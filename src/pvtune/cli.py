@@ -17,19 +17,22 @@ its traceback (exit code 1).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pvtune.errors import ConfigError, DataError, OutputError, PvtuneError
-from pvtune.llm.teacher import DEFAULT_MODEL
+from pvtune.llm.sources import (
+    DEFAULT_MODEL,
+    REFERENCE_NOTE,
+    model_source,
+    recorded_model,
+)
 
 if TYPE_CHECKING:
     from pvtune.checkpoint.files import OutputLock
@@ -37,9 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pvtune")
 
 SAMPLE_PROMPT = "The history of the Roman Empire"
-REFERENCE_NOTE = ("the offline default model is SmolLM2-135M-Instruct's Q4_1 GGUF dequantized "
-                  "to fp32: its 'reference' figures are those of a 4-bit model")
-
 
 # --------------------------------------------------------------------------------------
 # argument types: every bad value is refused where it is typed, never silently replaced
@@ -125,18 +125,6 @@ def _eval_config(args: argparse.Namespace, default):
     )
 
 
-def _evaluate(model, windows, label: str, bos) -> dict:
-    from pvtune.llm.evaluate import perplexity
-
-    log.info("evaluating the %s on %d windows of %d tokens", label, windows.shape[0],
-             windows.shape[1])
-    result = perplexity(model, windows, bos=bos)
-    log.info("%s: perplexity %.3f on %d tokens (%.0f tokens/s)", label, result.perplexity,
-             result.tokens, result.tokens_per_second)
-    return {"perplexity": result.perplexity, "tokens": result.tokens,
-            "tokens_per_second": result.tokens_per_second}
-
-
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", help="evaluation text (.txt or .jsonl with a 'text' field); "
                    "default: the evaluation split of the offline Wikipedia text")
@@ -166,41 +154,9 @@ def _prepare_output(output: Path, overwrite: bool,
         raise _with_flags(err, "--output, --overwrite") from None
 
 
-def _check_space(output: Path, needed_bytes: int) -> None:
-    """:func:`pvtune.llm.outputs.check_space`, its refusal naming the flag."""
-    from pvtune.llm.outputs import check_space
-
-    try:
-        check_space(output, needed_bytes)
-    except OutputError as err:
-        raise _with_flags(err, "--output") from None
-
-
-def _source_record(args_model: str | None) -> tuple[str, Path | None]:
-    """How a compressed model records its source (an absolute path, the default's name, or
-    a hub id), and its local folder."""
-    if args_model is None:
-        from pvtune.llm.assets import default_model_dir
-
-        return DEFAULT_MODEL, default_model_dir()
-    path = Path(args_model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        from pvtune.llm.assets import prepared_gguf_dir
-
-        return str(path.resolve()), prepared_gguf_dir(path)
-    if path.exists():
-        return str(path.resolve()), path.resolve()
-    return str(args_model), None  # a hub id
-
-
 def _model_dir(args_model: str | None) -> Path | None:
     """The local folder of a model argument (the prepared default model for None)."""
-    return _source_record(args_model)[1]
-
-
-def _model_source(recorded: str) -> str | None:
-    """Inverse of :func:`_source_record`: what :func:`load_causal_lm` takes."""
-    return None if recorded == DEFAULT_MODEL else recorded
+    return model_source(args_model).path
 
 
 def _sample(model, tokenizer, args, bos) -> None:
@@ -250,13 +206,12 @@ def _cmd_reprs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compress_config(args: argparse.Namespace, preset):
-    """The library's compression config for the compress options (its rules, its errors with
-    the flags that set what they name)."""
-    from pvtune.llm.compress_request import CompressRequest, compress_config
+def _compress_request(args: argparse.Namespace):
+    """The library's compression request for the compress options."""
+    from pvtune.llm.compress_request import CompressRequest
 
     try:
-        request = CompressRequest(
+        return CompressRequest(
             method=args.method, format=args.format, bits=args.bits,
             group_size=args.group_size or None, symmetric=args.symmetric,
             codebooks=args.codebooks, embeddings=args.embeddings,
@@ -264,7 +219,6 @@ def _compress_config(args: argparse.Namespace, preset):
             num_sequences=args.num_seqs, sequence_length=args.seq_len,
             block_finetune_steps=args.block_finetune_steps,
             block_finetune_lr=args.block_finetune_lr, seed=args.seed)
-        return compress_config(request, preset)
     except ConfigError as err:
         raise _with_flags(err, "--method, --format, --embeddings, --target-size, "
                                "--target-bits, --codebooks") from None
@@ -306,118 +260,56 @@ def _distributed_context():
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    import torch
-
-    from pvtune.llm.bos import with_bos
-    from pvtune.llm.chat_data import add_chat_data
-    from pvtune.llm.checkpoint import config_record, save_or_rescue, size_on_disk
-    from pvtune.llm.data import (
-        calibration_batch,
-        eval_windows,
-        tokenize_stream,
-        warn_if_overlapping,
-    )
-    from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fingerprint
-    from pvtune.llm.pipeline import check_layers_fit, compress_model
+    from pvtune.llm.compress_checkpoint import CompressJob, compress_checkpoint
     from pvtune.llm.recipes import PRESETS
     from pvtune.report import format_table
 
-    torch.manual_seed(args.seed)
-    preset = PRESETS[args.preset]
-    config = _compress_config(args, preset)
-    args.method = config.method  # the library's default when none was named
-    eval_config = _eval_config(args, preset.evaluation)
-    source, source_dir = _source_record(args.model)
-    if config.budget is not None:
-        kind = (f"{args.target_size / 2**20:.0f}mib" if args.target_size is not None
-                else f"{args.target_bits:g}bpp")
-    else:
-        kind = args.codebooks if args.method == "aqlm" else (args.format or f"{args.bits}bit")
-    output = Path(args.output or f"compressed-{args.method}-{kind}")
+    job = CompressJob(
+        request=_compress_request(args), preset=args.preset, calib_text=args.calib_text,
+        chat_data=args.chat_data, evaluate=not args.no_eval,
+        evaluation=_eval_config(args, PRESETS[args.preset].evaluation),
+        eval_text=args.eval_text, bos=args.bos, overwrite=args.overwrite)
+    try:
+        job.config()  # before any work: the errors the compression flags can fix
+    except ConfigError as err:
+        raise _with_flags(err, "--method, --format, --embeddings, --target-size, "
+                               "--target-bits, --codebooks") from None
     dist = _distributed_context()
-    # the output's lock is held until the command returns
-    _lock = _prepare_output(output, args.overwrite, {"source model folder": source_dir}) \
-        if dist.is_main else None
-    dist.barrier()
-    t0 = time.perf_counter()
-    model, tokenizer = load_causal_lm(source_dir or args.model)
-    params = count_params(model)
-    if dist.is_main:
-        _check_space(output, 2 * params)  # float16 everything: more than any compressed form
-    check_layers_fit(model, find_blocks(model), config)  # before any long work
-    bos = _bos_choice(source_dir, tokenizer, model.config, args.bos)
-    log.info("loaded %s (%.1fM parameters) in %.1f s; BOS: %s (%s)", source, params / 1e6,
-             time.perf_counter() - t0, "yes" if bos.add else "no", bos.reason)
-    if args.model is None:
-        log.info("note: %s", REFERENCE_NOTE)
-    calib_ids = calibration_batch(tokenize_stream(tokenizer, _load_texts(args.calib_text,
-                                                                         "calibration")),
-                                  config.calibration)
-    chat_record = None
-    if args.chat_data:
-        calib_ids, chat_record = add_chat_data(model, tokenizer, calib_ids, args.chat_data,
-                                                 model_fingerprint(source_dir or args.model),
-                                                 args.seed)
-    results: dict = {}
-    windows = None
-    if not args.no_eval and dist.is_main:
-        windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text,
-                                                                      "evaluation")),
-                               eval_config)
-        warn_if_overlapping(calib_ids, windows)
-        results["reference"] = _evaluate(model, windows, "reference (uncompressed) model", bos)
-    what = "chosen per tensor within the budget" if config.budget else config.representation
-    log.info("compressing: method=%s representation=%s, %d x %d calibration tokens",
-             config.method, what, calib_ids.shape[0], calib_ids.shape[1])
-    metadata = _gguf_metadata_bytes(model, tokenizer, source_dir) if config.budget else 0
-    report = compress_model(model, with_bos(calib_ids, bos), config, dist=dist,
-                            metadata_bytes=metadata)
-    if not dist.is_main:  # every rank holds the compressed model; rank 0 writes and reports
+    try:
+        outcome = compress_checkpoint(args.model, Path(args.output) if args.output else None,
+                                      job, dist=dist)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
+    if outcome is None:  # ranks other than 0: rank 0 reports
         dist.close()
         return 0
-    if windows is not None:
-        results["compressed"] = _evaluate(model, windows, "compressed model", bos)
-    meta = {"source_model": source,
-            "source_fingerprint": model_fingerprint(source_dir or args.model),
-            "bos": bos.to_dict(), "compress_config": config_record(config),
-            "evaluation": results, "compress_seconds": report.seconds,
-            "layers": [dataclasses.asdict(r) for r in report.layers],
-            "block_finetune": report.block_losses}
-    if chat_record is not None:
-        meta["chat_data"] = chat_record
-    if report.plan is not None:
-        meta["budget_plan"] = report.plan.to_dict()
-    if report.rotation is not None:
-        meta["rotation"] = report.rotation.to_dict()
-    if args.model is None:
-        meta["reference_note"] = REFERENCE_NOTE
-    record = save_or_rescue(model, tokenizer, output, meta)  # before anything optional
-    bits = record["bits"]
-    chosen = (", ".join(f"{k}: {v}" for k, v in report.plan.summary().items())
-              if report.plan is not None else None)
+    report, config, output = outcome.report, outcome.config, outcome.output
+    plan = report.plan
+    chosen = ", ".join(f"{k}: {v}" for k, v in plan.summary().items()) if plan else None
     method_name = (f"{config.method}, types chosen per tensor ({chosen}; embeddings "
-                   f"{report.plan.types.get('embeddings', '-')}); GGUF file about "
-                   f"{report.plan.total_bytes / 2**20:.2f} MiB of a "
-                   f"{report.plan.budget_bytes / 2**20:.2f} MiB budget"
-                   if report.plan is not None
+                   f"{plan.types.get('embeddings', '-')}); GGUF file about "
+                   f"{plan.total_bytes / 2**20:.2f} MiB of a {plan.budget_bytes / 2**20:.2f} "
+                   "MiB budget" if plan is not None
                    else f"{config.method} {_repr_name(config.representation)}")
+    bos = outcome.bos
     rows = [["method", method_name],
             ["rotations folded", _rotation_text(report.rotation)],
-            ["compression time", f"{report.seconds / 60:.1f} min"], *_bits_rows(bits),
-            ["size on disk", f"{size_on_disk(output) / 2**20:.1f} MiB"],
+            ["compression time", f"{report.seconds / 60:.1f} min"],
+            *_bits_rows(outcome.meta["bits"]),
+            ["size on disk", f"{outcome.size_bytes / 2**20:.1f} MiB"],
             ["BOS token", f"{'yes' if bos.add else 'no'} ({bos.reason})"],
             ["checkpoint", f"{output} (per-layer table in pvtune_meta.json)"]]
     for key, label in (("reference", "perplexity, reference"),
                        ("compressed", "perplexity, compressed")):
-        if key in results:
-            r = results[key]
+        if key in outcome.results:
+            r = outcome.results[key]
             rows.append([label, f"{r['perplexity']:.2f} ({r['tokens']} tokens, "
                                 f"{r['tokens_per_second']:.0f} tok/s)"])
     print()
     print(format_table(["summary", "value"], rows))
     if args.model is None:
         print(f"Reference: {REFERENCE_NOTE}.")
-    _sample(model, tokenizer, args, bos)
+    _sample(outcome.model, outcome.tokenizer, args, bos)
     dist.close()
     return 0
 
@@ -429,20 +321,6 @@ def _rotation_text(rotation) -> str:
     if rotation.untied_head:
         parts.append("head untied from the embeddings")
     return "; ".join(parts) + f" (logits within {rotation.relative_logit_error:.1e})"
-
-
-def _gguf_metadata_bytes(model, tokenizer, source_dir) -> int:
-    """What a GGUF export of ``model`` holds besides tensors (0, with a note, where the
-    architecture has no GGUF export: the budget then counts tensors and norms only)."""
-    from pvtune.errors import ModelError
-    from pvtune.export.gguf import gguf_metadata_bytes
-
-    try:
-        recorded = _recorded_gguf({"source_model": str(source_dir)}) if source_dir else {}
-        return gguf_metadata_bytes(model, tokenizer, recorded)
-    except ModelError as err:
-        log.info("the size budget counts tensors and norms only (%s)", err)
-        return 0
 
 
 def _repr_name(rep) -> str:
@@ -536,6 +414,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pvtune.llm.checkpoint import bits_report, read_meta
     from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
+    from pvtune.llm.evaluate import evaluation_record
     from pvtune.llm.model import is_pvtune_checkpoint, load_causal_lm
     from pvtune.report import format_table
 
@@ -547,7 +426,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = _eval_config(args, EvalConfig())
     windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
                            config)
-    result = _evaluate(model, windows, "model", bos)
+    result = evaluation_record(model, windows, "model", bos)
     rows = [["perplexity", f"{result['perplexity']:.3f}"],
             ["tokens evaluated", result["tokens"]],
             ["tokens/s", f"{result['tokens_per_second']:.0f}"],
@@ -581,7 +460,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if checkpoint and not args.no_reference:
         recorded = read_meta(args.model).get("source_model")
         if isinstance(recorded, str):
-            ref_model, ref_tok = load_causal_lm(_model_dir(_model_source(recorded)) or recorded)
+            ref_model, ref_tok = load_causal_lm(model_source(recorded_model(recorded)).loadable)
             reference = score(ask_pvtune(ref_model, ref_tok, args.max_new_tokens), questions)
             del ref_model
     header = ["question", "answer"] + (["reference's answer"] if reference else [])
@@ -615,120 +494,72 @@ def _check_chat_template(tokenizer, source) -> None:
                         "asked questions; use `pvtune generate` to continue plain text")
 
 
-def _recorded_gguf(meta: dict) -> dict:
-    """GGUF metadata recorded beside the checkpoint's source model (pre-tokenizer, BOS)."""
-    import json
-
-    from pvtune.llm.bos import SOURCE_FILE
-
-    recorded = meta.get("source_model")
-    if not isinstance(recorded, str):
-        return {}
-    if recorded == DEFAULT_MODEL:
-        from pvtune.llm.assets import default_model_dir
-
-        directory = default_model_dir()
-    else:
-        directory = Path(recorded)
-    try:
-        return json.loads((directory / SOURCE_FILE).read_text()).get("gguf_metadata", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pvtune.export import GGUFExportConfig, export_gguf
-    from pvtune.llm.checkpoint import bits_report, load_compressed, read_meta
+    from pvtune.llm.checkpoint import bits_report
+    from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
+    from pvtune.llm.export_checkpoint import export_checkpoint_gguf, verify_gguf
     from pvtune.report import format_table
 
     source = Path(args.checkpoint)
     if args.to == "aqlm":
         return _export_aqlm(args, source)
-    output = Path(args.output or source.with_name(f"{source.name}.gguf"))
-    if output.exists() and not args.overwrite:
-        raise OutputError(f"{output} exists; pass --overwrite to replace it")
-    if output.exists() and output.is_dir():
-        raise OutputError(f"--output {output} is a folder; give a file name ending in .gguf")
-    model, tokenizer = load_compressed(source)
-    meta = read_meta(source)
-    planned = ((meta.get("budget_plan") or {}).get("types") or {}) \
-        if isinstance(meta.get("budget_plan"), dict) else {}
-    embedding_type = args.embedding_type or ("f16" if planned.get("embeddings") == "f16"
-                                             else "q8_0")
-    head_type = args.head_type or ("f16" if planned.get("head") == "f16" else None)
-    config = GGUFExportConfig(embedding_type=embedding_type, head_type=head_type)
     try:
-        report = export_gguf(model, tokenizer, output, config, name=f"pvtune {source.name}",
-                             recorded_gguf=_recorded_gguf(meta))
+        outcome = export_checkpoint_gguf(source, Path(args.output) if args.output else None,
+                                         args.embedding_type, args.head_type, args.overwrite)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
     except ConfigError as err:
         raise _with_flags(err, "`pvtune compress --format q4_0` or `--target-size`; "
                                "`pvtune export --to aqlm` for AQLM checkpoints") from None
-    counts: dict[str, int] = {}
-    for kind in report.tensor_types.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    rows = [["file", str(output)],
+    report = outcome.report
+    rows = [["file", str(report.path)],
             ["size", f"{report.file_bytes / 2**20:.2f} MiB"],
             ["bits/param (whole file)", f"{report.bits_per_param:.3f}"],
             ["bits/param (decoder linears)", f"{report.linear_bits_per_param:.3f}"],
-            ["tensor types", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))],
+            ["tensor types", ", ".join(f"{k}: {v}" for k, v in outcome.type_counts.items())],
             ["token embeddings", report.tensor_types.get("token_embd.weight", "?")]]
     if args.verify:
-        rows += _verify_gguf(args, model, tokenizer, meta, output)
-    bits = bits_report(model)
+        windows = eval_windows(tokenize_stream(outcome.tokenizer,
+                                               _load_texts(args.eval_text, "evaluation")),
+                               _eval_config(args, EvalConfig(window=512, max_windows=32)))
+        check = verify_gguf(outcome, windows)
+        rows += [["perplexity, pvtune", f"{check.pvtune['perplexity']:.3f} "
+                                        f"({check.pvtune['tokens']} tokens)"],
+                 ["perplexity, llama.cpp", f"{check.llamacpp.perplexity:.3f} "
+                                           f"({check.llamacpp.tokens} tokens, "
+                                           f"{check.llamacpp.tokens_per_second:.0f} tok/s)"],
+                 ["llama.cpp / pvtune", f"{check.verification.ratio:.4f}"]]
+    bits = bits_report(outcome.model)
     rows.append(["pvtune checkpoint bits/param (whole, linears)",
                  f"{bits['overall_bits_per_param']:.3f}, {bits['linear_bits_per_param']:.3f}"])
     print(format_table(["export", "value"], rows))
-    print(f"Run it: llama-cli -m {output} -cnv   (or: ollama create NAME with FROM {output})")
+    print(f"Run it: llama-cli -m {report.path} -cnv   (or: ollama create NAME with FROM "
+          f"{report.path})")
     return 0
 
 
 def _export_aqlm(args, source: Path) -> int:
-    from pvtune.export.aqlm import export_aqlm
-    from pvtune.llm.checkpoint import load_compressed
+    from pvtune.llm.export_checkpoint import export_checkpoint_aqlm
     from pvtune.report import format_table
 
-    output = Path(args.output or source.with_name(f"{source.name}-aqlm"))
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise OutputError(f"{output} exists and is not an empty folder; pass --overwrite")
-    model, tokenizer = load_compressed(source)
     try:
-        report = export_aqlm(model, tokenizer, output)
+        report = export_checkpoint_aqlm(source, Path(args.output) if args.output else None,
+                                        args.overwrite)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
     except ConfigError as err:
         raise _with_flags(err, "`pvtune compress --method aqlm`") from None
-    rows = [["folder", str(output)], ["weights", f"{report.weights_bytes / 2**20:.2f} MiB"],
+    rows = [["folder", str(report.directory)],
+            ["weights", f"{report.weights_bytes / 2**20:.2f} MiB"],
             ["AQLM layers", str(report.layers)],
             ["left dense", ", ".join(report.not_quantized) or "none"]]
     if report.decoded_embeddings:
         rows.append(["note", "compressed embeddings were decoded (the format has no place "
                              "for them)"])
     print(format_table(["export", "value"], rows))
-    print(f"Run it: pip install aqlm; AutoModelForCausalLM.from_pretrained('{output}', "
-          "dtype=torch.float32)")
+    print("Run it: pip install aqlm; AutoModelForCausalLM.from_pretrained("
+          f"'{report.directory}', dtype=torch.float32)")
     return 0
-
-
-def _verify_gguf(args, model, tokenizer, meta, output: Path) -> list[list[str]]:
-    """Perplexity of the checkpoint in pvtune and of the exported file in llama.cpp, on
-    the same windows."""
-    from pvtune.export.llamacpp import Verification, llamacpp_perplexity
-    from pvtune.llm.bos import BosChoice
-    from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
-
-    bos = BosChoice.from_dict(meta["bos"]) if "bos" in meta else None
-    windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
-                           _eval_config(args, EvalConfig(window=512, max_windows=32)))
-    ours = _evaluate(model, windows, "checkpoint in pvtune", bos)
-    log.info("evaluating %s in llama.cpp on the same %d windows", output, windows.shape[0])
-    theirs = llamacpp_perplexity(output, windows, bos)
-    check = Verification(ours["perplexity"], theirs.perplexity)
-    gap = check.ratio - 1
-    if not check.agrees:
-        log.warning("llama.cpp's perplexity differs from pvtune's by %.1f%% (over %.0f%%)",
-                    100 * gap, 100 * check.tolerance)
-    return [["perplexity, pvtune", f"{ours['perplexity']:.3f} ({ours['tokens']} tokens)"],
-            ["perplexity, llama.cpp", f"{theirs.perplexity:.3f} ({theirs.tokens} tokens, "
-                                      f"{theirs.tokens_per_second:.0f} tok/s)"],
-            ["llama.cpp / pvtune", f"{1 + gap:.4f}"]]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pvtune.distributed import DistributedContext
 from pvtune.errors import DataError
 from pvtune.llm.bos import BosChoice, model_logits, with_bos
 from pvtune.llm.model import check_generation_length
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,19 @@ def perplexity(
     mean = nll / count
     value = math.exp(mean) if mean < 709 else (mean if math.isnan(mean) else math.inf)
     return PerplexityResult(value, count, windows.shape[0], seconds)
+
+
+def evaluation_record(model: nn.Module, windows: Tensor, label: str,
+                      bos: BosChoice | None = None) -> dict:
+    """:func:`perplexity` of ``model`` (``label`` names it in the log) as a checkpoint
+    records it: perplexity, tokens, tokens per second."""
+    log.info("evaluating the %s on %d windows of %d tokens", label, windows.shape[0],
+             windows.shape[1])
+    result = perplexity(model, windows, bos=bos)
+    log.info("%s: perplexity %.3f on %d tokens (%.0f tokens/s)", label, result.perplexity,
+             result.tokens, result.tokens_per_second)
+    return {"perplexity": result.perplexity, "tokens": result.tokens,
+            "tokens_per_second": result.tokens_per_second}
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = False,

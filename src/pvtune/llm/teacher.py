@@ -13,8 +13,7 @@ from typing import Any
 
 from pvtune.errors import CheckpointError, ModelError
 from pvtune.llm.model import looks_local
-
-DEFAULT_MODEL = "default:SmolLM2-135M-Instruct"  # how a record names the default model
+from pvtune.llm.sources import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
