@@ -106,8 +106,8 @@ def test_every_figure_is_in_the_results_file_it_cites(doc, line, unit, cited):
 
 def test_the_check_catches_a_figure_the_file_does_not_hold():
     text, values = _results_numbers("frontier")
-    assert _matches("2.055", text, values) and _matches("1.752e+05", text, values)
-    assert not _matches("2.0551", text, values) and not _matches("7.777", text, values)
-    units = _units("Intro citing `frontier.md`: 2.055x.\n\n| a | b |\n|---|---|\n| 3.14 | x |\n")
+    assert _matches("1.384", text, values) and _matches("1.752e+05", text, values)
+    assert not _matches("1.3841", text, values) and not _matches("7.777", text, values)
+    units = _units("Intro citing `frontier.md`: 1.384x.\n\n| a | b |\n|---|---|\n| 3.14 | x |\n")
     assert len(units) == 1 and _cited(units[0][1]) == ["frontier"]
-    assert _figures(units[0][1]) == ["2.055", "3.14"]
+    assert _figures(units[0][1]) == ["1.384", "3.14"]
