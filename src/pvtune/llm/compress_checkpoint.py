@@ -46,7 +46,7 @@ from pvtune.llm.model import count_params, find_blocks, load_causal_lm, model_fi
 from pvtune.llm.outputs import check_space, prepare_output
 from pvtune.llm.pipeline import CompressConfig, CompressReport, check_layers_fit, compress_model
 from pvtune.llm.recipes import PRESETS
-from pvtune.llm.sources import REFERENCE_NOTE, model_source, recorded_gguf
+from pvtune.llm.sources import REFERENCE_NOTE, gguf_metadata_beside, model_source
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def gguf_metadata_size(model: nn.Module, tokenizer, source_dir: Path | None) -> 
     from pvtune.export.gguf import gguf_metadata_bytes
 
     try:
-        recorded = recorded_gguf({"source_model": str(source_dir)}) if source_dir else {}
-        return gguf_metadata_bytes(model, tokenizer, recorded)
+        return gguf_metadata_bytes(model, tokenizer, gguf_metadata_beside(source_dir))
     except ModelError as err:
         log.info("the size budget counts tensors and norms only (%s)", err)
         return 0

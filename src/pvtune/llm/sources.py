@@ -73,6 +73,12 @@ def recorded_gguf(meta: dict) -> dict:
         directory = model_source(recorded_model(recorded)).path
     except PvtuneError:  # a GGUF source that no longer converts: nothing recorded
         return {}
+    return gguf_metadata_beside(directory)
+
+
+def gguf_metadata_beside(directory: Path | None) -> dict:
+    """GGUF metadata pvtune recorded in a model folder it converted from a GGUF file (empty
+    for any other folder, or None)."""
     if directory is None:
         return {}
     try:
@@ -81,5 +87,5 @@ def recorded_gguf(meta: dict) -> dict:
         return {}
 
 
-__all__ = ["DEFAULT_MODEL", "REFERENCE_NOTE", "ModelSource", "model_source", "recorded_gguf",
-           "recorded_model"]
+__all__ = ["DEFAULT_MODEL", "REFERENCE_NOTE", "ModelSource", "gguf_metadata_beside",
+           "model_source", "recorded_gguf", "recorded_model"]
