@@ -22,6 +22,8 @@ of correct answers is recomputed from each row's stored answers with the current
 
     python benchmarks/frontier.py                          # everything, resumable
     python benchmarks/frontier.py --budgets 50,60 --no-pv  # a subset
+    python benchmarks/frontier.py --budgets 70 --rotations off --single-types '' \
+        --pv-steps 20,100                                   # a longer PV run at 70 MiB
 
 Rows already in ``results/frontier.json`` at the current commit are skipped, so an
 interrupted run continues where it stopped. Needs ``pip install -e '.[llamacpp]'``.
@@ -49,6 +51,7 @@ LLAMACPP_TYPES = {"Q2_0": 41, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_0": 2,
                   "IQ4_NL": 25, "Q4_K_M": 15, "Q5_K_M": 17, "Q8_0": 7}
 BUDGETS_MIB = (60, 50, 70, 45, 80, 95)  # the order they run in
 PV_STEPS = 20
+SINGLE_TYPES = ("q2_0/q4_0", "q2_0/q8_0", "q4_0/q4_0", "q4_0/q8_0")  # linears/embeddings
 WINDOWS = 16  # llama.cpp runs Q2_0 at about 70 tokens/s here: 16 windows take 2 minutes
 FINETUNE_WINDOWS = 16  # the demo's keep-best evaluation (make demo: --eval-windows 16)
 CHAT_SEQUENCES = 16  # compress --chat-data
@@ -130,13 +133,15 @@ def plot() -> None:
 
     rows = json.loads((RESULTS / f"{NAME}.json").read_text())["rows"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    groups = {"llama.cpp": [r for r in rows if r["point"].startswith("llama.cpp")]}
-    for rot in ("no rotation", "rotated"):
-        for pv in ("GPTQ", f"+ {PV_STEPS} PV steps"):
-            groups[f"pvtune {rot}, {pv}"] = [
-                r for r in rows if r["point"].startswith("pvtune")
-                and (rot == "rotated") == ("rotated" in r["point"])
-                and (pv != "GPTQ") == ("PV" in r["point"])]
+    groups: dict[str, list[dict]] = {"llama.cpp": [r for r in rows
+                                                   if r["point"].startswith("llama.cpp")]}
+    for r in rows:
+        if r["point"].startswith("pvtune"):
+            kind = ("single type" if r.get("single_type") else
+                    "rotated" if r.get("rotation") else "no rotation")
+            steps = r.get("pv_steps", 0)
+            groups.setdefault(f"pvtune {kind}, " + (f"+ {steps} PV steps" if steps else "GPTQ"),
+                              []).append(r)
     for label, pts in groups.items():
         pts = sorted(pts, key=lambda r: r["file_mib"])
         if pts and "ratio" in pts[0]:
@@ -186,17 +191,113 @@ def _llamacpp_files(threads: int) -> dict[str, Path]:
     return files
 
 
+def _finetuned_rows(args, windows, done: set[str], notes: str, ckpt: Path, point: str,
+                    base_row: dict) -> None:
+    """The PV-tuned rows of the checkpoint ``ckpt`` (one per ``--pv-steps`` count): the demo's
+    ``pvtune finetune`` command at that many steps, exported again and measured."""
+    from pvtune.export import export_gguf
+    from pvtune.llm.checkpoint import load_compressed
+
+    for steps in args.pv_steps:
+        pv_point = f"{point}, {steps} PV steps"
+        if pv_point in done:
+            continue
+        out = WORK / f"{ckpt.name}-pv{steps}"
+        t0 = time.perf_counter()
+        cmd = [str(Path(sys.executable).with_name("pvtune")), "finetune", str(ckpt),
+               "--steps", str(steps), "--eval-windows", str(FINETUNE_WINDOWS),
+               "--chat-data", str(FINETUNE_CHAT_SEQUENCES), "--output", str(out),
+               "--overwrite"]
+        subprocess.run(cmd, check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        model, tok = load_compressed(out)
+        gguf = out.with_suffix(".gguf")
+        export_gguf(model, tok, gguf, name=pv_point, recorded_gguf=RECORDED)
+        del model
+        row = {**base_row, "point": pv_point, "pv_steps": steps, "seconds": seconds}
+        row.update(measure(gguf, windows, args.threads, args.params))
+        record(row, notes)
+
+
+def _compressed_point(args, windows, done: set[str], notes: str, point: str, ckpt: Path,
+                      model, tok, calib, config, meta: dict, row: dict, **compress_kw) -> None:
+    """Compress ``model`` by ``config`` into the checkpoint ``ckpt``, measure its GGUF file as
+    the row ``point``, then its PV-tuned rows. A budget below the smallest file the setting
+    can make gives no rows."""
+    from pvtune.errors import ConfigError
+    from pvtune.export import export_gguf
+    from pvtune.llm.checkpoint import save_compressed
+    from pvtune.llm.pipeline import compress_model
+
+    if point not in done:
+        t0 = time.perf_counter()
+        try:
+            report = compress_model(model, calib, config, **compress_kw)
+        except ConfigError as err:
+            print(f"{point}: not measured: {err}", file=sys.stderr)
+            return
+        row["seconds"] = row.get("seconds", 0.0) + time.perf_counter() - t0
+        if report.plan is not None:
+            meta = {**meta, "budget_plan": report.plan.to_dict()}
+            row.update(types=report.plan.summary(),
+                       embeddings=report.plan.types.get("embeddings"),
+                       head=report.plan.types.get("head", "tied"))
+        save_compressed(model, tok, ckpt, meta)
+        gguf = ckpt.with_suffix(".gguf")
+        export_gguf(model, tok, gguf, name=point, recorded_gguf=RECORDED)
+        measured = {**row, "point": point, "pv_steps": 0}
+        measured.update(measure(gguf, windows, args.threads, args.params))
+        record(measured, notes)
+    elif not ckpt.is_dir():
+        return  # measured at this commit, but its checkpoint is gone: nothing to tune
+    else:
+        plan = json.loads((ckpt / "pvtune_meta.json").read_text()).get("budget_plan")
+        if plan is not None:
+            row.update(types=plan["counts"], embeddings=plan["types"].get("embeddings"),
+                       head=plan["types"].get("head", "tied"))
+    del model
+    if args.pv:
+        _finetuned_rows(args, windows, done, notes, ckpt, point, row)
+
+
+def _single_type_points(args, windows, done: set[str], notes: str, source, tok, calib,
+                        calibration) -> None:
+    """pvtune's files with one block type for every decoder linear and one for the token
+    embeddings (the tied head shares them): the points the budgeted files must beat."""
+    from pvtune.init.gptq import GPTQConfig
+    from pvtune.llm.model import model_fingerprint
+    from pvtune.llm.pipeline import CompressConfig
+    from pvtune.reprs import GGUFBlockConfig
+
+    for linears, embeddings in args.single_types:
+        point = f"pvtune {linears.upper()} linears, {embeddings.upper()} embeddings"
+        wanted = [point] + ([f"{point}, {s} PV steps" for s in args.pv_steps] if args.pv else [])
+        if all(p in done for p in wanted):
+            continue
+        config = CompressConfig(method="gptq", representation=GGUFBlockConfig(linears),
+                                method_config=GPTQConfig(), calibration=calibration,
+                                embeddings=GGUFBlockConfig(embeddings))
+        meta = {"source_model": "default:SmolLM2-135M-Instruct",
+                "chat_data": {"sequences": CHAT_SEQUENCES},
+                "source_fingerprint": model_fingerprint(None),
+                "bos": {"add": False, "token_id": None, "reason": "GGUF"},
+                "compress_config": {"dense_storage": "float16"}, "rotation": None}
+        row = {"source": "pvtune", "single_type": True, "rotation": False,
+               "types": f"{linears.upper()} linears, {embeddings.upper()} embeddings",
+               "embeddings": embeddings.upper(), "head": "tied"}
+        _compressed_point(args, windows, done, notes, point,
+                          WORK / f"single-{linears}-{embeddings}", copy.deepcopy(source), tok,
+                          calib, config, meta, row)
+
+
 def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
     import torch
 
-    from pvtune.errors import ConfigError
-    from pvtune.export import export_gguf
     from pvtune.export.gguf import gguf_metadata_bytes
     from pvtune.init.gptq import GPTQConfig
     from pvtune.llm.assets import cache_dir
     from pvtune.llm.budget import BudgetConfig, measure_options
     from pvtune.llm.chat_data import ChatDataConfig, chat_sequences, interleave
-    from pvtune.llm.checkpoint import load_compressed, save_compressed
     from pvtune.llm.data import (
         CalibrationConfig,
         calibration_batch,
@@ -204,7 +305,7 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
         tokenize_stream,
     )
     from pvtune.llm.model import load_causal_lm, model_fingerprint
-    from pvtune.llm.pipeline import CompressConfig, compress_model
+    from pvtune.llm.pipeline import CompressConfig
     from pvtune.reprs import GGUFBlockConfig
     from pvtune.rotation import RotationConfig, rotate_model_
 
@@ -218,7 +319,8 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
         label = "rotated" if rotated else "no rotation"
         wanted = [b for b in args.budgets
                   if f"pvtune {b} MiB, {label}" not in done
-                  or (args.pv and f"pvtune {b} MiB, {label}, {PV_STEPS} PV steps" not in done)]
+                  or (args.pv and any(f"pvtune {b} MiB, {label}, {s} PV steps" not in done
+                                      for s in args.pv_steps))]
         if not wanted:
             continue
         torch.manual_seed(0)
@@ -229,59 +331,22 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
         options = measure_options(base, calib, BudgetConfig(target_bytes=1))
         measure_seconds = time.perf_counter() - t0
         for budget in wanted:
-            point = f"pvtune {budget} MiB, {label}"
-            ckpt = WORK / f"b{budget}-{'rot' if rotated else 'plain'}"
-            if point not in done:
-                model = copy.deepcopy(base)
-                config = CompressConfig(method="gptq", representation=GGUFBlockConfig("q4_0"),
-                                        method_config=GPTQConfig(), calibration=calibration,
-                                        budget=BudgetConfig(target_bytes=budget * 2**20))
-                t0 = time.perf_counter()
-                try:
-                    report = compress_model(model, calib, config, metadata_bytes=metadata,
-                                            sensitivities=options)
-                except ConfigError as err:  # below the smallest file of this setting
-                    print(f"{point}: not measured: {err}", file=sys.stderr)
-                    continue
-                seconds = time.perf_counter() - t0 + measure_seconds
-                meta = {"source_model": "default:SmolLM2-135M-Instruct",
-                        "chat_data": {"sequences": CHAT_SEQUENCES},
-                        "source_fingerprint": model_fingerprint(None),
-                        "bos": {"add": False, "token_id": None, "reason": "GGUF"},
-                        "compress_config": {"dense_storage": "float16"},
-                        "budget_plan": report.plan.to_dict(), "rotation": rotation}
-                save_compressed(model, tok, ckpt, meta)
-                gguf = ckpt.with_suffix(".gguf")
-                export_gguf(model, tok, gguf, name=point, recorded_gguf=RECORDED)
-                del model
-                row = {"point": point, "source": "pvtune", "budget_mib": budget,
-                       "rotation": rotated, "pv_steps": 0, "seconds": seconds,
-                       "types": report.plan.summary(),
-                       "embeddings": report.plan.types.get("embeddings"),
-                       "head": report.plan.types.get("head", "tied")}
-                row.update(measure(gguf, windows, args.threads, args.params))
-                record(row, notes)
-            pv_point = f"{point}, {PV_STEPS} PV steps"
-            if args.pv and pv_point not in done:
-                out = WORK / f"{ckpt.name}-pv"
-                t0 = time.perf_counter()
-                cmd = [str(Path(sys.executable).with_name("pvtune")), "finetune", str(ckpt),
-                       "--steps", str(PV_STEPS), "--eval-windows", str(FINETUNE_WINDOWS),
-                       "--chat-data", str(FINETUNE_CHAT_SEQUENCES), "--output", str(out),
-                       "--overwrite"]
-                subprocess.run(cmd, check=True, env=os.environ.copy(),
-                               stdout=subprocess.DEVNULL)
-                seconds = time.perf_counter() - t0
-                model, tok2 = load_compressed(out)
-                gguf = out.with_suffix(".gguf")
-                export_gguf(model, tok2, gguf, name=pv_point, recorded_gguf=RECORDED)
-                plan = json.loads((ckpt / "pvtune_meta.json").read_text())["budget_plan"]
-                row = {"point": pv_point, "source": "pvtune", "budget_mib": budget,
-                       "rotation": rotated, "pv_steps": PV_STEPS, "seconds": seconds,
-                       "types": plan["counts"], "embeddings": plan["types"].get("embeddings"),
-                       "head": plan["types"].get("head", "tied")}
-                row.update(measure(gguf, windows, args.threads, args.params))
-                record(row, notes)
+            config = CompressConfig(method="gptq", representation=GGUFBlockConfig("q4_0"),
+                                    method_config=GPTQConfig(), calibration=calibration,
+                                    budget=BudgetConfig(target_bytes=budget * 2**20))
+            meta = {"source_model": "default:SmolLM2-135M-Instruct",
+                    "chat_data": {"sequences": CHAT_SEQUENCES},
+                    "source_fingerprint": model_fingerprint(None),
+                    "bos": {"add": False, "token_id": None, "reason": "GGUF"},
+                    "compress_config": {"dense_storage": "float16"}, "rotation": rotation}
+            row = {"source": "pvtune", "budget_mib": budget, "rotation": rotated,
+                   "seconds": measure_seconds}
+            _compressed_point(args, windows, done, notes, f"pvtune {budget} MiB, {label}",
+                              WORK / f"b{budget}-{'rot' if rotated else 'plain'}",
+                              copy.deepcopy(base), tok, calib, config, meta, row,
+                              metadata_bytes=metadata, sensitivities=options)
+    if args.single_types:
+        _single_type_points(args, windows, done, notes, source, tok, calib, calibration)
 
 
 def main() -> None:
@@ -289,6 +354,11 @@ def main() -> None:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_MIB)),
                         help="pvtune budgets in MiB, comma-separated")
     parser.add_argument("--rotations", default="off,on", help="off, on or off,on")
+    parser.add_argument("--pv-steps", default=str(PV_STEPS),
+                        help="PV-Tuning step counts, comma-separated: a row for each")
+    parser.add_argument("--single-types", default=",".join(SINGLE_TYPES),
+                        help="single-type files as LINEARS/EMBEDDINGS block types, "
+                             "comma-separated ('' for none)")
     parser.add_argument("--no-pv", dest="pv", action="store_false",
                         help="skip the PV-Tuning points")
     parser.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
@@ -297,6 +367,8 @@ def main() -> None:
     args = parser.parse_args()
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
     args.rotations = [r == "on" for r in args.rotations.split(",") if r]
+    args.pv_steps = [int(s) for s in args.pv_steps.split(",") if s]
+    args.single_types = [tuple(t.lower().split("/")) for t in args.single_types.split(",") if t]
     from pvtune.llm.finetune import FinetuneConfig
     from pvtune.llm.model import count_params, load_causal_lm
 
@@ -310,10 +382,12 @@ def main() -> None:
              f"{WINDOWS} evaluation windows of 512 tokens; questions: "
              "pvtune.llm.questions (greedy, chat template, 32 new tokens). pvtune: GPTQ "
              f"(16 x 512 text + {CHAT_SEQUENCES} x 512 chat-data calibration tokens) with "
-             "--target-size budgets; PV: the demo's `pvtune finetune "
+             "--target-size budgets, and single-type files (one block type for every decoder "
+             "linear, one for the embeddings); PV: the demo's `pvtune finetune "
              f"--steps {PV_STEPS} --eval-windows {FINETUNE_WINDOWS} --chat-data "
              f"{FINETUNE_CHAT_SEQUENCES}` (continuous learning rate {FinetuneConfig.lr:g}, "
-             "the default). llama.cpp's own files: carried over from the commit "
+             "the default), and at the other step counts a row's name gives. llama.cpp's "
+             "own files: carried over from the commit "
              "that measured them. A budget below the smallest file a setting can make (the "
              "rotated model's head is untied: 45 MiB) has no row.")
     done = _done(provenance()["commit"])
