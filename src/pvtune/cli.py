@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pvtune.errors import ConfigError, DataError, OutputError, PvtuneError
+from pvtune.llm.bos import run_bos
 from pvtune.llm.sources import (
     DEFAULT_MODEL,
     REFERENCE_NOTE,
     model_source,
-    recorded_model,
+    reference_source,
 )
 
 if TYPE_CHECKING:
@@ -172,15 +173,6 @@ def _sample(model, tokenizer, args, bos) -> None:
         log.warning("no generation sample: %s", err)
         return
     print(f"\nSample:\n  {args.prompt}{text}")
-
-
-def _bos_choice(model_dir, tokenizer, config, override, meta=None):
-    """The recorded BOS choice of a pvtune checkpoint, or the rule's; ``--bos`` wins."""
-    from pvtune.llm.bos import BosChoice, decide_bos
-
-    if override is None and meta is not None and "bos" in meta:
-        return BosChoice.from_dict(meta["bos"])
-    return decide_bos(model_dir, tokenizer, config, override)
 
 
 def _bits_rows(bits: dict) -> list[list[str]]:
@@ -422,7 +414,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(model_dir or args.model)
     checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
     meta = read_meta(args.model) if checkpoint else None
-    bos = _bos_choice(model_dir, tokenizer, model.config, args.bos, meta)
+    bos = run_bos(model_dir, tokenizer, model.config, args.bos, meta)
     config = _eval_config(args, EvalConfig())
     windows = eval_windows(tokenize_stream(tokenizer, _load_texts(args.eval_text, "evaluation")),
                            config)
@@ -458,9 +450,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     del model
     reference = None
     if checkpoint and not args.no_reference:
-        recorded = read_meta(args.model).get("source_model")
-        if isinstance(recorded, str):
-            ref_model, ref_tok = load_causal_lm(model_source(recorded_model(recorded)).loadable)
+        source = reference_source(read_meta(args.model))
+        if source is not None:
+            recorded = source.record
+            ref_model, ref_tok = load_causal_lm(source.loadable)
             reference = score(ask_pvtune(ref_model, ref_tok, args.max_new_tokens), questions)
             del ref_model
     header = ["question", "answer"] + (["reference's answer"] if reference else [])
@@ -574,7 +567,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model_dir = _model_dir(args.model)  # the default's checksums verified once
     model, tokenizer = load_causal_lm(model_dir or args.model)
     checkpoint = args.model is not None and is_pvtune_checkpoint(Path(args.model))
-    bos = _bos_choice(model_dir, tokenizer, model.config, args.bos,
+    bos = run_bos(model_dir, tokenizer, model.config, args.bos,
                       read_meta(args.model) if checkpoint else None)
     if args.max_new_tokens == 0:
         for prompt in prompts:

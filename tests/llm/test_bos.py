@@ -8,7 +8,14 @@ import shutil
 import pytest
 import torch
 
-from pvtune.llm.bos import SOURCE_FILE, BosChoice, decide_bos, model_logits, with_bos
+from pvtune.llm.bos import (
+    SOURCE_FILE,
+    BosChoice,
+    decide_bos,
+    model_logits,
+    run_bos,
+    with_bos,
+)
 from pvtune.llm.evaluate import perplexity
 from pvtune.llm.model import load_causal_lm
 
@@ -42,6 +49,17 @@ def test_the_rule_in_order(tiny):
     choice = decide_bos(directory, tokenizer, config)  # the GGUF flag wins
     assert not choice.add and choice.reason == "GGUF tokenizer.ggml.add_bos_token=false"
     assert decide_bos(directory, tokenizer, config, override=True).add  # --bos wins it all
+
+
+def test_a_checkpoints_recorded_choice_runs_it_unless_overridden(tiny):
+    directory, model, tokenizer = tiny
+    recorded = {"bos": {"add": True, "token_id": 1, "reason": "recorded"}}
+    assert run_bos(directory, tokenizer, model.config, meta=recorded) == BosChoice(True, 1,
+                                                                                  "recorded")
+    assert not run_bos(directory, tokenizer, model.config, False, recorded).add
+    # no record: the rule, as decide_bos gives it
+    assert run_bos(directory, tokenizer, model.config, meta={}) == \
+        decide_bos(directory, tokenizer, model.config)
 
 
 def test_a_tokenizer_that_adds_bos_itself(tiny):

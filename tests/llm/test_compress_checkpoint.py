@@ -24,7 +24,13 @@ from pvtune.llm.export_checkpoint import (
     export_checkpoint_gguf,
 )
 from pvtune.llm.model import is_pvtune_checkpoint
-from pvtune.llm.sources import DEFAULT_MODEL, model_source, recorded_gguf, recorded_model
+from pvtune.llm.sources import (
+    DEFAULT_MODEL,
+    model_source,
+    recorded_gguf,
+    recorded_model,
+    reference_source,
+)
 from tests.export.conftest import tiny
 from tests.llm.conftest import build_tokenizer
 
@@ -133,3 +139,7 @@ def test_sources_record_and_find_their_gguf_metadata(tmp_path, monkeypatch):
     hub = model_source("someone/some-model")
     assert hub.path is None and hub.loadable == "someone/some-model"
     assert recorded_model(DEFAULT_MODEL) is None and recorded_model("x") == "x"
+    # a checkpoint's reference: the model its record names, or none
+    assert reference_source({"source_model": source.record}) == source
+    assert reference_source({"source_model": "someone/some-model"}) == hub
+    assert reference_source({}) is None

@@ -103,6 +103,15 @@ def decide_bos(model_dir: str | Path | None, tokenizer, config,
     return BosChoice(False, None, "the tokenizer adds none and the architecture needs none")
 
 
+def run_bos(model_dir: str | Path | None, tokenizer, config, override: bool | None = None,
+            meta: dict | None = None) -> BosChoice:
+    """The BOS choice to run a model with: a pvtune checkpoint's recorded choice (its record
+    ``meta``) when it has one, else :func:`decide_bos`'s rule; ``override`` wins over both."""
+    if override is None and meta is not None and "bos" in meta:
+        return BosChoice.from_dict(meta["bos"])
+    return decide_bos(model_dir, tokenizer, config, override)
+
+
 def with_bos(ids: Tensor, choice: BosChoice | None) -> Tensor:
     """``ids`` (``[N, L]``) with the BOS token prepended when ``choice.add``."""
     if choice is None or not choice.add:

@@ -63,6 +63,13 @@ def recorded_model(recorded: str) -> str | None:
     return None if recorded == DEFAULT_MODEL else recorded
 
 
+def reference_source(meta: dict) -> ModelSource | None:
+    """The model a checkpoint was compressed from, by its record ``meta`` (None when the
+    record names none)."""
+    recorded = meta.get("source_model")
+    return model_source(recorded_model(recorded)) if isinstance(recorded, str) else None
+
+
 def recorded_gguf(meta: dict) -> dict:
     """GGUF metadata recorded beside a checkpoint's source model (pre-tokenizer, BOS flag),
     read from its record ``meta``; empty when there is none."""
