@@ -19,6 +19,8 @@ on each run); each checkpoint is then PV-tuned by ``pvtune finetune CKPT --steps
 llama.cpp's own files and the reference do not depend on pvtune's code: their rows are kept
 from the commit that measured them (marked carried over) and not measured again. The number
 of correct answers is recomputed from each row's stored answers with the current scorer.
+A run that measures some of pvtune's points keeps the others' rows from the commit that
+measured them, marked carried over.
 
     python benchmarks/frontier.py                          # everything, resumable
     python benchmarks/frontier.py --budgets 50,60 --no-pv  # a subset
@@ -118,7 +120,7 @@ def derive(rows: list[dict]) -> None:
 
 
 def record(row: dict, notes: str) -> None:
-    carry = [(r["point"],) for r in _rows() if _is_llamacpp(r["point"])]
+    carry = [(r["point"],) for r in _rows()]  # rows of other commits stay, marked carried over
     write_results(NAME, "Which GGUF file of each size answers best, as llama.cpp runs it?",
                   [stamped(row)], COLUMNS, key=["point"], notes=notes, derive=derive,
                   carry=carry)

@@ -127,8 +127,9 @@ def _eval_config(args: argparse.Namespace, default):
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-text", help="evaluation text (.txt or .jsonl with a 'text' field); "
-                   "default: the evaluation split of the offline Wikipedia text")
+    p.add_argument("--eval-text", help="evaluation text (.txt or .jsonl with a 'text' field, "
+                   "or offline:moby-dick, an unrelated offline text); default: the evaluation "
+                   "split of the offline Wikipedia text")
     p.add_argument("--eval-window", type=_positive_int, help="tokens per evaluation window (512)")
     p.add_argument("--eval-windows", type=_positive_int, help="cap on evaluation windows (all)")
 
@@ -789,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of groups per V step")
     p.add_argument("--trust-ratio", type=_nonnegative_float, default=None)
     p.add_argument("--beam-size", type=_positive_int, default=1)
-    p.add_argument("--calib-text")
+    p.add_argument("--calib-text", help="training text (.txt, .jsonl or offline:NAME); "
+                   "default: the calibration split of the offline Wikipedia text")
     p.add_argument("--num-seqs", type=_positive_int, default=128)
     p.add_argument("--seq-len", type=_positive_int, default=256)
     p.add_argument("--chat-data", type=_count, default=0, metavar="N",

