@@ -35,6 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(__file__).resolve().parent / ".work"
 BASE_LR = 1e-4  # continuous lr of the main table; other values are named in row files/keys
+STARTS = {  # pvtune compress arguments of each starting point
+    "aqlm2x8g8": ["--method", "aqlm", "--codebooks", "2x8g8"],
+    "gptq2": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
+    "q2_0": ["--method", "gptq", "--format", "q2_0"],  # llama.cpp's Q2_0 blocks
+}
 STRATEGIES = ["calibration_only", "frozen", "ste", "stochastic_rounding", "linearized_v",
               "subspace_v", "subspace_v_ste"]
 
@@ -47,12 +52,11 @@ def starting_point(name: str) -> Path:
     if (out / "pvtune_layout.json").is_file():
         return out
     # the same settings as compress_methods.py's runs, whose checkpoints are kept
-    kept = WORK / {"aqlm2x8g8": "compress-aqlm-2x8g8", "gptq2": "compress-gptq-2"}[name]
+    kept = WORK / {"aqlm2x8g8": "compress-aqlm-2x8g8", "gptq2": "compress-gptq-2"}.get(name, "-")
     if (kept / "pvtune_layout.json").is_file():
         return kept
     args = ["compress", "--no-eval", "--output", str(out), "--overwrite"]
-    args += ["--method", "aqlm", "--codebooks", "2x8g8"] if name == "aqlm2x8g8" else \
-        ["--method", "gptq", "--bits", "2", "--group-size", "64"]
+    args += STARTS[name]
     assert main(args) == 0
     return out
 
@@ -65,11 +69,12 @@ def calibration(tok, args):
                                                sequence_length=args.seq_len, seed=1))
 
 
-def windows(tok, args):
-    from pvtune.llm.data import EvalConfig, default_texts, eval_windows, tokenize_stream
+def windows(tok, args, text: str | None = None, count: int | None = None):
+    """Evaluation windows of ``text`` (None: the Wikipedia evaluation split)."""
+    from pvtune.llm.data import EvalConfig, eval_windows, load_texts, tokenize_stream
 
-    return eval_windows(tokenize_stream(tok, default_texts("evaluation")),
-                        EvalConfig(max_windows=args.eval_windows))
+    return eval_windows(tokenize_stream(tok, load_texts(text, "evaluation")),
+                        EvalConfig(max_windows=count or args.eval_windows))
 
 
 def run_pvtune(rep: str, strategy: str, args) -> dict:
@@ -96,7 +101,7 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
         return row
     vstep = VStepConfig(strategy=strategy, lr=args.code_lr, tau=args.tau, seed=args.seed)
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
-                         seed=args.seed)
+                         seed=args.seed, schedule=args.schedule)
     cache = WORK / "teacher-cache"  # entries keyed by teacher, BOS and tokens
     if strategy != "frozen":  # the step the optimizer resolves for this representation
         first = next(iter(quantized_layers(student).values()))
@@ -104,8 +109,13 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     start = time.perf_counter()
     result = finetune(student, TeacherLogits(teacher, ids, cache,
                                              fingerprint=model_fingerprint(None)), ids, cfg)
+    unrelated = {}
+    if args.unrelated_windows:
+        unrelated["unrelated_perplexity"] = perplexity(
+            student, windows(tok, args, "offline:moby-dick", args.unrelated_windows),
+            progress=False).perplexity
     row.update(
-        perplexity=perplexity(student, evw, progress=False).perplexity,
+        perplexity=perplexity(student, evw, progress=False).perplexity, **unrelated,
         losses=result.losses, fraction_changed=result.fraction_changed,
         minutes=(time.perf_counter() - start) / 60,
         discrete_over_fwd_bwd=result.seconds_discrete / result.seconds_forward_backward,
@@ -188,13 +198,18 @@ def plot(rows, path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="fine-tuning strategies at ~2 bits")
-    parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"])
+    parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"],
+                        choices=sorted(STARTS))
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=BASE_LR)
     parser.add_argument("--tau", type=float, default=0.01)
+    parser.add_argument("--schedule", default="constant",
+                        choices=["constant", "cosine", "linear"])
+    parser.add_argument("--unrelated-windows", type=int, default=0,
+                        help="also evaluate on this many windows of offline:moby-dick")
     parser.add_argument("--code-lr", type=float, default=None,
                         help="relative discrete step size for every strategy run (default: "
                              "each strategy's, pvtune.optim.strategies.default_step_size)")
@@ -218,7 +233,7 @@ def main() -> None:
         rep, strategy = args.single
         row = run_torchao(args) if strategy == "torchao_qat" else run_pvtune(rep, strategy, args)
         row.update(steps=args.steps, batch=f"{args.batch_size}x{args.seq_len}", lr=args.lr,
-                   seed=args.seed)
+                   seed=args.seed, tau=args.tau, schedule=args.schedule)
         Path(args.out).write_text(json.dumps(stamped(row)))
         return
     WORK.mkdir(exist_ok=True)
@@ -227,7 +242,8 @@ def main() -> None:
         jobs.append(("reference", "torchao_qat"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
-                            "eval_windows", "seed") or (k == "code_lr" and v is not None)]
+                            "eval_windows", "seed", "schedule", "unrelated_windows")
+                   or (k == "code_lr" and v is not None)]
     env = {**os.environ, COMMAND_ENV: command_line()}
     rows = []
     for rep, strategy in jobs:

@@ -1,0 +1,196 @@
+"""Question: which fine-tuning settings should be pvtune's defaults, and does PV-Tuning
+(subspace V + STE) then beat STE, stochastic rounding and continuous-only fine-tuning?
+
+Phase ``sweep``: subspace V + STE from each starting point (``q2_0``: GPTQ into llama.cpp's
+Q2_0 blocks; ``aqlm2x8g8``: AQLM 2x8g8), one setting changed at a time around the current
+defaults (relative code step, tau, continuous learning rate, schedule, batch size), each arm
+``--steps`` (200) steps on calibration sequences that are never repeated (steps x batch
+sequences of 256 tokens). Phase ``strategies``: every strategy at the settings the sweep
+chose (``--settings``), seeds 0, 1 and 2.
+
+The test, fixed before the runs: PV-Tuning beats STE on a representation when its
+perplexity on the Wikipedia evaluation windows is lower at every one of the 3 seeds (a
+one-sided sign test; 3 of 3 has probability 1/8 under "either is as likely to win"). The
+unrelated text (``offline:moby-dick``) is reported beside it.
+
+Each arm runs in its own process (``finetune_strategies.py --single``) and its row is
+written as soon as it ends; arms already measured at the current commit are skipped, so a
+stopped sweep resumes where it stopped::
+
+    python benchmarks/finetune_sweep.py --phase sweep --reprs q2_0
+    python benchmarks/finetune_sweep.py --phase strategies --settings lr=1e-4,tau=0.03
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+NAME = "finetune_sweep"
+BASE = {"code_lr": None, "tau": 0.01, "lr": 3e-5, "schedule": "constant", "batch_size": 2}
+# one setting changed at a time; code_lr in units of the default step (None: the default)
+ARMS = [{}, {"code_lr": 0.3}, {"code_lr": 3.0}, {"tau": 0.003}, {"tau": 0.03},
+        {"lr": 1e-5}, {"lr": 1e-4}, {"schedule": "cosine"}, {"batch_size": 4}]
+STRATEGIES = ["frozen", "ste", "stochastic_rounding", "subspace_v_ste"]
+SEEDS = (0, 1, 2)
+KEY = ("phase", "representation", "strategy", "arm", "seed")
+COLUMNS = ["phase", "representation", "strategy", "arm", "seed", "steps", "perplexity",
+           "unrelated_perplexity", "minutes", "discrete_over_fwd_bwd"]
+
+
+def arm_name(arm: dict) -> str:
+    """A short name of what an arm changes (``default`` for none)."""
+    return ",".join(f"{k}={'x' if k == 'code_lr' else ''}{v:g}" if isinstance(v, float)
+                    else f"{k}={v}" for k, v in sorted(arm.items())) or "default"
+
+
+def parse_settings(text: str) -> dict:
+    """``lr=1e-4,tau=0.03`` as an arm."""
+    arm: dict = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in BASE:
+            raise SystemExit(f"unknown setting {key!r}; known: {sorted(BASE)}")
+        arm[key] = value if key == "schedule" else (int(value) if key == "batch_size"
+                                                     else float(value))
+    return arm
+
+
+def absolute_code_lr(rep: str, strategy: str, scale: float | None) -> float | None:
+    """The relative code step an arm's multiple of the default stands for."""
+    if scale is None:
+        return None
+    from pvtune.optim.strategies import DEFAULT_LR
+
+    kind = "rms" if rep.startswith("aqlm") else "grid"
+    return scale * DEFAULT_LR[kind][strategy]
+
+
+def run_arm(rep: str, strategy: str, arm: dict, seed: int, args) -> dict:
+    """One fine-tuning run in its own process; its row."""
+    from common import COMMAND_ENV, command_line
+
+    settings = {**BASE, **arm}
+    code_lr = absolute_code_lr(rep, strategy, settings["code_lr"])
+    batch = settings["batch_size"]
+    cmd = [sys.executable, str(Path(__file__).with_name("finetune_strategies.py")), "--single",
+           rep, strategy, f"--steps={args.steps}", f"--batch-size={batch}",
+           f"--lr={settings['lr']}", f"--tau={settings['tau']}",
+           f"--schedule={settings['schedule']}", f"--num-seqs={args.steps * batch}",
+           f"--eval-windows={args.eval_windows}", f"--unrelated-windows={args.eval_windows}",
+           f"--seed={seed}"] + ([f"--code-lr={code_lr}"] if code_lr is not None else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        subprocess.run([*cmd, "--out", str(out)], check=True,
+                       env={**os.environ, COMMAND_ENV: command_line()})
+        return json.loads(out.read_text())
+
+
+def done_keys(commit: str) -> set[tuple]:
+    from common import RESULTS
+
+    path = RESULTS / f"{NAME}.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return {tuple(r.get(k) for k in KEY) for r in rows
+            if r.get("provenance", {}).get("commit") == commit and not r.get("carried_over")}
+
+
+def verdict(rows: list[dict]) -> dict[str, str]:
+    """The fixed test per representation: PV below STE at every seed of the strategies
+    phase."""
+    out = {}
+    for rep in sorted({r["representation"] for r in rows if r["phase"] == "strategies"}):
+        ppl = {(r["strategy"], r["seed"]): r["perplexity"] for r in rows
+               if r["phase"] == "strategies" and r["representation"] == rep}
+        seeds = [s for s in SEEDS if ("ste", s) in ppl and ("subspace_v_ste", s) in ppl]
+        wins = sum(ppl[("subspace_v_ste", s)] < ppl[("ste", s)] for s in seeds)
+        holds = len(seeds) == len(SEEDS) and wins == len(SEEDS)
+        out[rep] = (f"PV below STE at {wins} of {len(seeds)} seeds: "
+                    + ("holds" if holds else "not shown" if len(seeds) == len(SEEDS)
+                       else "incomplete"))
+    return out
+
+
+def record(row: dict) -> None:
+    from common import RESULTS, write_results
+
+    def derive(rows: list[dict]) -> None:
+        found = verdict(rows)
+        for r in rows:
+            r.pop("verdict", None)
+        for r in rows:
+            if r["phase"] == "strategies" and r["strategy"] == "subspace_v_ste":
+                r["verdict"] = found.get(r["representation"])
+
+    rows = write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
+                         [*COLUMNS, "verdict"], key=KEY, derive=derive, notes=(
+        "Starting points as in finetune_strategies.py; perplexity on the Wikipedia evaluation "
+        "windows, unrelated_perplexity on offline:moby-dick (same number of windows of 512 "
+        "tokens). arm: the settings changed from "
+        f"{BASE} (code_lr=xK: K times the strategy's default relative step). Loss curves and "
+        "code-change fractions per step are in the JSON."))
+    plot(rows, RESULTS / f"{NAME}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reps = sorted({r["representation"] for r in rows})
+    fig, axes = plt.subplots(1, len(reps), figsize=(7 * len(reps), 4.5), squeeze=False)
+    for ax, rep in zip(axes[0], reps, strict=True):
+        for r in rows:
+            if r["representation"] == rep and r.get("losses"):
+                label = (f"{r['arm']}" if r["phase"] == "sweep"
+                         else f"{r['strategy']} s{r['seed']}")
+                ax.plot(r["losses"], label=f"{label} ({r['perplexity']:.1f})", lw=0.8)
+        ax.set_title(rep)
+        ax.set_xlabel("step")
+        ax.set_ylabel("KL(teacher || student)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--phase", choices=["sweep", "strategies"], default="sweep")
+    parser.add_argument("--reprs", nargs="+", default=["q2_0", "aqlm2x8g8"])
+    parser.add_argument("--settings", type=parse_settings, default={},
+                        help="the strategies phase's settings, e.g. lr=1e-4,tau=0.03")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    args = parser.parse_args()
+    from common import provenance
+
+    done = done_keys(provenance()["commit"])
+    if args.phase == "sweep":
+        jobs = [(rep, "subspace_v_ste", arm, 0) for rep in args.reprs for arm in ARMS]
+    else:
+        jobs = [(rep, s, args.settings, seed) for seed in SEEDS for rep in args.reprs
+                for s in STRATEGIES]
+    for rep, strategy, arm, seed in jobs:
+        key = (args.phase, rep, strategy, arm_name(arm), seed)
+        if key in done:
+            continue
+        print(f"== {key}", flush=True)
+        row = run_arm(rep, strategy, arm, seed, args)
+        row.update(phase=args.phase, arm=arm_name(arm))
+        record(row)
+        print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
