@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/pvtune compress --target-size 60MiB --preset demo --chat-data 16 \
 		--eval-windows 16 --output demo-60mib --overwrite --max-new-tokens 0
-	$(VENV)/bin/pvtune finetune demo-60mib --steps 20 --eval-windows 16 --chat-data 32 \
+	$(VENV)/bin/pvtune finetune demo-60mib --preset demo \
 		--output demo-60mib-pv --overwrite
 	$(VENV)/bin/pvtune export demo-60mib-pv --to gguf --output demo-60mib-pv.gguf --overwrite
 	$(VENV)/bin/pvtune ask demo-60mib-pv --limit 6

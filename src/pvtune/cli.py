@@ -327,14 +327,12 @@ def _repr_name(rep) -> str:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pvtune.errors import ModelError, TrainingError
-    from pvtune.llm.data import CalibrationConfig, EvalConfig
     from pvtune.llm.finetune import FinetuneConfig
     from pvtune.llm.finetune_checkpoint import (
-        FinetuneJob,
         check_source,
         default_output,
         finetune_checkpoint,
-        finetune_config,
+        finetune_job,
     )
     from pvtune.llm.model import is_pvtune_checkpoint
     from pvtune.optim.strategies import VStepConfig
@@ -351,22 +349,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     dist = _distributed_context()
     vstep = VStepConfig(strategy=args.strategy, lr=args.code_lr, tau=args.tau,
                         trust_ratio=args.trust_ratio, beam_size=args.beam_size, seed=args.seed)
-    config = finetune_config(steps=args.steps, eval_every=args.eval_every,
-                             time_budget=args.time_budget, batch_size=args.batch_size,
-                             grad_accum=args.grad_accum,
-                             lr=FinetuneConfig.lr if args.lr is None else args.lr,
-                             schedule=args.schedule, warmup_steps=args.warmup_steps,
-                             vstep=vstep, checkpoint_every=args.checkpoint_every,
-                             seed=args.seed, vstep_placement=args.vstep_placement,
-                             shard=args.shard)
-    job = FinetuneJob(
-        config=config,
-        calibration=CalibrationConfig(num_sequences=args.num_seqs, sequence_length=args.seq_len,
-                                      seed=args.seed),
-        calib_text=args.calib_text, chat_data=args.chat_data,
-        evaluation=None if args.no_eval else _eval_config(args, EvalConfig(max_windows=32)),
-        eval_text=args.eval_text, teacher=args.teacher, bos=args.bos,
-        cache_teacher=args.cache_teacher, overwrite=args.overwrite)
+    job = finetune_job(
+        args.preset, steps=args.steps, eval_every=args.eval_every, time_budget=args.time_budget,
+        num_seqs=args.num_seqs, seq_len=args.seq_len, chat_data=args.chat_data,
+        eval_window=args.eval_window, eval_windows=args.eval_windows, evaluate=not args.no_eval,
+        seed=args.seed, calib_text=args.calib_text, eval_text=args.eval_text,
+        teacher=args.teacher, bos=args.bos, cache_teacher=args.cache_teacher,
+        overwrite=args.overwrite, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=FinetuneConfig.lr if args.lr is None else args.lr, schedule=args.schedule,
+        warmup_steps=args.warmup_steps, vstep=vstep, checkpoint_every=args.checkpoint_every,
+        vstep_placement=args.vstep_placement, shard=args.shard)
     try:
         outcome = finetune_checkpoint(source, output, job, dist=dist)
     except OutputError as err:
@@ -759,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_compress)
 
-    from pvtune.llm.finetune_checkpoint import TIME_BUDGET_EVAL_EVERY
+    from pvtune.llm.finetune_checkpoint import FINETUNE_PRESETS, TIME_BUDGET_EVAL_EVERY
     from pvtune.optim.strategies import STRATEGIES
 
     p = sub.add_parser("finetune", help="fine-tune a compressed checkpoint through its codes",
@@ -770,8 +762,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a pvtune checkpoint (from `pvtune compress`)")
     p.add_argument("--teacher", help="uncompressed model (default: the checkpoint's source)")
     p.add_argument("--strategy", choices=STRATEGIES.names(), default="subspace_v_ste")
+    p.add_argument("--preset", choices=sorted(FINETUNE_PRESETS), default="standard",
+                   help="; ".join(f"{k}: {v.description}" for k, v in FINETUNE_PRESETS.items())
+                   + " (the flags below override it)")
     p.add_argument("--steps", type=_count, default=None,
-                   help="optimizer steps (50; with --time-budget an upper bound, default none)")
+                   help="optimizer steps (preset: 50; with --time-budget an upper bound, "
+                        "default none)")
     p.add_argument("--time-budget", type=_duration, default=None,
                    help="stop before the run would pass this much time (90s, 10m, 1h), "
                         "closing evaluation included; the best model evaluated is kept")
@@ -792,11 +788,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=_positive_int, default=1)
     p.add_argument("--calib-text", help="training text (.txt, .jsonl or offline:NAME); "
                    "default: the calibration split of the offline Wikipedia text")
-    p.add_argument("--num-seqs", type=_positive_int, default=128)
-    p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--chat-data", type=_count, default=0, metavar="N",
+    p.add_argument("--num-seqs", type=_positive_int, default=None,
+                   help="training sequences cut from the text (preset: 128)")
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="tokens per training sequence (preset: 256)")
+    p.add_argument("--chat-data", type=_count, default=None, metavar="N",
                    help="add N training sequences of conversations the teacher writes itself "
-                        "through its chat template (seeded, cached; default 0)")
+                        "through its chat template (seeded, cached; preset: 0)")
     _add_eval_args(p)
     _add_bos_arg(p)
     p.add_argument("--no-eval", action="store_true")

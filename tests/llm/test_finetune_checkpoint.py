@@ -69,3 +69,41 @@ def test_verb_refuses_in_library_terms(checkpoint, text_file, tmp_path):
     assert (busy / "notes.txt").read_text() == "mine"
     with pytest.raises(OutputError, match="is the source checkpoint"):
         finetune_checkpoint(checkpoint, checkpoint, job(text_file, overwrite=True))
+
+
+def test_presets_fill_what_is_not_given():
+    from pvtune.errors import ConfigError
+    from pvtune.llm.finetune_checkpoint import FINETUNE_PRESETS, finetune_job
+
+    standard = finetune_job()
+    assert standard.config.steps == 50 and standard.config.time_budget is None
+    assert standard.calibration == CalibrationConfig(num_sequences=128, sequence_length=256)
+    assert standard.evaluation.max_windows == 32 and standard.chat_data == 0
+    demo = finetune_job("demo")
+    assert demo.config.steps == 20 and demo.chat_data == 32 and demo.evaluation.max_windows == 16
+    quality = finetune_job("quality")
+    assert quality.config.time_budget == 3600 and quality.config.steps == TIME_BUDGET_MAX_STEPS
+    assert quality.config.eval_every == TIME_BUDGET_EVAL_EVERY
+    assert quality.calibration.num_sequences == FINETUNE_PRESETS["quality"].calibration \
+        .num_sequences == 1024
+    # what is given wins; settings reach the config; no evaluation when asked
+    mine = finetune_job("quality", steps=7, time_budget=60, num_seqs=3, seq_len=9, chat_data=0,
+                        eval_windows=2, seed=4, lr=1e-3, batch_size=1)
+    assert (mine.config.steps, mine.config.time_budget, mine.config.lr) == (7, 60, 1e-3)
+    assert mine.calibration == CalibrationConfig(num_sequences=3, sequence_length=9, seed=4)
+    assert mine.chat_data == 0 and mine.evaluation.max_windows == 2 and mine.config.seed == 4
+    assert finetune_job(evaluate=False).evaluation is None
+    # a time budget on the standard preset: time alone decides, as without presets
+    assert finetune_job(time_budget=60).config.steps == TIME_BUDGET_MAX_STEPS
+    with pytest.raises(ConfigError, match="no fine-tuning preset 'fast'; known: demo"):
+        finetune_job("fast")
+
+
+def test_cli_preset_runs_and_its_flags_override(checkpoint, text_file, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["finetune", str(checkpoint), "--preset", "demo", "--steps", "1",
+                 "--chat-data", "0", "--num-seqs", "2", "--seq-len", "16", "--eval-window",
+                 "16", "--eval-windows", "1", "--calib-text", str(text_file), "--eval-text",
+                 str(text_file), "--output", str(out)]) == 0
+    assert "| steps" in capsys.readouterr().out and is_pvtune_checkpoint(out)
+    assert read_meta(out)["finetune_config"]["steps"] == 1  # the flag, not the preset's 20

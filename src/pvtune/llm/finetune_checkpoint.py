@@ -1,7 +1,7 @@
 """``finetune_checkpoint``: fine-tune a saved compressed checkpoint into a new folder, the
 whole job ``pvtune finetune`` runs, for a notebook user too::
 
-    job = FinetuneJob(config=finetune_config(steps=20), chat_data=32)
+    job = finetune_job("demo")           # or FinetuneJob(config=finetune_config(steps=20), ...)
     outcome = finetune_checkpoint(Path("demo-60mib"), Path("demo-60mib-pv"), job)
     outcome.result.best_perplexity, outcome.size_bytes
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pvtune.distributed import DistributedContext
-from pvtune.errors import ModelError
+from pvtune.errors import ConfigError, ModelError
 from pvtune.llm.bos import BosChoice, decide_bos
 from pvtune.llm.chat_data import add_chat_data
 from pvtune.llm.checkpoint import (
@@ -101,6 +101,73 @@ class FinetuneJob:
     bos: bool | None = None
     cache_teacher: bool = False
     overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class FinetunePreset:
+    """The defaults of a fine-tune by effort: ``steps`` (None: :func:`finetune_config`'s
+    rule), ``time_budget`` in seconds (None: none), the training sequences
+    (``calibration``, plus ``chat_data`` sequences of conversations the teacher writes) and
+    the keep-best ``evaluation``."""
+
+    description: str
+    steps: int | None
+    time_budget: float | None
+    calibration: CalibrationConfig
+    chat_data: int
+    evaluation: EvalConfig
+
+
+FINETUNE_PRESETS: dict[str, FinetunePreset] = {
+    "standard": FinetunePreset(
+        "50 steps of 2 x 256 tokens from 128 calibration sequences, evaluated on 32 windows",
+        None, None, CalibrationConfig(num_sequences=128, sequence_length=256), 0,
+        EvalConfig(max_windows=32)),
+    "demo": FinetunePreset(
+        "make demo's: 20 steps, 32 sequences of conversations the teacher writes added, "
+        "evaluated on 16 windows", 20, None,
+        CalibrationConfig(num_sequences=128, sequence_length=256), 32,
+        EvalConfig(max_windows=16)),
+    "quality": FinetunePreset(
+        "one hour: as many steps as fit in 60 minutes, evaluated every 25 steps on 32 "
+        "windows, the best kept; 1,024 calibration sequences of 256 tokens (about 500 steps "
+        "of 2 fit an hour on 2 CPU cores, so none repeats) and 64 of conversations",
+        None, 3600.0, CalibrationConfig(num_sequences=1024, sequence_length=256), 64,
+        EvalConfig(max_windows=32)),
+}
+
+
+def finetune_job(preset: str = "standard", *, steps: int | None = None,
+                 time_budget: float | None = None, eval_every: int | None = None,
+                 num_seqs: int | None = None, seq_len: int | None = None,
+                 chat_data: int | None = None, eval_window: int | None = None,
+                 eval_windows: int | None = None, evaluate: bool = True, seed: int = 0,
+                 calib_text: str | Path | None = None, eval_text: str | Path | None = None,
+                 teacher: str | None = None, bos: bool | None = None,
+                 cache_teacher: bool = False, overwrite: bool = False,
+                 **settings: Any) -> FinetuneJob:
+    """A :class:`FinetuneJob` from the preset ``preset`` (:data:`FINETUNE_PRESETS`), each
+    argument given (not None) overriding it; ``settings`` go to :class:`FinetuneConfig`
+    (``lr``, ``batch_size``, ``vstep``, ...); ``evaluate=False``: no keep-best evaluation."""
+    if preset not in FINETUNE_PRESETS:
+        raise ConfigError(f"no fine-tuning preset {preset!r}; known: "
+                          f"{', '.join(sorted(FINETUNE_PRESETS))}")
+    p = FINETUNE_PRESETS[preset]
+    config = finetune_config(steps=p.steps if steps is None else steps, eval_every=eval_every,
+                             time_budget=p.time_budget if time_budget is None else time_budget,
+                             seed=seed, **settings)
+    calibration = CalibrationConfig(
+        num_sequences=p.calibration.num_sequences if num_seqs is None else num_seqs,
+        sequence_length=p.calibration.sequence_length if seq_len is None else seq_len,
+        seed=seed)
+    evaluation = EvalConfig(window=p.evaluation.window if eval_window is None else eval_window,
+                            max_windows=(p.evaluation.max_windows if eval_windows is None
+                                         else eval_windows),
+                            batch_size=p.evaluation.batch_size) if evaluate else None
+    return FinetuneJob(config=config, calibration=calibration, calib_text=calib_text,
+                       chat_data=p.chat_data if chat_data is None else chat_data,
+                       evaluation=evaluation, eval_text=eval_text, teacher=teacher, bos=bos,
+                       cache_teacher=cache_teacher, overwrite=overwrite)
 
 
 @dataclass
