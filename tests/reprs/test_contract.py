@@ -232,3 +232,33 @@ def test_step_unit_scales_with_the_weights(config, weight):
 def test_continuous_params_are_fp16_exact_after_init(config, weight):
     for name, p in make(config, weight).named_parameters():
         assert torch.equal(p.detach().half().float(), p.detach()), name
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_snapshot_of_some_groups_restores_exactly_those(config, weight):
+    """snapshot_groups/restore_groups (what the subspace strategies save and put back)
+    agree with the whole-buffer snapshot_codes/restore_codes."""
+    rep = make(config, weight)
+    groups = rep.groups_shape[0] * rep.groups_shape[1]
+    index = torch.randperm(groups, generator=torch.Generator().manual_seed(0))[: groups // 3]
+    mask = torch.zeros(groups, dtype=torch.bool)
+    mask[index] = True
+    mask = mask.view(rep.groups_shape)
+    before = rep.snapshot_codes()
+    saved = rep.snapshot_groups(index)
+    rep.encode(-2.0 * weight, mask)  # those groups take other codes
+    assert any(not torch.equal(getattr(rep, k), v) for k, v in before.items())
+    rep.restore_groups(index, saved)
+    assert all(torch.equal(getattr(rep, k), v) for k, v in before.items())
+    # restoring a subset of them: the others keep their new codes, as restore_codes does
+    rep.encode(-2.0 * weight, mask)
+    want = rep.snapshot_codes()
+    half = index[: index.numel() // 2]
+    keep = mask.clone().view(-1)
+    keep[half] = False
+    rep.restore_codes(before, keep=keep.view(rep.groups_shape))
+    expected = rep.snapshot_codes()
+    for k, v in want.items():
+        getattr(rep, k).copy_(v)
+    rep.restore_groups(half, {k: v[: half.numel()] for k, v in saved.items()})
+    assert all(torch.equal(getattr(rep, k), v) for k, v in expected.items())

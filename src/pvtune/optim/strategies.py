@@ -310,7 +310,7 @@ def subspace_v(rep, grad, state, config, generator) -> None:
                                  math.ceil(PRESELECT * config.tau * group_count(rep)))
         if candidates.numel() == 0:
             return
-        old = rep.snapshot_codes()
+        old = rep.snapshot_groups(candidates)
         rep.encode(w - step, groups_mask(rep, candidates), beam_size=config.beam_size)
         delta = rep.decode_groups(candidates) - in_groups(rep, w, candidates)
         # decrease of the local model <g, dW> + sum dW^2 / (2 eta), per candidate group
@@ -334,22 +334,23 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
     move_buffer(rep, state, grad, config)
     with torch.no_grad():
         w = rep()
-        gap = group_sq_norm(rep, state.buffer - w)
         # the buffer moves by about lr per entry whatever the row's magnitude, while code
         # cells scale with it: rank candidates by the gap relative to the row's mean square
-        row_ms = w.pow(2).mean(-1, keepdim=True).clamp(min=1e-30)
-        candidates = top_indices((gap / row_ms).reshape(-1),
+        row_rms = torch.linalg.vector_norm(w, dim=-1, keepdim=True) / math.sqrt(w.shape[-1])
+        relative = (state.buffer - w).div_(row_rms.clamp_(min=1e-15))
+        candidates = top_indices(group_sq_norm(rep, relative).reshape(-1),
                                  math.ceil(PRESELECT * config.tau * group_count(rep)))
+        del relative
         if candidates.numel() == 0:
             return
-        old = rep.snapshot_codes()
+        old = rep.snapshot_groups(candidates)
+        w_old = in_groups(rep, w, candidates)
+        y = in_groups(rep, state.buffer, candidates)
         rep.encode(state.buffer, groups_mask(rep, candidates), beam_size=config.beam_size)
         w_new = rep.decode_groups(candidates)
-        y = in_groups(rep, state.buffer, candidates)
-        decrease = gap.reshape(-1)[candidates] - (y - w_new).pow(2).sum(-1)
+        decrease = (y - w_old).pow(2).sum(-1) - (y - w_new).pow(2).sum(-1)
         # first-order change of the loss: changes the current gradient disagrees with stay out
-        descent = (in_groups(rep, grad, candidates)
-                   * (w_new - in_groups(rep, w, candidates))).sum(-1) < 0
+        descent = (in_groups(rep, grad, candidates) * (w_new - w_old)).sum(-1) < 0
         keep_among(rep, old, candidates, torch.where(descent, decrease,
                                                      torch.zeros_like(decrease)), config.tau)
 
@@ -381,6 +382,8 @@ def in_groups(rep: QuantizedWeight, x: Tensor, index: Tensor) -> Tensor:
 def keep_among(rep: QuantizedWeight, old: dict[str, Tensor], candidates: Tensor,
                score: Tensor, fraction: float) -> None:
     """Keep the new codes of the ``ceil(fraction * groups)`` candidates with the largest
-    positive ``score``; every other candidate gets its ``old`` codes back."""
-    keep = candidates[top_indices(score, math.ceil(fraction * group_count(rep)))]
-    rep.restore_codes(old, keep=groups_mask(rep, keep))
+    positive ``score``; every other candidate gets back its ``old`` codes (the
+    :meth:`~pvtune.reprs.base.QuantizedWeight.snapshot_groups` of ``candidates``)."""
+    revert = torch.ones(candidates.numel(), dtype=torch.bool, device=candidates.device)
+    revert[top_indices(score, math.ceil(fraction * group_count(rep)))] = False
+    rep.restore_groups(candidates[revert], {k: v[revert] for k, v in old.items()})

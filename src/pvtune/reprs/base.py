@@ -223,6 +223,23 @@ class QuantizedWeight(nn.Module):
                 buf = getattr(self, name)
                 buf.copy_(torch.where(self.expand_groups(keep, buf), buf, before))
 
+    def snapshot_groups(self, index: Tensor) -> dict[str, Tensor]:
+        """Copies of the code buffers' entries of the encode groups at flat ``index`` (into
+        the row-major :attr:`groups_shape`), for :meth:`restore_groups`: a step that changes
+        only those groups saves and restores them without touching the others."""
+        return {name: self._per_group(name)[index] for name in self.code_buffers}
+
+    def restore_groups(self, index: Tensor, snapshot: dict[str, Tensor]) -> None:
+        """Put back the codes :meth:`snapshot_groups` took of the groups at ``index``."""
+        with torch.no_grad():
+            for name, before in snapshot.items():
+                self._per_group(name)[index] = before
+
+    def _per_group(self, name: str) -> Tensor:
+        """The code buffer ``name`` as a view of one row per encode group (code buffers are
+        ``[out, groups, ...]`` or ``[out, in]`` with each group's weights consecutive)."""
+        return getattr(self, name).view(self.groups_shape[0] * self.groups_shape[1], -1)
+
     def expand_groups(self, groups: Tensor, buffer: Tensor) -> Tensor:
         """Broadcast a ``groups`` mask to the shape of a code buffer."""
         if buffer.shape[1] == groups.shape[1]:
