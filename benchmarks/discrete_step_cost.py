@@ -9,11 +9,16 @@ without the teacher) and of the V step. The V step's cost does not depend on the
 
     python benchmarks/discrete_step_cost.py
     python benchmarks/discrete_step_cost.py --batches 2x256
+    python benchmarks/discrete_step_cost.py --batches 2x256 --start q2_0=CHECKPOINT
+
+``--start NAME=DIR`` measures other starting checkpoints (``subspace_v_ste`` and ``ste``);
+rows of starts not measured again stay, marked carried over.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", nargs="+", default=["2x256", "4x512"],
                         help="sequences x tokens per batch")
+    parser.add_argument("--start", nargs="+", metavar="NAME=DIR", default=None,
+                        help="starting checkpoints to measure instead of compress_methods.py's")
     args = parser.parse_args()
+    starts = {rep: WORK / d for rep, d in STARTS.items()}
+    if args.start:
+        starts = dict((name, Path(d)) for name, _, d in (s.partition("=") for s in args.start))
     import torch
     import torch.nn.functional as F
     from common import stamped, write_results
@@ -44,9 +54,9 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         seqs, tokens = (int(v) for v in batch.split("x"))
-        for rep, directory in STARTS.items():
-            for strategy in STRATEGIES[rep]:
-                model, tok = load_causal_lm(WORK / directory)
+        for rep, directory in starts.items():
+            for strategy in STRATEGIES.get(rep, ["subspace_v_ste", "ste"]):
+                model, tok = load_causal_lm(directory)
                 ids = calibration_batch(
                     tokenize_stream(tok, default_texts("calibration")[:20]),
                     CalibrationConfig(num_sequences=seqs, sequence_length=tokens))
@@ -72,9 +82,15 @@ def main() -> None:
                 row = stamped(row)
                 print(row, flush=True)
                 rows.append(row)
+    from common import RESULTS
+
+    old = RESULTS / "discrete_step_cost.json"
+    carry = [(r["batch"], r["representation"], r["strategy"]) for r in
+             (json.loads(old.read_text())["rows"] if old.is_file() else [])]
     write_results("discrete_step_cost", __doc__.split("\n\n")[0].removeprefix("Question: "),
                   rows, ["batch", "representation", "strategy", "forward_backward_s",
                          "discrete_step_s", "ratio"], key=["batch", "representation", "strategy"],
+                  carry=carry,
                   notes="batch: sequences x tokens; ratio = discrete step / forward+backward "
                         "of that batch; target for the PV strategies: at most 0.25.")
 
