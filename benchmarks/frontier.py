@@ -216,7 +216,9 @@ def _finetuned_rows(args, windows, done: set[str], notes: str, ckpt: Path, point
         gguf = out.with_suffix(".gguf")
         export_gguf(model, tok, gguf, name=pv_point, recorded_gguf=RECORDED)
         del model
-        row = {**base_row, "point": pv_point, "pv_steps": steps, "seconds": seconds}
+        result = json.loads((out / "pvtune_meta.json").read_text()).get("finetune_result", {})
+        row = {**base_row, "point": pv_point, "pv_steps": steps, "seconds": seconds,
+               "finetune_evals": result.get("evals"), "best_step": result.get("best_step")}
         row.update(measure(gguf, windows, args.threads, args.params))
         record(row, notes)
 
