@@ -94,9 +94,12 @@ def main() -> None:
                    "tokens": seqs * 512, "perplexity": ev["compressed"]["perplexity"],
                    "ratio": ev["compressed"]["perplexity"] / ev["reference"]["perplexity"],
                    "reference": ev["reference"]["perplexity"], "seconds": seconds}
+            path = RESULTS / f"{NAME}.json"
+            carry = [(r["budget"], r["rotation"], r["sequences"])  # other commits' rows stay
+                     for r in (json.loads(path.read_text())["rows"] if path.is_file() else [])]
             write_results(NAME, "How much calibration text does GPTQ need, with and without "
                           "rotation?", [stamped(row)], COLUMNS,
-                          key=["budget", "rotation", "sequences"],
+                          key=["budget", "rotation", "sequences"], carry=carry,
                           notes="SmolLM2-135M-Instruct (reference: its Q4_1 GGUF dequantized "
                                 "to fp32); pvtune compress --target-size with GPTQ, no "
                                 "fine-tuning; perplexity by pvtune on the demo's "
