@@ -185,21 +185,21 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     is exact: when at least ``k`` scores exceed the threshold, the ``k`` largest are all
     among them.
     """
-    positive = scores > 0
-    k = min(k, int(torch.count_nonzero(positive)))
-    if k <= 0:
-        return torch.zeros(0, dtype=torch.long, device=scores.device)
     n, pool = scores.numel(), None
-    if n >= _PREFILTER_MIN and 8 * k <= n:
+    if k > 0 and n >= _PREFILTER_MIN and 8 * k <= n:
         sample = scores[:: n // 8192]
         # about the 2k-th largest of the sample's share: k of n usually lie above it
         rank = max(1, sample.numel() - math.ceil(2 * k * sample.numel() / n))
         threshold = torch.kthvalue(sample, rank).values
-        above = (scores > threshold).nonzero().squeeze(1)
-        if above.numel() >= k:
-            pool = above
+        if threshold >= 0:  # then the pool holds positive entries only
+            above = (scores > threshold).nonzero().squeeze(1)
+            if above.numel() >= k:
+                pool = above
     if pool is None:
-        pool = positive.nonzero().squeeze(1)
+        pool = (scores > 0).nonzero().squeeze(1)
+        k = min(k, pool.numel())
+        if k <= 0:
+            return torch.zeros(0, dtype=torch.long, device=scores.device)
     values = scores[pool]
     kth = torch.kthvalue(values, values.numel() - k + 1).values  # the k-th largest
     # everything above the k-th value, then the lowest-index ties to fill k; pool ascends
