@@ -14,8 +14,9 @@ one-sided sign test; 3 of 3 has probability 1/8 under "either is as likely to wi
 unrelated text (``offline:moby-dick``) is reported beside it.
 
 Each arm runs in its own process (``finetune_strategies.py --single``) and its row is
-written as soon as it ends; arms already measured at the current commit are skipped, so a
-stopped sweep resumes where it stopped::
+written as soon as it ends; arms already in the table are skipped (``--remeasure`` runs them
+again) and rows of other commits stay, marked carried over, so a sweep longer than one
+sitting resumes where it stopped::
 
     python benchmarks/finetune_sweep.py --phase sweep --reprs q2_0
     python benchmarks/finetune_sweep.py --phase strategies --settings lr=1e-4,tau=0.03
@@ -93,13 +94,11 @@ def run_arm(rep: str, strategy: str, arm: dict, seed: int, args) -> dict:
         return json.loads(out.read_text())
 
 
-def done_keys(commit: str) -> set[tuple]:
+def existing_rows() -> list[dict]:
     from common import RESULTS
 
     path = RESULTS / f"{NAME}.json"
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    return {tuple(r.get(k) for k in KEY) for r in rows
-            if r.get("provenance", {}).get("commit") == commit and not r.get("carried_over")}
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def verdict(rows: list[dict]) -> dict[str, str]:
@@ -129,8 +128,9 @@ def record(row: dict) -> None:
             if r["phase"] == "strategies" and r["strategy"] == "subspace_v_ste":
                 r["verdict"] = found.get(r["representation"])
 
+    carry = [tuple(r.get(k) for k in KEY) for r in existing_rows()]
     rows = write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
-                         [*COLUMNS, "verdict"], key=KEY, derive=derive, notes=(
+                         [*COLUMNS, "verdict"], key=KEY, derive=derive, carry=carry, notes=(
         "Starting points as in finetune_strategies.py; perplexity on the Wikipedia evaluation "
         "windows, unrelated_perplexity on offline:moby-dick (same number of windows of 512 "
         "tokens). arm: the settings changed from "
@@ -171,10 +171,10 @@ def main() -> None:
                         help="the strategies phase's settings, e.g. lr=1e-4,tau=0.03")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--remeasure", action="store_true",
+                        help="run arms again that the table already holds")
     args = parser.parse_args()
-    from common import provenance
-
-    done = done_keys(provenance()["commit"])
+    done = set() if args.remeasure else {tuple(r.get(k) for k in KEY) for r in existing_rows()}
     if args.phase == "sweep":
         jobs = [(rep, "subspace_v_ste", arm, 0) for rep in args.reprs for arm in ARMS]
     else:
