@@ -1,7 +1,8 @@
 """Question: which fine-tuning settings should be pvtune's defaults, and does PV-Tuning
 (subspace V + STE) then beat STE, stochastic rounding and continuous-only fine-tuning?
 
-Phase ``sweep``: subspace V + STE from each starting point (``q2_0``: GPTQ into llama.cpp's
+Phase ``sweep``: the starting point's perplexity (``calibration_only``), then subspace V +
+STE from each starting point (``q2_0``: GPTQ into llama.cpp's
 Q2_0 blocks; ``aqlm2x8g8``: AQLM 2x8g8), one setting changed at a time around the current
 defaults (relative code step, tau, continuous learning rate, schedule, batch size), each arm
 ``--steps`` (200) steps on calibration sequences that are never repeated (steps x batch
@@ -176,7 +177,9 @@ def main() -> None:
     args = parser.parse_args()
     done = set() if args.remeasure else {tuple(r.get(k) for k in KEY) for r in existing_rows()}
     if args.phase == "sweep":
-        jobs = [(rep, "subspace_v_ste", arm, 0) for rep in args.reprs for arm in ARMS]
+        jobs = [(rep, s, arm, 0) for rep in args.reprs  # the start first, unchanged
+                for s, arms in (("calibration_only", [{}]), ("subspace_v_ste", ARMS))
+                for arm in arms]
     else:
         jobs = [(rep, s, args.settings, seed) for seed in SEEDS for rep in args.reprs
                 for s in STRATEGIES]
