@@ -26,6 +26,8 @@ measured them, marked carried over.
     python benchmarks/frontier.py --budgets 50,60 --no-pv  # a subset
     python benchmarks/frontier.py --budgets 70 --rotations off --single-types '' \
         --pv-steps 20,100                                   # a longer PV run at 70 MiB
+    python benchmarks/frontier.py --budgets 70 --rotations off --single-types '' \
+        --pv-steps 60 --pv-code-lr 0.01 --pv-eval-every 10  # other PV settings
 
 Rows already in ``results/frontier.json`` at the current commit are skipped, so an
 interrupted run continues where it stopped. Needs ``pip install -e '.[llamacpp]'``.
@@ -201,15 +203,20 @@ def _finetuned_rows(args, windows, done: set[str], notes: str, ckpt: Path, point
     from pvtune.llm.checkpoint import load_compressed
 
     for steps in args.pv_steps:
-        pv_point = f"{point}, {steps} PV steps"
+        pv_point = _pv_point(point, steps, args)
         if pv_point in done:
             continue
-        out = WORK / f"{ckpt.name}-pv{steps}"
+        out = WORK / f"{ckpt.name}-pv{steps}" if args.pv_code_lr is None else \
+            WORK / f"{ckpt.name}-pv{steps}-c{args.pv_code_lr:g}"
         t0 = time.perf_counter()
         cmd = [str(Path(sys.executable).with_name("pvtune")), "finetune", str(ckpt),
                "--steps", str(steps), "--eval-windows", str(FINETUNE_WINDOWS),
                "--chat-data", str(FINETUNE_CHAT_SEQUENCES), "--output", str(out),
                "--overwrite"]
+        if args.pv_code_lr is not None:
+            cmd += ["--code-lr", f"{args.pv_code_lr:g}"]
+        if args.pv_eval_every is not None:
+            cmd += ["--eval-every", str(args.pv_eval_every)]
         subprocess.run(cmd, check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - t0
         model, tok = load_compressed(out)
@@ -218,9 +225,21 @@ def _finetuned_rows(args, windows, done: set[str], notes: str, ckpt: Path, point
         del model
         result = json.loads((out / "pvtune_meta.json").read_text()).get("finetune_result", {})
         row = {**base_row, "point": pv_point, "pv_steps": steps, "seconds": seconds,
+               "pv_code_lr": args.pv_code_lr, "pv_eval_every": args.pv_eval_every,
                "finetune_evals": result.get("evals"), "best_step": result.get("best_step")}
         row.update(measure(gguf, windows, args.threads, args.params))
         record(row, notes)
+
+
+def _pv_point(point: str, steps: int, args) -> str:
+    """The name of ``point``'s row after ``steps`` PV steps, naming any setting that is not
+    the demo's."""
+    name = f"{point}, {steps} PV steps"
+    if args.pv_code_lr is not None:
+        name += f", code step {args.pv_code_lr:g}"
+    if args.pv_eval_every is not None:
+        name += f", evaluated every {args.pv_eval_every}"
+    return name
 
 
 def _checkpoint_record(rotation: dict | None) -> dict:
@@ -286,7 +305,8 @@ def _single_type_points(args, windows, done: set[str], notes: str, source, tok, 
 
     for linears, embeddings in args.single_types:
         point = f"pvtune {linears.upper()} linears, {embeddings.upper()} embeddings"
-        wanted = [point] + ([f"{point}, {s} PV steps" for s in args.pv_steps] if args.pv else [])
+        wanted = [point] + ([_pv_point(point, s, args) for s in args.pv_steps]
+                            if args.pv else [])
         if all(p in done for p in wanted):
             continue
         config = CompressConfig(method="gptq", representation=GGUFBlockConfig(linears),
@@ -330,8 +350,8 @@ def _pvtune_points(args, windows, done: set[str], notes: str) -> None:
         label = "rotated" if rotated else "no rotation"
         wanted = [b for b in args.budgets
                   if f"pvtune {b} MiB, {label}" not in done
-                  or (args.pv and any(f"pvtune {b} MiB, {label}, {s} PV steps" not in done
-                                      for s in args.pv_steps))]
+                  or (args.pv and any(_pv_point(f"pvtune {b} MiB, {label}", s, args)
+                                      not in done for s in args.pv_steps))]
         if not wanted:
             continue
         torch.manual_seed(0)
@@ -366,6 +386,10 @@ def main() -> None:
     parser.add_argument("--single-types", default=",".join(SINGLE_TYPES),
                         help="single-type files as LINEARS/EMBEDDINGS block types, "
                              "comma-separated ('' for none)")
+    parser.add_argument("--pv-code-lr", type=float, default=None,
+                        help="finetune --code-lr for the PV rows (default: the strategy's)")
+    parser.add_argument("--pv-eval-every", type=int, default=None,
+                        help="finetune --eval-every for the PV rows (default: start and end)")
     parser.add_argument("--no-pv", dest="pv", action="store_false",
                         help="skip the PV-Tuning points")
     parser.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
