@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-seqs", type=int, default=16)
     p.add_argument("--code-lr", type=float, default=0.2,
                    help="discrete step size: large enough that codes change within the few "
-                        "steps (the default 0.033 changes none in 6), so owners send codes")
+                        "steps (the default 0.01 changes none in 6), so owners send codes")
     p.add_argument("--repeats", type=int, default=2, help="runs of each arm; the fastest "
                    "is reported (this machine is shared and noisy)")
     args = p.parse_args(argv)

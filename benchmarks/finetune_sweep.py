@@ -36,8 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NAME = "finetune_sweep"
-BASE = {"code_lr": None, "tau": 0.01, "lr": 3e-5, "schedule": "constant", "batch_size": 2}
-# one setting changed at a time; code_lr in units of the default step (None: the default)
+BASE = {"code_lr": 1.0, "tau": 0.01, "lr": 3e-5, "schedule": "constant", "batch_size": 2}
+# the relative code steps the sweep is centred on (pvtune's defaults when it began): an arm's
+# code_lr multiplies these, so every arm means the same step at every commit
+START_CODE_LR = {"grid": {"ste": 0.033, "subspace_v_ste": 0.033, "stochastic_rounding": 3.3e-3},
+                 "rms": {"ste": 0.016, "subspace_v_ste": 0.016, "stochastic_rounding": 5.3e-3}}
+# one setting changed at a time; code_lr in units of START_CODE_LR
 ARMS = [{}, {"code_lr": 0.3}, {"code_lr": 3.0}, {"tau": 0.003}, {"tau": 0.03},
         {"lr": 1e-5}, {"lr": 1e-4}, {"schedule": "cosine"}, {"batch_size": 4}]
 STRATEGIES = ["frozen", "ste", "stochastic_rounding", "subspace_v_ste"]
@@ -65,14 +69,11 @@ def parse_settings(text: str) -> dict:
     return arm
 
 
-def absolute_code_lr(rep: str, strategy: str, scale: float | None) -> float | None:
-    """The relative code step an arm's multiple of the default stands for."""
-    if scale is None:
-        return None
-    from pvtune.optim.strategies import DEFAULT_LR
-
-    kind = "rms" if rep.startswith("aqlm") else "grid"
-    return scale * DEFAULT_LR[kind][strategy]
+def absolute_code_lr(rep: str, strategy: str, scale: float) -> float | None:
+    """The relative code step an arm's multiple of :data:`START_CODE_LR` stands for (None
+    for a strategy that moves no codes)."""
+    start = START_CODE_LR["rms" if rep.startswith("aqlm") else "grid"].get(strategy)
+    return None if start is None else scale * start
 
 
 def run_arm(rep: str, strategy: str, arm: dict, seed: int, args) -> dict:
@@ -135,7 +136,8 @@ def record(row: dict) -> None:
         "Starting points as in finetune_strategies.py; perplexity on the Wikipedia evaluation "
         "windows, unrelated_perplexity on offline:moby-dick (same number of windows of 512 "
         "tokens). arm: the settings changed from "
-        f"{BASE} (code_lr=xK: K times the strategy's default relative step). Loss curves and "
+        f"{BASE} (code_lr=xK: K times the relative code step {START_CODE_LR['grid']} on the "
+        f"grids, {START_CODE_LR['rms']} on AQLM). Loss curves and "
         "code-change fractions per step are in the JSON."))
     plot(rows, RESULTS / f"{NAME}.png")
 

@@ -780,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--code-lr", type=_nonnegative_float, default=None,
                    help="discrete step size relative to each weight's code cell (its grid "
                         "step or row scale); default: the strategy's, measured on SmolLM2 "
-                        "(0.033 of the grid step, 0.016 of the row scale for ste and "
+                        "(0.01 of the grid step, 0.016 of the row scale for ste and "
                         "subspace_v_ste)")
     p.add_argument("--tau", type=_nonnegative_float, default=0.01,
                    help="fraction of groups per V step")

@@ -93,14 +93,17 @@ class VStepConfig:
 # Default relative step sizes, per kind of step unit. They were measured on SmolLM2-135M at
 # about 2 bits (20 steps of 2 x 256 tokens) as steps in weight units, then divided by the mean
 # unit there: 0.302 for the 2-bit g64 grid step and 0.189 for AQLM's row scale (the rows' RMS).
-# * ste, subspace_v_ste: 1e-2 on the 2-bit grid (STE 983.2 -> 369.0, subspace V + STE 978.3
-#   -> 345.4; at 3e-3 the wide cells were rarely crossed) and 3e-3 on AQLM 2x8g8 (1e-2 hurt:
-#   83.58 -> 223.1), benchmarks/results/finetune_code_lr.md;
+# * ste, subspace_v_ste: 3e-3 on AQLM 2x8g8 (1e-2 hurt: 83.58 -> 223.1,
+#   benchmarks/results/finetune_code_lr.md), and 0.01 of the grid step on the GGUF and
+#   uniform grids: over 200 steps on Q2_0 the first default (0.033, from 1e-2 in weight units
+#   over 20 steps) ended at 473.3 where 0.01 reached 90.86 (benchmarks/results/
+#   finetune_sweep.md), and on the 70 MiB mixed file 0.033 rose after 30 steps where 0.01
+#   kept improving to step 60 (benchmarks/results/frontier.md);
 # * stochastic_rounding: 1e-3 (3e-3 diverged: its noise grows with the buffer's distance
 #   from the grid);
 # * linearized_v, subspace_v: 3e-4 (one step lowered a held-out KL; 3x that raised it 3-10x).
 DEFAULT_LR = {
-    "grid": {"ste": 0.033, "subspace_v_ste": 0.033, "stochastic_rounding": 3.3e-3,
+    "grid": {"ste": 0.01, "subspace_v_ste": 0.01, "stochastic_rounding": 3.3e-3,
              "linearized_v": 1e-3, "subspace_v": 1e-3, "frozen": 0.0},
     "rms": {"ste": 0.016, "subspace_v_ste": 0.016, "stochastic_rounding": 5.3e-3,
             "linearized_v": 1.6e-3, "subspace_v": 1.6e-3, "frozen": 0.0},
