@@ -88,6 +88,29 @@ def test_encode_subset_touches_only_selected_groups(config, weight):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_encode_groups_equals_a_masked_encode(config, weight):
+    """Encoding some groups from their values alone gives exactly the codes of a masked
+    encode of a full target (the discrete steps rely on it)."""
+    target = -weight + 0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(2))
+    by_mask, by_index = make(config, weight), make(config, weight)
+    n = by_mask.groups_shape[0] * by_mask.groups_shape[1]
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: n // 3].sort().values
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[index] = True
+    by_mask.encode(target, mask.view(by_mask.groups_shape))
+    by_index.encode_groups(index, target.reshape(-1, by_index.code_group_size)[index])
+    for name in by_mask.code_buffers:
+        assert torch.equal(getattr(by_index, name), getattr(by_mask, name)), name
+    assert not torch.equal(by_index(), make(config, weight)())  # some codes did change
+    with pytest.raises(ValueError, match="values shape"):
+        by_index.encode_groups(index, target.reshape(-1)[: index.numel()])
+    bad = target.reshape(-1, by_index.code_group_size)[index].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        by_index.encode_groups(index, bad)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_encode_recovers_own_decoding(config, weight):
     """Encoding the decoded weight is a fixed point (error stays zero)."""
     rep = make(config, weight)

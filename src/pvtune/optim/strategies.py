@@ -314,8 +314,10 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         if candidates.numel() == 0:
             return
         old = rep.snapshot_groups(candidates)
-        rep.encode(w - step, groups_mask(rep, candidates), beam_size=config.beam_size)
-        delta = rep.decode_groups(candidates) - in_groups(rep, w, candidates)
+        w_old = in_groups(rep, w, candidates)
+        rep.encode_groups(candidates, w_old - in_groups(rep, step, candidates),
+                          beam_size=config.beam_size)
+        delta = rep.decode_groups(candidates) - w_old
         # decrease of the local model <g, dW> + sum dW^2 / (2 eta), per candidate group
         gain = -(in_groups(rep, grad, candidates) * delta).sum(-1) \
             - (delta.pow(2) / (2 * in_groups(rep, eta, candidates).clamp(min=1e-30))).sum(-1)
@@ -349,7 +351,7 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
         old = rep.snapshot_groups(candidates)
         w_old = in_groups(rep, w, candidates)
         y = in_groups(rep, state.buffer, candidates)
-        rep.encode(state.buffer, groups_mask(rep, candidates), beam_size=config.beam_size)
+        rep.encode_groups(candidates, y, beam_size=config.beam_size)
         w_new = rep.decode_groups(candidates)
         decrease = (y - w_old).pow(2).sum(-1) - (y - w_new).pow(2).sum(-1)
         # first-order change of the loss: changes the current gradient disagrees with stay out
@@ -370,16 +372,9 @@ def group_count(rep: QuantizedWeight) -> int:
     return rep.groups_shape[0] * rep.groups_shape[1]
 
 
-def groups_mask(rep: QuantizedWeight, index: Tensor) -> Tensor:
-    """The ``groups`` mask of :meth:`QuantizedWeight.encode` selecting flat ``index``."""
-    mask = torch.zeros(group_count(rep), dtype=torch.bool, device=index.device)
-    mask[index] = True
-    return mask.view(rep.groups_shape)
-
-
 def in_groups(rep: QuantizedWeight, x: Tensor, index: Tensor) -> Tensor:
     """Entries of the weight-shaped ``x`` in the groups at flat ``index``, ``[n, size]``."""
-    return x.reshape(-1, rep.code_group_size)[index]
+    return x.reshape(-1, rep.code_group_size).index_select(0, index)
 
 
 def keep_among(rep: QuantizedWeight, old: dict[str, Tensor], candidates: Tensor,

@@ -163,6 +163,21 @@ class QuantizedWeight(nn.Module):
         """
         raise NotImplementedError
 
+    def encode_groups(self, index: Tensor, values: Tensor,
+                      beam_size: int | None = None) -> None:
+        """Re-fit the codes of the encode groups at flat ``index`` (into the row-major
+        :attr:`groups_shape`) to ``values`` (``[len(index), code_group_size]``), theta fixed:
+        the same codes as :meth:`encode` of a target holding ``values`` in those groups, with
+        those groups selected. Scalar grids touch only those entries; this default builds
+        the full target."""
+        values = self._check_group_values(index, values)
+        target = self().detach().to(torch.float32).clone()
+        target.view(-1, self.code_group_size)[index] = values
+        mask = torch.zeros(self.groups_shape[0] * self.groups_shape[1], dtype=torch.bool,
+                           device=index.device)
+        mask[index] = True
+        self.encode(target, mask.view(self.groups_shape), beam_size=beam_size)
+
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
         groups: Tensor | None = None, beam_size: int | None = None,
@@ -262,6 +277,19 @@ class QuantizedWeight(nn.Module):
             raise ValueError(f"target has {bad} non-finite value(s) (NaN or inf): no code is "
                              "nearest to them; the dense weights or buffer have diverged")
         return target
+
+    def _check_group_values(self, index: Tensor, values: Tensor) -> Tensor:
+        """Validated ``values`` of :meth:`encode_groups` (float32, finite, one row of
+        ``code_group_size`` per index)."""
+        if tuple(values.shape) != (index.numel(), self.code_group_size):
+            raise ValueError(f"values shape {tuple(values.shape)} != (len(index), group size) "
+                             f"{(index.numel(), self.code_group_size)}")
+        values = values.detach().to(torch.float32)
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise ValueError(f"values have {bad} non-finite value(s) (NaN or inf): no code is "
+                             "nearest to them; the dense weights or buffer have diverged")
+        return values
 
     def _check_inputs(self, target: Tensor, groups: Tensor | None,
                       beam_size: int | None) -> tuple[Tensor, Tensor | None]:

@@ -65,6 +65,18 @@ class ScalarGridWeight(QuantizedWeight):
                                                                    for p in params))
                 self.codes.view(-1)[sel] = q.to(torch.uint8)
 
+    def encode_groups(self, index: Tensor, values: Tensor,
+                      beam_size: int | None = None) -> None:
+        """Nearest codes of ``values`` at the weights of flat ``index`` (each weight its own
+        encode group), read and written in place: no full-size work."""
+        values = self._check_group_values(index, values)
+        with torch.no_grad():
+            at = self.group_index(index)
+            params = self.grid_params(values.dtype)
+            q = self.nearest_codes(values.reshape(-1), *(p.reshape(-1).index_select(0, at)
+                                                         for p in params))
+            self.codes.view(-1)[index] = q.to(torch.uint8)
+
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
         groups: Tensor | None = None, beam_size: int | None = None,
