@@ -725,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "function (checked). A tied head becomes untied (default none)")
     p.add_argument("--budget-types", type=_type_list, metavar="T1,T2,...",
                    help="storage types a budget may choose for decoder linears (default "
-                        "q2_0,q4_0,q4_1,q8_0,f16; the embeddings take the same without f16)")
+                        "q1_0,tq2_0,q2_0,q4_0,q4_1,q8_0,f16, each where the row width fits its "
+                        "blocks; the embeddings q2_0,q4_0,q4_1,q8_0)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="standard",
                    help="; ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))
     p.add_argument("--calib-text", help="calibration text (.txt or .jsonl); default: the "

@@ -5,10 +5,13 @@ saves, exports to GGUF, imports back and trains like any other."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pvtune.errors import ConfigError
 from pvtune.export.gguf import export_gguf, gguf_metadata_bytes, import_gguf_linears
@@ -18,7 +21,6 @@ from pvtune.llm.budget import (
     GGUF_TENSOR_OVERHEAD,
     BudgetConfig,
     TensorOptions,
-    _hull,
     allocate,
     budget_tensors,
     measure_options,
@@ -91,11 +93,32 @@ def options(key, pairs):
     return opt
 
 
-def test_hull_drops_dominated_and_non_convex_types():
-    opt = options("w", {"a": (10, 100.0), "b": (20, 60.0), "c": (30, 10.0), "d": (40, 20.0),
-                        "e": (50, 0.0)})
-    # b lies above the line from a to c; d costs more than c for more bytes
-    assert _hull(opt) == ["a", "c", "e"]
+def test_allocator_finds_the_exact_optimum_where_a_greedy_would_not():
+    """One large upgrade worth more than the small ones that would fill the budget first
+    (a table whose 2-bit form ruins the model beside linears that each lose a little)."""
+    table = {k: options(k, {"q1_0": (10, 1.8), "q2_0": (12, 0.0)}) for k in "ab"}
+    table["emb"] = options("emb", {"q2_0": (50, 8.0), "q4_0": (60, 0.0)})
+    # greedy by cost saved per byte takes the two 0.9/byte upgrades first (cost 8 left)
+    plan = allocate(table, budget_bytes=80)
+    assert plan.types == {"a": "q1_0", "b": "q1_0", "emb": "q4_0"}
+    assert plan.estimated_cost == pytest.approx(3.6) and plan.total_bytes == 80
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(1, 40), st.floats(0, 10)), min_size=1,
+                         max_size=3), min_size=1, max_size=4), st.integers(0, 150))
+def test_allocator_equals_exhaustive_search(tables, budget):
+    table = {str(i): options(str(i), {f"t{j}": pair for j, pair in enumerate(pairs)})
+             for i, pairs in enumerate(tables)}
+    feasible = [sum(c for _, c in combo) for combo in itertools.product(*tables)
+                if sum(b for b, _ in combo) <= budget]
+    if not feasible:
+        with pytest.raises(ConfigError, match="below the smallest file"):
+            allocate(table, budget)
+        return
+    plan = allocate(table, budget)  # bytes below DP_BINS: a unit of one byte, exact
+    assert plan.total_bytes <= budget
+    assert plan.estimated_cost == pytest.approx(min(feasible), abs=1e-9)
 
 
 def test_allocator_fits_the_budget_and_spends_it_where_the_cost_is():

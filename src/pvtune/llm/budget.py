@@ -10,15 +10,15 @@ on calibration text::
 
 (``decode_k`` the type's round-to-nearest fit, the squared gradients taken one calibration
 sequence at a time). :func:`allocate` then picks one type per tensor to minimise the summed
-cost within the byte budget: a multiple-choice knapsack solved greedily along each tensor's
-lower convex hull of (bytes, cost), best cost saved per byte first. The budget counts the
+cost within the byte budget: a multiple-choice knapsack, solved exactly by dynamic
+programming over bytes. The budget counts the
 file llama.cpp would load: every tensor's bytes, the norms in float32 and the metadata.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -41,7 +41,9 @@ from pvtune.reprs.gguf_block import (
 log = logging.getLogger(__name__)
 
 DENSE = "f16"  # the one dense storage type: float16 values, 2 bytes per weight
-DEFAULT_TYPES = ("q2_0", "q4_0", "q4_1", "q8_0", DENSE)
+# q1_0 and tq2_0 fit only rows whose width is a multiple of 128 and 256 (SmolLM2: the down
+# projections); they let a tight budget keep its embedding table out of q2_0
+DEFAULT_TYPES = ("q1_0", "tq2_0", "q2_0", "q4_0", "q4_1", "q8_0", DENSE)
 # a float16 table is never worth its bytes next to q8_0 at the sizes a budget is for
 DEFAULT_EMBEDDING_TYPES = ("q2_0", "q4_0", "q4_1", "q8_0")
 EMBEDDINGS = "embeddings"  # the key of the token embedding table (and a tied head)
@@ -296,61 +298,59 @@ def measure_options(model: nn.Module, ids: Tensor, config: BudgetConfig,
     return options
 
 
-def _hull(opt: TensorOptions) -> list[str]:
-    """The types on the lower convex hull of (bytes, cost), cheapest first: the only ones a
-    greedy allocation by cost saved per byte visits."""
-    pts = sorted(opt.bytes, key=lambda t: (opt.bytes[t], opt.cost[t]))
-    kept: list[str] = []
-    for t in pts:
-        if kept and opt.cost[t] >= opt.cost[kept[-1]]:
-            continue  # more bytes for no gain
-        while len(kept) >= 2:
-            a, b = kept[-2], kept[-1]
-            # b lies on or above the line from a to t: drop it
-            lhs = (opt.cost[a] - opt.cost[b]) * (opt.bytes[t] - opt.bytes[a])
-            rhs = (opt.cost[a] - opt.cost[t]) * (opt.bytes[b] - opt.bytes[a])
-            if lhs <= rhs:
-                kept.pop()
-            else:
-                break
-        kept.append(t)
-    return kept
+DP_BINS = 1 << 18  # byte resolution of the allocation: the largest possible upgrade / this
 
 
 def allocate(options: dict[str, TensorOptions], budget_bytes: int,
              fixed: int = 0) -> BudgetPlan:
     """One type per tensor minimising the summed estimated cost with ``fixed`` plus the
-    tensors' bytes at most ``budget_bytes`` (greedy along each tensor's convex hull, the
-    largest cost saved per byte first; an upgrade that does not fit ends that tensor's
-    upgrades). A :class:`ConfigError` when even the smallest types do not fit."""
-    hulls = {k: _hull(o) for k, o in options.items()}
-    choice = {k: h[0] for k, h in hulls.items()}
-    used = fixed + sum(options[k].bytes[t] for k, t in choice.items())
+    tensors' bytes at most ``budget_bytes``: the multiple-choice knapsack solved exactly by
+    dynamic programming over the bytes above each tensor's smallest type, counted in units
+    of ``ceil(all upgrades / DP_BINS)`` bytes rounded up (so the file never exceeds the
+    budget, and a larger budget never gets a higher estimated cost). Exact where a greedy
+    by cost saved per byte is not: one large upgrade (an embedding table) can be worth more
+    than the many small ones that would leave no room for it. A :class:`ConfigError` when
+    even the smallest types do not fit."""
+    import numpy as np
+
+    keys = list(options)
+    types = {k: sorted(options[k].bytes, key=lambda t: (options[k].bytes[t], options[k].cost[t]))
+             for k in keys}
+    smallest = {k: types[k][0] for k in keys}
+    used = fixed + sum(options[k].bytes[smallest[k]] for k in keys)
     if used > budget_bytes:
         raise ConfigError(
             f"the budget of {budget_bytes / 2**20:.2f} MiB is below the smallest file these "
             f"storage types make ({used / 2**20:.2f} MiB); raise it or allow smaller types")
-    heap: list[tuple[float, str, int]] = []
-
-    def push(key: str, pos: int) -> None:
-        hull = hulls[key]
-        if pos + 1 < len(hull):
-            o, a, b = options[key], hull[pos], hull[pos + 1]
-            gain = (o.cost[a] - o.cost[b]) / (o.bytes[b] - o.bytes[a])
-            heapq.heappush(heap, (-gain, key, pos + 1))
-
-    for key in hulls:
-        push(key, 0)
-    while heap:
-        _, key, pos = heapq.heappop(heap)
-        o, new = options[key], hulls[key][pos]
-        extra = o.bytes[new] - o.bytes[choice[key]]
-        if used + extra > budget_bytes:
-            continue
-        choice[key], used = new, used + extra
-        push(key, pos)
+    extra = {k: [options[k].bytes[t] - options[k].bytes[smallest[k]] for t in types[k]]
+             for k in keys}
+    # the unit depends on the options only, not on the budget: budgets compare exactly
+    unit = max(1, math.ceil(sum(max(e) for e in extra.values()) / DP_BINS))
+    capacity = min((budget_bytes - used) // unit,
+                   sum(math.ceil(max(e) / unit) for e in extra.values()))
+    best = np.zeros(capacity + 1)  # least cost of the tensors so far within c units
+    picks = np.zeros((len(keys), capacity + 1), dtype=np.int8)
+    for i, k in enumerate(keys):
+        new = np.full(capacity + 1, np.inf)
+        for j, (t, e) in enumerate(zip(types[k], extra[k], strict=True)):
+            w = math.ceil(e / unit)
+            if w > capacity:
+                continue
+            cand = np.full(capacity + 1, np.inf)
+            cand[w:] = best[: capacity + 1 - w] + options[k].cost[t]
+            better = cand < new
+            new[better], picks[i, better] = cand[better], j
+        best = new
+    choice, c = {}, int(np.argmin(best))  # the least cost may need less than all units
+    for i in range(len(keys) - 1, -1, -1):
+        k = keys[i]
+        j = int(picks[i, c])
+        choice[k] = types[k][j]
+        c -= math.ceil(extra[k][j] / unit)
+    choice = {k: choice[k] for k in keys}
+    tensor_bytes = sum(options[k].bytes[t] for k, t in choice.items())
     cost = sum(options[k].cost[t] for k, t in choice.items())
-    return BudgetPlan(choice, budget_bytes, fixed, used - fixed, cost, options)
+    return BudgetPlan(choice, budget_bytes, fixed, tensor_bytes, cost, options)
 
 
 def plan_budget(model: nn.Module, ids: Tensor, config: BudgetConfig, metadata_bytes: int = 0,
