@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -311,8 +312,6 @@ def allocate(options: dict[str, TensorOptions], budget_bytes: int,
     by cost saved per byte is not: one large upgrade (an embedding table) can be worth more
     than the many small ones that would leave no room for it. A :class:`ConfigError` when
     even the smallest types do not fit."""
-    import numpy as np
-
     keys = list(options)
     types = {k: sorted(options[k].bytes, key=lambda t: (options[k].bytes[t], options[k].cost[t]))
              for k in keys}
@@ -347,7 +346,7 @@ def allocate(options: dict[str, TensorOptions], budget_bytes: int,
         j = int(picks[i, c])
         choice[k] = types[k][j]
         c -= math.ceil(extra[k][j] / unit)
-    choice = {k: choice[k] for k in keys}
+    choice = {k: choice[k] for k in keys}  # in the model's order, as recorded
     tensor_bytes = sum(options[k].bytes[t] for k, t in choice.items())
     cost = sum(options[k].cost[t] for k, t in choice.items())
     return BudgetPlan(choice, budget_bytes, fixed, tensor_bytes, cost, options)

@@ -271,11 +271,8 @@ class QuantizedWeight(nn.Module):
         target = target.detach().to(torch.float32)
         # one pass: float32 entries cannot overflow a float64 sum, which is finite exactly
         # when every entry is (the entry-wise check only counts the bad ones)
-        if not math.isfinite(float(target.sum(dtype=torch.float64))) \
-                and not bool(torch.isfinite(target).all()):
-            bad = int((~torch.isfinite(target)).sum())
-            raise ValueError(f"target has {bad} non-finite value(s) (NaN or inf): no code is "
-                             "nearest to them; the dense weights or buffer have diverged")
+        if not math.isfinite(float(target.sum(dtype=torch.float64))):
+            _require_finite(target, "target has")
         return target
 
     def _check_group_values(self, index: Tensor, values: Tensor) -> Tensor:
@@ -285,10 +282,7 @@ class QuantizedWeight(nn.Module):
             raise ValueError(f"values shape {tuple(values.shape)} != (len(index), group size) "
                              f"{(index.numel(), self.code_group_size)}")
         values = values.detach().to(torch.float32)
-        if not bool(torch.isfinite(values).all()):
-            bad = int((~torch.isfinite(values)).sum())
-            raise ValueError(f"values have {bad} non-finite value(s) (NaN or inf): no code is "
-                             "nearest to them; the dense weights or buffer have diverged")
+        _require_finite(values, "values have")
         return values
 
     def _check_inputs(self, target: Tensor, groups: Tensor | None,
@@ -343,6 +337,14 @@ def register_representation(name: str):
 def representation_for(config: ReprConfig) -> type[QuantizedWeight]:
     """The representation class registered for ``type(config)``."""
     return REPRESENTATIONS.get(type(config))
+
+
+def _require_finite(x: Tensor, what: str) -> None:
+    """A ValueError naming how many entries of ``x`` are NaN or inf (none: nothing)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} {bad} non-finite value(s) (NaN or inf): no code is nearest "
+                         "to them; the dense weights or buffer have diverged")
 
 
 def times_unit(x: Tensor, unit: Tensor) -> Tensor:

@@ -60,10 +60,7 @@ class ScalarGridWeight(QuantizedWeight):
                 self.codes.copy_(q.reshape(self.codes.shape).to(torch.uint8))
             else:  # only the selected weights: no full-size work
                 sel = groups.reshape(-1).nonzero().squeeze(1)
-                at = self.group_index(sel)
-                q = self.nearest_codes(target.reshape(-1)[sel], *(p.reshape(-1)[at]
-                                                                   for p in params))
-                self.codes.view(-1)[sel] = q.to(torch.uint8)
+                self._encode_at(sel, target.reshape(-1)[sel], params)
 
     def encode_groups(self, index: Tensor, values: Tensor,
                       beam_size: int | None = None) -> None:
@@ -71,11 +68,13 @@ class ScalarGridWeight(QuantizedWeight):
         encode group), read and written in place: no full-size work."""
         values = self._check_group_values(index, values)
         with torch.no_grad():
-            at = self.group_index(index)
-            params = self.grid_params(values.dtype)
-            q = self.nearest_codes(values.reshape(-1), *(p.reshape(-1).index_select(0, at)
-                                                         for p in params))
-            self.codes.view(-1)[index] = q.to(torch.uint8)
+            self._encode_at(index, values.reshape(-1), self.grid_params(values.dtype))
+
+    def _encode_at(self, index: Tensor, values: Tensor, params: tuple[Tensor, ...]) -> None:
+        """Nearest codes of the flat weights at ``index`` to ``values``, under ``params``."""
+        at = self.group_index(index)
+        q = self.nearest_codes(values, *(p.reshape(-1).index_select(0, at) for p in params))
+        self.codes.view(-1)[index] = q.to(torch.uint8)
 
     def stochastic_encode(
         self, target: Tensor, generator: torch.Generator | None = None,
