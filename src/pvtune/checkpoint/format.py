@@ -35,12 +35,16 @@ from pvtune.checkpoint.files import (
     write_json_atomic,
 )
 from pvtune.errors import CheckpointError
+from pvtune.nn.attached import attached_specs, install_attached_
+from pvtune.nn.input_quantized_linear import InputQuantizedLinear
+from pvtune.nn.input_quantizers import input_quantizer_from_spec, input_quantizer_spec
 from pvtune.nn.quantize import quantized_layers
 from pvtune.nn.quantized_embedding import QuantizedEmbedding, shared_layers
 from pvtune.nn.quantized_linear import LAYER_KINDS, QuantizedLinear
 from pvtune.nn.replace import set_submodule
+from pvtune.nn.token_quant import TokenQuantizer
 from pvtune.packing import codec_from_dict
-from pvtune.qat.convert import activation_spec, quantizer_from_spec
+from pvtune.qat.layers import ActivationQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ FORMAT_VERSION = 2
 LAYOUT_FILE = "pvtune_layout.json"
 WEIGHTS_PREFIX = "pvtune_model"
 LEGACY_WEIGHTS_FILE = "pvtune_model.safetensors"  # format version 1: fixed name, no checksum
+# what a checkpoint can hold besides compressed layers (importing them registers their
+# kinds): input quantizers of compressed layers, and full-precision linears behind one
+BUILTIN_KINDS = (ActivationQuantizer, TokenQuantizer, InputQuantizedLinear)
 CODE_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -79,7 +86,7 @@ def pack_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             spec["kind"] = layer.layout_kind
         spec.update(layer.layout_spec())
         if layer.input_quantizer is not None:
-            spec["activations"] = activation_spec(layer.input_quantizer)
+            spec["activations"] = input_quantizer_spec(layer.input_quantizer)
         layout["layers"][name] = spec
         if name in shared:  # a tied head: its codes are the embeddings' (an alias)
             spec["shares"] = shared[name]
@@ -90,6 +97,9 @@ def pack_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             state[key] = codec.pack(codes)
             layout["packed"][key] = {**codec.to_dict(), "shape": list(codes.shape),
                                      "dtype": str(codes.dtype).removeprefix("torch.")}
+    attached = attached_specs(model)
+    if attached:  # recorded only where present: other layouts stay as they were
+        layout["attached"] = attached
     for key, tensor in list(state.items()):
         if key not in layout["packed"] and _exact_fp16(tensor):
             layout["dtypes"][key] = str(tensor.dtype).removeprefix("torch.")
@@ -382,7 +392,7 @@ def _replacement(model: nn.Module, name: str, spec: dict[str, Any], source: str,
                               "checkpoint of another architecture?)") from None
     layer = _replacement_layer(current, name, spec, source, done)
     if "activations" in spec:
-        layer.input_quantizer = quantizer_from_spec(spec["activations"])
+        layer.input_quantizer = input_quantizer_from_spec(spec["activations"])
     return layer
 
 
@@ -421,6 +431,45 @@ def load_quantized(model: nn.Module, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     layout = read_layout(directory)
     source = str(weights_path(directory, layout))
+    undo = _undo_record(model, layout.get("attached", {}))
+    try:
+        install_attached_(model, layout.get("attached", {}), source)
+        return _load_into(model, directory, layout, source)
+    except BaseException:
+        _undo(model, undo)
+        raise
+
+
+def _undo_record(model: nn.Module, attached: Any) -> tuple[list, dict]:
+    """What installing ``attached`` would replace: the modules at those names, and the
+    attention implementation of the model's config."""
+    modules = []
+    for name in attached if isinstance(attached, dict) else ():
+        parent, _, child = str(name).rpartition(".")
+        try:
+            owner = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        modules.append((owner, child, getattr(owner, child, None)))
+    config = getattr(model, "config", None)
+    return modules, {"config": config,
+                     "attn": getattr(config, "_attn_implementation", None) if config else None}
+
+
+def _undo(model: nn.Module, record: tuple[list, dict]) -> None:
+    modules, config = record
+    for owner, child, old in modules:
+        if old is None:
+            if hasattr(owner, child):
+                delattr(owner, child)
+        else:
+            setattr(owner, child, old)
+    if config["config"] is not None and config["attn"] is not None:
+        config["config"]._attn_implementation = config["attn"]
+
+
+def _load_into(model: nn.Module, directory: Path, layout: dict[str, Any], source: str
+               ) -> nn.Module:
     replacements = {}
     for name, spec in layout["layers"].items():
         if layout["version"] == 1 and spec["config"].get("type") == "nm_sparse":

@@ -242,7 +242,7 @@ def _quantize_linear(block, name, xtx, config, prefix, rep_config) -> LayerRepor
     t0 = time.perf_counter()
     qweight = init.fn(linear.weight.detach().float(), xtx, rep_config,
                       config.method_config)
-    set_submodule(block, name, QuantizedLinear(qweight, linear.bias))
+    set_submodule(block, name, QuantizedLinear.replacing(linear, qweight))
     err = None
     if xtx is not None:
         with torch.no_grad():
@@ -274,7 +274,7 @@ def _quantize_block(block, names, xtx_of, config, prefix, dist: DistributedConte
         qweight, layer_report = payload[0]
         if n not in mine:
             linear = block.get_submodule(n)
-            set_submodule(block, n, QuantizedLinear(qweight, linear.bias))
+            set_submodule(block, n, QuantizedLinear.replacing(linear, qweight))
         reports.append(layer_report)
     return reports
 

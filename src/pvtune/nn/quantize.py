@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pvtune.errors import ConfigError
+from pvtune.nn.input_quantized_linear import InputQuantizedLinear
 from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.nn.replace import set_submodule
@@ -65,7 +66,8 @@ def quantize_(
             "quantize_ replaces the linear layers inside a model, and this model is itself an "
             "nn.Linear; use QuantizedLinear.from_linear(linear, config) instead"
         )
-    kinds = (nn.Linear, nn.Conv2d) if include_conv else (nn.Linear,)
+    kinds = (nn.Linear, InputQuantizedLinear, nn.Conv2d) if include_conv else \
+        (nn.Linear, InputQuantizedLinear)  # a linear behind an input quantizer keeps it
     targets = [
         (name, module)
         for name, module in model.named_modules()

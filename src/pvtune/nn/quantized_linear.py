@@ -60,7 +60,15 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, config: ReprConfig) -> QuantizedLinear:
         """Compress ``linear.weight`` with the representation registered for ``config``."""
         qweight = representation_for(config).from_dense(linear.weight, config)
-        return cls(qweight.to(linear.weight.device), linear.bias)
+        return cls.replacing(linear, qweight.to(linear.weight.device))
+
+    @classmethod
+    def replacing(cls, module: nn.Module, qweight: QuantizedWeight) -> QuantizedLinear:
+        """The layer holding ``qweight`` in ``module``'s place: ``module``'s bias, and its
+        input quantizer when it has one (an activation quantizer, an online rotation)."""
+        layer = cls(qweight, module.bias)
+        layer.input_quantizer = getattr(module, "input_quantizer", None)
+        return layer
 
     layout_kind: ClassVar[str] = "linear"
 

@@ -4,19 +4,18 @@ latent weights into codes (ordinary pvtune layers, saved by the ordinary checkpo
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from torch import nn
 
-from pvtune.errors import CheckpointError, ConfigError
+from pvtune.errors import ConfigError
+from pvtune.nn.input_quantized_linear import InputQuantizedLinear
 from pvtune.nn.quantize import register_quantize_handler
 from pvtune.nn.quantized_conv import QuantizedConv2d
 from pvtune.nn.quantized_linear import QuantizedLinear
 from pvtune.nn.replace import set_submodule
-from pvtune.qat.config import ActivationQuantConfig, EstimatorConfig, QATConfig
-from pvtune.qat.layers import ActivationQuantizer, QATConv2d, QATLayer, QATLinear
+from pvtune.qat.config import QATConfig
+from pvtune.qat.layers import QATConv2d, QATLayer, QATLinear
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -32,7 +31,8 @@ def prepare_qat_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None
     """Replace every ``nn.Linear`` (and ``nn.Conv2d`` when ``config.conv``) for which
     ``filter_fn(module, name)`` holds with a :class:`QATLinear` / :class:`QATConv2d`;
     returns ``model``. All or nothing: shapes are checked before any layer is swapped."""
-    kinds = (nn.Linear, nn.Conv2d) if config.conv else (nn.Linear,)
+    kinds = (nn.Linear, InputQuantizedLinear, nn.Conv2d) if config.conv else \
+        (nn.Linear, InputQuantizedLinear)
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) in kinds and (filter_fn is None or filter_fn(m, n))]
     if not targets:
@@ -43,7 +43,13 @@ def prepare_qat_(model: nn.Module, config: QATConfig, filter_fn: FilterFn | None
         try:
             config.representation.check_shape(*_shape_of(module))
             cls = QATLinear if isinstance(module, nn.Linear) else QATConv2d
-            replacements.append((name, module, cls(module, config)))
+            layer = cls(module, config)
+            if isinstance(module, InputQuantizedLinear):  # its quantizer comes along
+                if layer.input_quantizer is not None:
+                    raise ValueError("it already has an input quantizer and the config "
+                                     "asks for activation quantization as well")
+                layer.input_quantizer = module.input_quantizer
+            replacements.append((name, module, layer))
         except ValueError as err:
             raise ConfigError(f"cannot train layer {name!r} ({type(module).__name__} "
                               f"{tuple(module.weight.shape)}) as "
@@ -114,24 +120,3 @@ def freeze_(model: nn.Module) -> nn.Module:
         frozen.train(layer.training)
         set_submodule(model, name, frozen)
     return model
-
-
-def activation_spec(quantizer: nn.Module) -> dict[str, Any]:
-    """A checkpoint's record of an input quantizer."""
-    if not isinstance(quantizer, ActivationQuantizer):
-        raise CheckpointError(f"cannot save an input quantizer of type "
-                              f"{type(quantizer).__name__}")
-    cfg = quantizer.config
-    return {"bits": cfg.bits, "signed": cfg.signed,
-            "estimator": dataclasses.asdict(cfg.estimator)}
-
-
-def quantizer_from_spec(spec: dict[str, Any]) -> ActivationQuantizer:
-    """The (untrained) input quantizer a checkpoint's record describes."""
-    try:
-        est = dict(spec["estimator"])
-        est["reste_o"] = tuple(est.get("reste_o", (1.0, 3.0)))
-        return ActivationQuantizer(ActivationQuantConfig(
-            bits=spec["bits"], signed=spec["signed"], estimator=EstimatorConfig(**est)))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"bad activation quantizer record {spec!r}: {err}") from None

@@ -4,17 +4,22 @@ and an optional input quantizer. :func:`pvtune.qat.freeze_` turns them into
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pvtune.errors import CheckpointError
 from pvtune.estimators import LearnedStepQuantize
-from pvtune.qat.config import ActivationQuantConfig, QATConfig
+from pvtune.nn.input_quantizers import DEFAULT_KIND, register_input_quantizer
+from pvtune.qat.config import ActivationQuantConfig, EstimatorConfig, QATConfig
 from pvtune.qat.projections import Projection, projection_for, sign_estimate
 
 
+@register_input_quantizer(DEFAULT_KIND)
 class ActivationQuantizer(nn.Module):
     """Quantizes a layer's input: ``sign(x)`` through a sign estimator (``bits=1``), or an LSQ
     grid whose step is learned and initialised from the first training batch
@@ -41,6 +46,23 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.config.bits}, estimator={self.config.estimator.name}"
+
+    def to_spec(self) -> dict[str, Any]:
+        """A checkpoint's record of this quantizer (its learned step is in the state dict)."""
+        cfg = self.config
+        return {"bits": cfg.bits, "signed": cfg.signed,
+                "estimator": dataclasses.asdict(cfg.estimator)}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ActivationQuantizer:
+        """The (untrained) quantizer a checkpoint record describes."""
+        try:
+            est = dict(spec["estimator"])
+            est["reste_o"] = tuple(est.get("reste_o", (1.0, 3.0)))
+            return cls(ActivationQuantConfig(bits=spec["bits"], signed=spec["signed"],
+                                             estimator=EstimatorConfig(**est)))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"bad activation quantizer record {spec!r}: {err}") from None
 
 
 class QATLayer(nn.Module):

@@ -44,16 +44,24 @@ KINDS = ("hadamard", "orthogonal")
 class RotationConfig:
     """Which rotations to fold: ``residual`` (R1) and ``heads`` (R2), each a randomised
     Hadamard matrix where the size allows (``kind="hadamard"``) or a random orthogonal one
-    (``kind="orthogonal"``), drawn from ``seed``."""
+    (``kind="orthogonal"``), drawn from ``seed``. ``head_layers`` limits R2 to those decoder
+    blocks (by index; None: every block)."""
 
     kind: str = "hadamard"
     residual: bool = True
     heads: bool = True
     seed: int = 0
+    head_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"RotationConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.head_layers is not None:
+            layers = tuple(self.head_layers)
+            if not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise ConfigError(f"RotationConfig.head_layers must be block indices >= 0, "
+                                  f"got {self.head_layers!r}")
+            object.__setattr__(self, "head_layers", layers)
         if not (self.residual or self.heads):
             raise ConfigError("RotationConfig: enable residual (R1), heads (R2) or both")
 
@@ -150,6 +158,15 @@ def _trace(model: nn.Module) -> _Structure:
     return _Structure(hidden, used, writers, attention)
 
 
+def fold_problem(model: nn.Module) -> str | None:
+    """Why :func:`rotate_model_` would refuse ``model``'s structure (None: it would not)."""
+    try:
+        _trace(model)
+    except ModelError as err:
+        return str(err)
+    return None
+
+
 def _scale_rule(norm: nn.Module, hidden: int) -> tuple[Tensor, float]:
     """The norm's effective scale and the weight value that makes it 1 (1 for ``x * w``,
     0 for ``x * (1 + w)``); a :class:`ModelError` for a norm that is not an RMSNorm."""
@@ -216,7 +233,7 @@ def rotate_model_(model: nn.Module, config: RotationConfig = RotationConfig()
                 untied = True
             _fold_residual(model, structure, q)
         if config.heads and structure.attention:
-            heads = _fold_heads(model, structure, config.kind, gen)
+            heads = _fold_heads(model, structure, config.kind, gen, config.head_layers)
         after = _logits(model, ids)
         error = float((after - before).abs().max() / before.abs().max().clamp(min=1e-30))
         if not error < 1e-3:
@@ -258,12 +275,16 @@ def _fold_residual(model: nn.Module, structure: _Structure, q: Tensor) -> None:
 
 
 def _fold_heads(model: nn.Module, structure: _Structure, kind: str,
-                gen: torch.Generator) -> str | None:
+                gen: torch.Generator, layers: tuple[int, ...] | None) -> str | None:
     config = model.config
     head_dim = getattr(config, "head_dim", None) or \
         config.hidden_size // config.num_attention_heads
     attention = [a for a in structure.attention
                  if a.v_proj.out_features % head_dim == 0 and a.o_proj.in_features % head_dim == 0]
+    if layers is not None:
+        blocks = find_blocks(model).blocks
+        chosen = {id(m) for i in layers if i < len(blocks) for m in blocks[i].modules()}
+        attention = [a for a in attention if id(a) in chosen]
     if not attention:
         return None
     h, what = rotation_matrix(head_dim, kind, gen)
