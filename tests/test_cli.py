@@ -458,3 +458,26 @@ def test_ask_answers_next_to_the_reference(text_file, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ask", str(tmp_path / "no-template")]) == 2
     assert "no chat template" in error_of(capsys)
+
+
+def test_compress_with_quantized_activations_records_them_and_refuses_export(
+        llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "w4a4"
+    args = ["compress", str(llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "0",
+            "--activations", "4", "--kv-cache", "4", "--calib-text", str(text_file),
+            "--eval-text", str(text_file), "--output", str(out), *COMMON]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "activations 4-bit, KV cache 4-bit, clip 0.95; rotations adaptive: R1 on" in printed
+    meta = read_meta(out)
+    chosen = meta["activation_rotations"]
+    assert chosen["residual"] and len(chosen["down"]) == 2 and "off" in chosen["errors"]
+    assert main(["eval", str(out), "--eval-text", str(text_file), "--eval-window", "24"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--output", str(tmp_path / "x.gguf")]) == 2
+    assert "quantized KV cache" in error_of(capsys) and "run it with pvtune" in error_of.last
+    assert main(["compress", str(llama_dir), "--activations", "4", "--rotate", "hadamard",
+                 "--no-eval", "--output", str(tmp_path / "y")]) == 2
+    assert "--activations" in error_of(capsys)
+    with pytest.raises(SystemExit):
+        main(["compress", str(llama_dir), "--activations", "1"])

@@ -209,12 +209,32 @@ def _compress_request(args: argparse.Namespace):
             group_size=args.group_size or None, symmetric=args.symmetric,
             codebooks=args.codebooks, embeddings=args.embeddings,
             budget=_budget_config(args), rotation=_rotation_config(args),
+            activations=_activation_config(args),
             num_sequences=args.num_seqs, sequence_length=args.seq_len,
             block_finetune_steps=args.block_finetune_steps,
             block_finetune_lr=args.block_finetune_lr, seed=args.seed)
     except ConfigError as err:
         raise _with_flags(err, "--method, --format, --embeddings, --target-size, "
-                               "--target-bits, --codebooks") from None
+                               "--target-bits, --codebooks, --rotate, --activations") from None
+
+
+def _activation_config(args: argparse.Namespace):
+    """The quantized activations and KV cache ``--activations``/``--kv-cache`` ask for (None
+    for neither)."""
+    from pvtune.llm.activation_quant import ActivationKVConfig
+    from pvtune.nn.token_quant import TokenQuantConfig
+
+    act, kv = getattr(args, "activations", None), getattr(args, "kv_cache", None)
+    if act is None and kv is None:
+        return None
+    try:
+        return ActivationKVConfig(
+            activations=TokenQuantConfig(act or 16, args.act_clip),
+            kv_cache=TokenQuantConfig(kv or 16, args.act_clip),
+            rotations=args.act_rotations, weight_bits=min(max(args.bits, 2), 16),
+            seed=args.seed)
+    except ConfigError as err:
+        raise _with_flags(err, "--activations, --kv-cache, --act-clip") from None
 
 
 def _rotation_config(args: argparse.Namespace):
@@ -266,7 +286,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         job.config()  # before any work: the errors the compression flags can fix
     except ConfigError as err:
         raise _with_flags(err, "--method, --format, --embeddings, --target-size, "
-                               "--target-bits, --codebooks") from None
+                               "--target-bits, --codebooks, --rotate, --activations") from None
     dist = _distributed_context()
     try:
         outcome = compress_checkpoint(args.model, Path(args.output) if args.output else None,
@@ -287,6 +307,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     bos = outcome.bos
     rows = [["method", method_name],
             ["rotations folded", _rotation_text(report.rotation)],
+            *([["quantized activations", _activation_text(config.activations,
+                                                          report.activations)]]
+              if report.activations is not None else []),
             ["compression time", f"{report.seconds / 60:.1f} min"],
             *_bits_rows(outcome.meta["bits"]),
             ["size on disk", f"{outcome.size_bytes / 2**20:.1f} MiB"],
@@ -305,6 +328,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     _sample(outcome.model, outcome.tokenizer, args, bos)
     dist.close()
     return 0
+
+
+def _activation_text(config, choice) -> str:
+    def bits(c):
+        return "off" if c.bits >= 16 else f"{c.bits}-bit"
+    return (f"activations {bits(config.activations)}, KV cache {bits(config.kv_cache)}, "
+            f"clip {config.activations.clip}; rotations {config.rotations}: "
+            f"{choice.summary()}")
 
 
 def _rotation_text(rotation) -> str:
@@ -723,6 +754,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrices where the size allows), orthogonal (random orthogonal), r1 "
                         "or r2 (Hadamard, one of the two); the model computes the same "
                         "function (checked). A tied head becomes untied (default none)")
+    p.add_argument("--activations", type=_number_at_least(int, 2), metavar="BITS",
+                   help="quantize the input of every decoder linear per token to BITS bits "
+                        "(asymmetric round-to-nearest, straight-through gradients) when the "
+                        "model runs; the checkpoint then runs in pvtune only (default: off)")
+    p.add_argument("--kv-cache", type=_number_at_least(int, 2), metavar="BITS",
+                   help="quantize keys and values per token and head to BITS bits (default: "
+                        "off)")
+    p.add_argument("--act-rotations", choices=["adaptive", "on", "off"], default="adaptive",
+                   help="rotations behind quantized activations: adaptive (R1, and R2/R3/R4 "
+                        "per block where they lower the measured quantization error, as in "
+                        "RoSTE), on (every one), off (none) (default adaptive)")
+    p.add_argument("--act-clip", type=float, default=0.95,
+                   help="clipping factor of the activation and KV ranges (0.95)")
     p.add_argument("--budget-types", type=_type_list, metavar="T1,T2,...",
                    help="storage types a budget may choose for decoder linears (default "
                         "q1_0,tq2_0,q2_0,q4_0,q4_1,q8_0,f16, each where the row width fits its "

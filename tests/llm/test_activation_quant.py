@@ -111,3 +111,22 @@ def test_a_prepared_model_saves_and_reloads_bit_for_bit(tmp_path, compressed):
     assert sum(isinstance(m, KVQuantizer) for m in loaded.modules()) == 2
     flags = [m.rotation is not None for m in loaded.modules() if isinstance(m, KVQuantizer)]
     assert flags == choice.queries_keys
+
+
+def test_calibration_sees_the_inputs_the_weights_multiply():
+    from pvtune.llm.activations import XTXCollector
+
+    model = tiny("llama")
+    prepare_activation_quant_(model, ActivationKVConfig(TokenQuantConfig(16), OFF,
+                                                        rotations="on"))
+    block = model.model.layers[0]
+    down = block.mlp.down_proj
+    seen = []
+    handle = down.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].detach()))
+    collector = XTXCollector(block)
+    with torch.no_grad():
+        model(ids())
+    collector.remove()
+    handle.remove()
+    x = down.input_quantizer.rotation(seen[0]).reshape(-1, down.in_features).float()
+    torch.testing.assert_close(collector.xtx("mlp.down_proj"), x.T @ x / x.shape[0])

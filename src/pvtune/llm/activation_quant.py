@@ -233,11 +233,25 @@ def _measure(model: nn.Module, config: ActivationKVConfig, choice: RotationChoic
     return out
 
 
+def runtime_quantization(model: nn.Module) -> str | None:
+    """What ``model`` computes at run time beyond its weights (quantized activations or KV
+    cache, online rotations, any layer's input quantizer), in words; None for nothing."""
+    found = []
+    if any(isinstance(m, KVQuantizer) for m in model.modules()):
+        found.append("a quantized KV cache")
+    inputs = [m for m in model.modules() if getattr(m, "input_quantizer", None) is not None]
+    if inputs:
+        found.append(f"input quantizers on {len(inputs)} layers")
+    if any(isinstance(m, OnlineRotation) for m in model.modules()):
+        found.append("online rotations")
+    return ", ".join(found) or None
+
+
 def select_rotations(model: nn.Module, config: ActivationKVConfig, samples: Tensor,
                      batch_size: int = 8) -> RotationChoice:
     """RoSTE's adaptive choice (module docstring): R1 on (where the model allows it); per
-    block, R2, R3 and R4 each on
-    where the measured error with every rotation on is below the error with every one off.
+    block, R2, R3 and R4 each on where the measured error with every rotation on is below
+    the error with every one off.
     ``samples``: token ids ``[n, length]`` (RoSTE: 128 training samples)."""
     if samples.dim() != 2 or samples.shape[0] == 0:
         raise ConfigError(f"select_rotations needs token ids of shape [n, length], got "

@@ -79,10 +79,18 @@ class XTXCollector:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        # a layer behind an input quantizer (an online rotation, quantized activations)
+        # multiplies what the quantizer hands it: that is the input its weight sees
         self._handles = [
-            m.register_forward_pre_hook(self._hook(name))
+            m.input_quantizer.register_forward_hook(self._output_hook(name))
+            if getattr(m, "input_quantizer", None) is not None
+            else m.register_forward_pre_hook(self._hook(name))
             for name, m in module.named_modules() if isinstance(m, nn.Linear)
         ]
+
+    def _output_hook(self, name: str):
+        accumulate = self._hook(name)
+        return lambda module, inputs, output: accumulate(module, (output,))
 
     def _hook(self, name: str):
         def hook(module, inputs):

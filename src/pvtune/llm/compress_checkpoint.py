@@ -202,6 +202,8 @@ def compress_checkpoint(model: str | Path | None, output: Path | None, job: Comp
             meta["budget_plan"] = report.plan.to_dict()
         if report.rotation is not None:
             meta["rotation"] = report.rotation.to_dict()
+        if report.activations is not None:
+            meta["activation_rotations"] = report.activations.to_dict()
         if source.is_default:
             meta["reference_note"] = REFERENCE_NOTE
         saved = save_or_rescue(net, tokenizer, output, meta)

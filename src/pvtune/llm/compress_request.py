@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
+from pvtune.llm.activation_quant import ActivationKVConfig
 from pvtune.llm.budget import BudgetConfig
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig
@@ -51,6 +52,7 @@ class CompressRequest:
     embeddings: str = DENSE_EMBEDDINGS
     budget: BudgetConfig | None = None
     rotation: RotationConfig | None = None
+    activations: ActivationKVConfig | None = None
     num_sequences: int | None = None
     sequence_length: int | None = None
     block_finetune_steps: int | None = None
@@ -104,7 +106,8 @@ def compress_config(request: CompressRequest, preset: Preset) -> CompressConfig:
         return CompressConfig(method=method, representation=GGUFBlockConfig("q4_0"),
                               method_config=method_config, calibration=calibration,
                               block_finetune=_block_finetune(request, preset, True),
-                              budget=request.budget, rotation=request.rotation)
+                              budget=request.budget, rotation=request.rotation,
+                              activations=request.activations)
     if codebook:
         if request.format is not None:
             raise ConfigError(f"a GGUF block type ({request.format}) needs a scalar "
@@ -121,4 +124,5 @@ def compress_config(request: CompressRequest, preset: Preset) -> CompressConfig:
     return CompressConfig(method=method, representation=representation,
                           method_config=method_config, calibration=calibration,
                           block_finetune=_block_finetune(request, preset, not codebook),
-                          embeddings=embeddings, rotation=request.rotation)
+                          embeddings=embeddings, rotation=request.rotation,
+                          activations=request.activations)

@@ -22,10 +22,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from pvtune.errors import OutputError
+from pvtune.errors import ConfigError, OutputError
 from pvtune.export import GGUFExportConfig, export_gguf
 from pvtune.export.aqlm import AQLMExportReport, export_aqlm
 from pvtune.export.gguf import GGUFExportReport
+from pvtune.llm.activation_quant import runtime_quantization
 from pvtune.llm.bos import BosChoice
 from pvtune.llm.checkpoint import load_compressed, read_meta
 from pvtune.llm.evaluate import evaluation_record
@@ -100,6 +101,7 @@ def export_checkpoint_gguf(source: Path, output: Path | None = None,
     if output.exists() and not overwrite:
         raise OutputError(f"{output} exists; allow overwriting it or choose another file")
     model, tokenizer = load_compressed(source)
+    _refuse_runtime_quantization(model, source, "a GGUF file")
     meta = read_meta(source)
     planned_embeddings, planned_head = dense_types(meta)
     config = GGUFExportConfig(embedding_type=embedding_type or planned_embeddings,
@@ -143,7 +145,17 @@ def export_checkpoint_aqlm(source: Path, output: Path | None = None,
         raise OutputError(f"{output} exists and is not an empty folder; allow overwriting it "
                           "or choose another output")
     model, tokenizer = load_compressed(source)
+    _refuse_runtime_quantization(model, source, "an AQLM model")
     return export_aqlm(model, tokenizer, output)
+
+
+def _refuse_runtime_quantization(model, source: Path, target: str) -> None:
+    """A :class:`ConfigError` for a checkpoint whose computation ``target`` cannot hold."""
+    what = runtime_quantization(model)
+    if what is not None:
+        raise ConfigError(f"{source} computes with {what}, which {target} cannot hold (its "
+                          "engine would run another model): evaluate and run it with pvtune "
+                          "(pvtune eval, pvtune ask)")
 
 
 __all__ = ["GGUFCheck", "GGUFExportOutcome", "default_aqlm_output", "default_gguf_output",

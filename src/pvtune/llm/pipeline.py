@@ -23,6 +23,11 @@ from tqdm.auto import tqdm
 from pvtune.distributed import DistributedContext, assign_layers
 from pvtune.errors import ConfigError
 from pvtune.init.registry import get_init
+from pvtune.llm.activation_quant import (
+    ActivationKVConfig,
+    RotationChoice,
+    prepare_activation_quant_,
+)
 from pvtune.llm.activations import (
     XTXCollector,
     capture_block_inputs,
@@ -41,6 +46,8 @@ from pvtune.reprs.gguf_block import GGUFBlockConfig
 from pvtune.rotation.fold import RotationConfig, RotationReport, rotate_model_
 
 log = logging.getLogger(__name__)
+
+SELECTION_SAMPLES = 128  # calibration sequences the adaptive rotation choice measures
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,21 @@ class CompressConfig:
     embeddings: ReprConfig | None = None
     budget: BudgetConfig | None = None
     rotation: RotationConfig | None = None
+    activations: ActivationKVConfig | None = None
 
     def __post_init__(self) -> None:
         init = get_init(self.method)  # KeyError lists the known methods
+        if self.activations is not None:
+            if not isinstance(self.activations, ActivationKVConfig):
+                raise ConfigError("CompressConfig.activations must be an ActivationKVConfig")
+            if self.rotation is not None:
+                raise ConfigError("CompressConfig: activation quantization chooses its own "
+                                  "rotations (ActivationKVConfig.rotations); leave rotation "
+                                  "unset")
+            if self.budget is not None:
+                raise ConfigError("CompressConfig: a size budget plans a GGUF file, which "
+                                  "cannot hold quantized activations; use a fixed "
+                                  "representation")
         if self.budget is not None:
             if not any(issubclass(GGUFBlockConfig, t) for t in init.repr_types):
                 raise ConfigError(f"CompressConfig.budget chooses GGUF block types, which "
@@ -139,6 +158,7 @@ class CompressReport:
     seconds: float = 0.0
     plan: BudgetPlan | None = None  # the storage type of every tensor, under a budget
     rotation: RotationReport | None = None  # the rotations folded into the weights
+    activations: RotationChoice | None = None  # the rotations behind quantized activations
 
 
 def check_layers_fit(model: nn.Module, structure: BlockStructure, config: CompressConfig) -> None:
@@ -179,7 +199,10 @@ def compress_model(
     compressed model (the same codes as one process: each layer's initialisation depends only
     on its weight and its inputs).
 
-    Rotations (:attr:`CompressConfig.rotation`) are folded in before anything else. Under
+    Rotations (:attr:`CompressConfig.rotation`) are folded in before anything else; so are
+    quantized activations and KV cache with their rotations (:attr:`CompressConfig.activations`,
+    chosen on the first :data:`SELECTION_SAMPLES` calibration sequences), and the layers are
+    then compressed seeing the inputs their weights multiply. Under
     :attr:`CompressConfig.budget` the storage types are chosen next, on the
     uncompressed model and ``calibration_ids`` (:func:`pvtune.llm.budget.plan_budget`;
     ``metadata_bytes`` is what the file holds besides tensors; ``sensitivities``, the
@@ -196,6 +219,9 @@ def compress_model(
     model.eval()
     if config.rotation is not None:
         report.rotation = rotate_model_(model, config.rotation)
+    if config.activations is not None:
+        samples = None if calibration_ids is None else calibration_ids[:SELECTION_SAMPLES]
+        report.activations = prepare_activation_quant_(model, config.activations, samples)
     layer_reprs: dict[str, ReprConfig | None] = {}
     embeddings = EmbeddingCompression(config.embeddings) if config.embeddings else None
     if config.budget is not None:
