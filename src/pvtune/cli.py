@@ -427,6 +427,53 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from pvtune.errors import TrainingError
+    from pvtune.llm.sft import SFTConfig
+    from pvtune.llm.sft_checkpoint import SFTJob, sft_checkpoint
+    from pvtune.report import format_table
+
+    args.bits = args.weight_bits  # the weight precision the rotation choice assumes
+    activations = _activation_config(args)
+    try:
+        config = SFTConfig(weights=args.weights, weight_bits=args.weight_bits,
+                           activations=activations, steps=args.steps,
+                           batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                           schedule=args.schedule, warmup_steps=args.warmup_steps,
+                           strategy=args.strategy, code_lr=args.code_lr, seed=args.seed)
+        job = SFTJob(config, data=args.data, eval_data=args.eval_data,
+                     train_examples=args.train_examples, eval_examples=args.eval_examples,
+                     answer_examples=args.answers, max_new_tokens=args.max_new_tokens,
+                     overwrite=args.overwrite)
+    except ConfigError as err:
+        raise _with_flags(err, "--weights, --steps, --lr, --strategy, --code-lr") from None
+    try:
+        outcome = sft_checkpoint(args.model, Path(args.output), job)
+    except OutputError as err:
+        raise _with_flags(err, "--output, --overwrite") from None
+    except TrainingError as err:
+        raise _with_flags(err, "--lr") from None
+    record, result = outcome.record, outcome.result
+    ev = record["evaluation"]
+    rows = [["weights", f"{args.weights}, {args.weight_bits}-bit per output channel"
+             if args.weights != "float" else "full precision"],
+            ["quantized activations", _activation_text(activations, result.rotations)
+             if activations is not None else "none"],
+            ["steps", len(result.losses)],
+            ["answer loss first -> last step", f"{result.losses[0]:.4f} -> "
+             f"{result.losses[-1]:.4f}" if result.losses else "-"],
+            ["answer perplexity before -> after",
+             f"{ev['answer_perplexity_before']:.3f} -> {ev['answer_perplexity_after']:.3f} "
+             f"({ev['examples']} held-out examples)" if ev["examples"] else "-"],
+            ["ROUGE-L of greedy answers", f"{record['rouge_l']:.4f} ({len(record['answers'])} "
+             "answers)" if record["rouge_l"] is not None else "-"],
+            ["time", f"{result.seconds / 60:.1f} min"],
+            *_bits_rows(record["bits"]),
+            ["checkpoint", str(outcome.output)]]
+    print(format_table(["sft", "value"], rows))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pvtune.llm.checkpoint import bits_report, read_meta
     from pvtune.llm.data import EvalConfig, eval_windows, tokenize_stream
@@ -708,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from pvtune.init import INIT_METHODS
     from pvtune.llm.recipes import PRESETS
+    from pvtune.llm.sft import WEIGHT_MODES
     from pvtune.reprs.gguf_block import BLOCK_FORMATS
 
     parser = argparse.ArgumentParser(
@@ -864,6 +912,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty --output, discarding its resume state")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_finetune)
+
+    p = sub.add_parser("sft", help="quantization-aware supervised fine-tuning (RoSTE): "
+                       "weights, activations and KV cache quantized",
+                       description="Fine-tune a causal LM on instruction data (loss on the "
+                                   "answer tokens, through the chat template) while its "
+                                   "weights, activations and KV cache are quantized, behind "
+                                   "rotations chosen per layer; save a pvtune checkpoint.")
+    p.add_argument("model", nargs="?", help="local Hugging Face model directory or GGUF file "
+                   "(default: the offline SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="instruction data: a .jsonl file (prompt/response, messages "
+                   "or ShareGPT conversations) or offline:sharegpt (default)")
+    p.add_argument("--eval-data", help="held-out examples (default: offline:sharegpt's "
+                   "evaluation split, or every tenth example of --data)")
+    p.add_argument("--weights", choices=WEIGHT_MODES.names(), default="ste",
+                   help="float: full precision; ste: latent weights through round-to-nearest "
+                        "(RoSTE); pv: codes trained by PV-Tuning (default ste)")
+    p.add_argument("--weight-bits", type=_positive_int, default=4,
+                   help="bits per weight, one asymmetric grid per output channel (4)")
+    p.add_argument("--activations", type=_number_at_least(int, 2), default=4, metavar="BITS",
+                   help="per-token activation bits at every decoder linear's input (4; 16: "
+                        "not quantized)")
+    p.add_argument("--kv-cache", type=_number_at_least(int, 2), default=4, metavar="BITS",
+                   help="key and value bits per token and head (4; 16: not quantized)")
+    p.add_argument("--act-rotations", choices=["adaptive", "on", "off"], default="adaptive",
+                   help="adaptive (R1, and R2/R3/R4 per block where they lower the measured "
+                        "error), on, off (default adaptive)")
+    p.add_argument("--act-clip", type=float, default=0.95,
+                   help="clipping factor of the activation and KV ranges (0.95)")
+    p.add_argument("--steps", type=_positive_int, default=100)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--max-length", type=_positive_int, default=256,
+                   help="tokens per example, prompt included (256)")
+    p.add_argument("--lr", type=_nonnegative_float, default=2e-5)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=_count, default=0)
+    p.add_argument("--strategy", choices=STRATEGIES.names(), default="subspace_v_ste",
+                   help="the discrete step of --weights pv")
+    p.add_argument("--code-lr", type=_nonnegative_float, default=None,
+                   help="the discrete step size of --weights pv (default: the strategy's)")
+    p.add_argument("--train-examples", type=_positive_int, default=None,
+                   help="use at most this many training examples")
+    p.add_argument("--eval-examples", type=_count, default=64)
+    p.add_argument("--answers", type=_count, default=16,
+                   help="greedy answers to held-out prompts scored by ROUGE-L (16)")
+    p.add_argument("--max-new-tokens", type=_count, default=64)
+    p.add_argument("--output", required=True, help="output checkpoint folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_sft)
 
     p = sub.add_parser("eval", help="perplexity, tokens/s and a sample of a model or checkpoint")
     p.add_argument("model", nargs="?", help="pvtune checkpoint or Hugging Face model directory "

