@@ -82,3 +82,22 @@ def test_config_is_validated():
         ChatDataConfig(top_p=0.0)
     with pytest.raises(ConfigError):
         ChatDataConfig(batch_size=0)
+
+
+def test_the_training_pool_mixes_text_and_chat_at_the_asked_ratio(chat_model, tmp_path,
+                                                                  monkeypatch):
+    from pvtune.llm.chat_data import add_chat_data
+    from pvtune.llm.finetune import FinetuneConfig, batch_indices
+
+    model, tok = chat_model
+    monkeypatch.setenv("PVTUNE_CACHE", str(tmp_path))
+    text = torch.randint(2, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    pool, record = add_chat_data(model, tok, text, 2, "fp", seed=0)
+    assert record["sequences"] == 2 and pool.shape == (8, 16)
+    is_text = [any(torch.equal(row, t) for t in text) for row in pool]
+    assert sum(is_text) == 6  # every text row once, the two chat rows beside them
+    # the loader draws every row of the pool equally often: chat is 2 of 8 of what it yields
+    config = FinetuneConfig(steps=400, batch_size=2)
+    drawn = torch.cat([batch_indices(config, s, 0, pool.shape[0]) for s in range(400)])
+    share = sum(not is_text[i] for i in drawn.tolist()) / drawn.numel()
+    assert abs(share - 2 / 8) < 0.03
