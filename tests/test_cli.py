@@ -481,3 +481,21 @@ def test_compress_with_quantized_activations_records_them_and_refuses_export(
     assert "--activations" in error_of(capsys)
     with pytest.raises(SystemExit):
         main(["compress", str(llama_dir), "--activations", "1"])
+
+
+def test_compress_with_jlcm_then_finetune_with_the_proximal_step(llama_dir, text_file, tmp_path,
+                                                                 capsys):
+    out = tmp_path / "jlcm"
+    assert main(["compress", str(llama_dir), "--method", "jlcm", "--bits", "2", "--row-groups",
+                 "2", "--grouping", "quantiles", "--calib-text", str(text_file),
+                 "--eval-text", str(text_file), "--output", str(out), *COMMON]) == 0
+    meta = read_meta(out)
+    rep = meta["compress_config"]["representation"]
+    assert rep["type"] == "GroupedCodebookConfig" and rep["groups"] == 2
+    assert rep["grouping"] == "quantiles"
+    tuned = tmp_path / "jlcm-pv"
+    assert main(finetune_args(out, text_file, tuned, "--strategy", "proximal_v")) == 0
+    assert "proximal_v" in capsys.readouterr().out
+    assert main(["compress", str(llama_dir), "--method", "jlcm", "--format", "q2_0",
+                 "--no-eval", "--output", str(tmp_path / "x")]) == 2
+    assert "grouped codebooks" in error_of(capsys)

@@ -207,7 +207,8 @@ def _compress_request(args: argparse.Namespace):
         return CompressRequest(
             method=args.method, format=args.format, bits=args.bits,
             group_size=args.group_size or None, symmetric=args.symmetric,
-            codebooks=args.codebooks, embeddings=args.embeddings,
+            codebooks=args.codebooks, row_groups=args.row_groups, grouping=args.grouping,
+            embeddings=args.embeddings,
             budget=_budget_config(args), rotation=_rotation_config(args),
             activations=_activation_config(args),
             num_sequences=args.num_seqs, sequence_length=args.seq_len,
@@ -757,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pvtune.llm.recipes import PRESETS
     from pvtune.llm.sft import WEIGHT_MODES
     from pvtune.reprs.gguf_block import BLOCK_FORMATS
+    from pvtune.reprs.grouped_codebook import GROUPINGS
 
     parser = argparse.ArgumentParser(
         prog="pvtune",
@@ -777,10 +779,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target-bits, else aqlm)")
     p.add_argument("--codebooks", default="2x8g8", help="AQLM layout MxBgG (default 2x8g8)")
     p.add_argument("--bits", type=_positive_int, default=2,
-                   help="bits per weight for gptq/rtn (2)")
+                   help="bits per weight for gptq/rtn, and per index for jlcm (2)")
     p.add_argument("--group-size", type=_count, default=64,
                    help="group size for gptq/rtn (64; 0 = one group per row)")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid for gptq/rtn")
+    p.add_argument("--row-groups", type=_positive_int, default=8,
+                   help="for jlcm: groups of similar rows, each with its own codebook of "
+                        "2^bits levels (8)")
+    p.add_argument("--grouping", choices=GROUPINGS.names(), default="moments",
+                   help="for jlcm: the row statistics rows are clustered on (moments: mean, "
+                        "std, largest magnitude; quantiles: ten quantiles) (default moments)")
     p.add_argument("--format", choices=sorted(BLOCK_FORMATS), default=None,
                    help="for gptq/rtn: store weights in this GGUF block type, so `pvtune export "
                         "--to gguf` writes them for llama.cpp byte for byte (replaces --bits "

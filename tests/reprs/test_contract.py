@@ -12,6 +12,7 @@ from pvtune.reprs import (
     AQLMConfig,
     BinaryConfig,
     GGUFBlockConfig,
+    GroupedCodebookConfig,
     NMSparseConfig,
     TernaryConfig,
     UniformConfig,
@@ -34,6 +35,8 @@ CONFIGS = [
     GGUFBlockConfig("q4_1"),
     GGUFBlockConfig("q2_0"),
     GGUFBlockConfig("q8_0"),
+    GroupedCodebookConfig(bits=2, groups=4, kmeans_iters=5),
+    GroupedCodebookConfig(bits=3, groups=3, grouping="quantiles", kmeans_iters=5),
 ]
 IDS = [f"{c.type_name}-{i}" for i, c in enumerate(CONFIGS)]
 

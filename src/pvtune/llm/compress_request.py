@@ -10,7 +10,8 @@ The rules: the initialiser is the one named (default: GPTQ when a GGUF block typ
 budget is asked for, else AQLM); a budget picks every tensor's GGUF block type itself, so it
 takes no fixed format and no embedding type; initialisers that fit a scalar grid (RTN, GPTQ)
 get no block fine-tuning unless its steps or learning rate are asked for; AQLM takes the
-preset's search effort and its codebook layout.
+preset's search effort and its codebook layout; JLCM takes ``bits``, ``row_groups`` and
+``grouping`` for its grouped codebooks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pvtune.llm.budget import BudgetConfig
 from pvtune.llm.data import CalibrationConfig
 from pvtune.llm.pipeline import BlockFinetuneConfig, CompressConfig
 from pvtune.llm.recipes import Preset
-from pvtune.reprs import AQLMConfig, GGUFBlockConfig, UniformConfig
+from pvtune.reprs import AQLMConfig, GGUFBlockConfig, GroupedCodebookConfig, UniformConfig
 from pvtune.rotation import RotationConfig
 
 DENSE_EMBEDDINGS = "f16"
@@ -49,6 +50,8 @@ class CompressRequest:
     group_size: int | None = 64
     symmetric: bool = False
     codebooks: str = "2x8g8"
+    row_groups: int = 8
+    grouping: str = "moments"
     embeddings: str = DENSE_EMBEDDINGS
     budget: BudgetConfig | None = None
     rotation: RotationConfig | None = None
@@ -96,6 +99,7 @@ def compress_config(request: CompressRequest, preset: Preset) -> CompressConfig:
         else preset.calibration.sequence_length,
         seed=request.seed)
     codebook = any(issubclass(t, AQLMConfig) for t in init.repr_types)
+    grouped = any(issubclass(t, GroupedCodebookConfig) for t in init.repr_types)
     method_config = preset.aqlm if isinstance(preset.aqlm, init.config_cls) \
         else init.config_cls()
     if request.budget is not None:
@@ -114,6 +118,11 @@ def compress_config(request: CompressRequest, preset: Preset) -> CompressConfig:
                               f"initialiser (gptq or rtn), not {method}; AQLM models export "
                               "in the AQLM format")
         representation = AQLMConfig.preset(request.codebooks, seed=request.seed)
+    elif grouped:
+        if request.format is not None:
+            raise ConfigError(f"{method} stores grouped codebooks, not a GGUF block type")
+        representation = GroupedCodebookConfig(bits=request.bits, groups=request.row_groups,
+                                               grouping=request.grouping, seed=request.seed)
     elif request.format is not None:
         representation = GGUFBlockConfig(request.format)
     else:

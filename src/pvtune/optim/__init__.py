@@ -1,5 +1,6 @@
 """Fine-tuning through discrete weights: the PV optimizer and its discrete-step strategies."""
 
+from pvtune.optim import proximal  # noqa: F401  (registers the proximal_v strategy)
 from pvtune.optim.pv import PVOptimizer, StepStats, continuous_parameters
 from pvtune.optim.strategies import (
     STRATEGIES,

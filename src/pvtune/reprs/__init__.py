@@ -12,6 +12,7 @@ from pvtune.reprs.base import (
 from pvtune.reprs.binary import BinaryConfig, BinaryWeight, TernaryConfig, TernaryWeight
 from pvtune.reprs.codebook import AdditiveWeight, AQLMConfig, VQConfig, VQWeight
 from pvtune.reprs.gguf_block import BLOCK_FORMATS, GGUFBlockConfig, GGUFBlockWeight
+from pvtune.reprs.grouped_codebook import GroupedCodebookConfig, GroupedCodebookWeight
 from pvtune.reprs.sparse import NMSparseConfig, NMSparseWeight
 from pvtune.reprs.uniform import UniformConfig, UniformWeight
 
@@ -22,6 +23,8 @@ __all__ = [
     "BLOCK_FORMATS",
     "GGUFBlockConfig",
     "GGUFBlockWeight",
+    "GroupedCodebookConfig",
+    "GroupedCodebookWeight",
     "AdditiveWeight",
     "BinaryConfig",
     "BinaryWeight",
