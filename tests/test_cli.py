@@ -496,6 +496,8 @@ def test_compress_with_jlcm_then_finetune_with_the_proximal_step(llama_dir, text
     tuned = tmp_path / "jlcm-pv"
     assert main(finetune_args(out, text_file, tuned, "--strategy", "proximal_v")) == 0
     assert "proximal_v" in capsys.readouterr().out
+    assert main(["export", str(tuned), "--output", str(tmp_path / "j.gguf")]) == 2
+    assert "GroupedCodebook" in error_of(capsys) or "grouped" in error_of.last
     assert main(["compress", str(llama_dir), "--method", "jlcm", "--format", "q2_0",
                  "--no-eval", "--output", str(tmp_path / "x")]) == 2
     assert "grouped codebooks" in error_of(capsys)
