@@ -39,7 +39,16 @@ STARTS = {  # pvtune compress arguments of each starting point
     "aqlm2x8g8": ["--method", "aqlm", "--codebooks", "2x8g8"],
     "gptq2": ["--method", "gptq", "--bits", "2", "--group-size", "64"],
     "q2_0": ["--method", "gptq", "--format", "q2_0"],  # llama.cpp's Q2_0 blocks
+    "gptq3": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
+    "vq2": ["--method", "aqlm", "--codebooks", "1x8g4"],  # one codebook: plain VQ
+    # JLCM's grouped codebooks: 8 row groups per matrix
+    "jlcm2-moments": ["--method", "jlcm", "--bits", "2", "--row-groups", "8"],
+    "jlcm2-quantiles": ["--method", "jlcm", "--bits", "2", "--row-groups", "8",
+                        "--grouping", "quantiles"],
+    "jlcm3-moments": ["--method", "jlcm", "--bits", "3", "--row-groups", "8"],
 }
+# strategies that apply to some representations only
+ONLY_FOR = {"proximal_v": lambda rep: rep.startswith("jlcm")}
 STRATEGIES = ["calibration_only", "frozen", "ste", "stochastic_rounding", "linearized_v",
               "subspace_v", "subspace_v_ste"]
 
@@ -237,7 +246,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(stamped(row)))
         return
     WORK.mkdir(exist_ok=True)
-    jobs = [(rep, s) for rep in args.reprs for s in args.strategies]
+    jobs = [(rep, s) for rep in args.reprs for s in args.strategies
+            if ONLY_FOR.get(s, lambda r: True)(rep)]
     if not args.no_peer:
         jobs.append(("reference", "torchao_qat"))
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -268,6 +278,9 @@ QUESTIONS = {
                      "continuous learning rate (3e-4)?",
     "finetune_seeds": "how far do the rows move with the seed (the order of the calibration "
                       "batches), next to the gaps between strategies?",
+    "jlcm_study": "at about 2 and 3 stored bits per weight, how do JLCM's grouped codebooks "
+                  "(each grouping; PV-Tuning and the proximal mapping update) compare with "
+                  "uniform GPTQ, Q2_0, AQLM and VQ before and after the same fine-tuning?",
 }
 
 
