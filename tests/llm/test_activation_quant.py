@@ -130,3 +130,17 @@ def test_calibration_sees_the_inputs_the_weights_multiply():
     handle.remove()
     x = down.input_quantizer.rotation(seen[0]).reshape(-1, down.in_features).float()
     torch.testing.assert_close(collector.xtx("mlp.down_proj"), x.T @ x / x.shape[0])
+
+
+def test_a_block_keeps_its_rotation_whatever_the_other_blocks_choose():
+    def signs(choice):
+        model = tiny("llama")
+        prepare_activation_quant_(model, ActivationKVConfig(rotations="adaptive"),
+                                  choice=choice)
+        down = model.model.layers[1].mlp.down_proj.input_quantizer.rotation.signs
+        kv = model.model.layers[1].self_attn.kv_quantizer.rotation.signs
+        return down.clone(), kv.clone()
+
+    all_on = signs(RotationChoice.uniform(2, True))
+    first_off = signs(RotationChoice(True, [True, True], [False, True], [False, True]))
+    assert torch.equal(all_on[0], first_off[0]) and torch.equal(all_on[1], first_off[1])

@@ -141,14 +141,16 @@ def _set_input_quantizer(model: nn.Module, name: str, quantizer: nn.Module) -> N
 def _fold_down_rotations_(model: nn.Module, flags: list[bool], config: TokenQuantConfig,
                           seed: int) -> None:
     """R4 on the blocks in ``flags``: ``W R`` folded, the input rotated by ``R`` online."""
-    gen = torch.Generator().manual_seed(seed + 4)
-    for flag, name in zip(flags, down_projections(model), strict=True):
+    for i, (flag, name) in enumerate(zip(flags, down_projections(model), strict=True)):
         if not flag or name is None:
             continue
         layer = model.get_submodule(name)
         if not isinstance(layer, nn.Linear):
             raise ModelError(f"R4 folds into a full-precision down projection; {name} is a "
                              f"{type(layer).__name__} (prepare before compressing)")
+        # each block's signs from its own seed: turning one block's rotation off leaves the
+        # others' as they were (so choices compare rotations, not draws)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + 4_000 + i) % 2**63)
         rotation = OnlineRotation(layer.in_features, gen).to(layer.weight.device)
         with torch.no_grad():
             layer.weight.copy_(rotation.fold_into_reader(layer.weight))

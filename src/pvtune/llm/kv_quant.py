@@ -178,9 +178,9 @@ def attach_kv_quantizers_(model: nn.Module, config: TokenQuantConfig,
         raise ModelError(f"{type(model).__name__}: no attention module with o_proj and head_dim "
                          "found: key/value quantization does not apply to it")
     previous = model.config._attn_implementation
-    gen = torch.Generator().manual_seed(seed)
     made = {}
     for i, (name, attn) in enumerate(attention.items()):
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + 3_000 + i) % 2**63)  # per block
         rotation = OnlineRotation(attn.head_dim, gen) if rotate and i in rotate else None
         device = next(attn.parameters()).device
         made[f"{name}.kv_quantizer"] = KVQuantizer(config, attn.head_dim, rotation).to(device)
