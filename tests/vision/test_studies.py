@@ -11,6 +11,7 @@ from pvtune.errors import ConfigError
 from pvtune.qat import QATConfig
 from pvtune.vision import PVMethod
 from pvtune.vision.studies import STUDIES, Arm, Study, method_for, run_study
+from pvtune.vision.train import TrainConfig
 
 pytest.importorskip("sklearn")
 
@@ -82,3 +83,16 @@ def test_cli_train_saves_a_loadable_frozen_model(tmp_path, capsys):
 def test_cli_refuses_bad_combinations(capsys):
     assert cli.main(["train", "--representation", "2:4", "--estimator", "reste"]) == 2
     assert "does not apply" in capsys.readouterr().err
+
+
+def test_grouped_codebook_arms_train_with_pv_and_the_proximal_step(tmp_path, monkeypatch):
+    arms = (Arm("JLCM PV", "jlcm2", pv=True),
+            Arm("JLCM proximal", "jlcm2-quantiles", pv=True, strategy="proximal_v"))
+    monkeypatch.setitem(STUDIES, "tiny-jlcm", Study(
+        "tiny-jlcm", "smoke", arms, dataset="digits",
+        base=TrainConfig(epochs=2, batch_size=32, lr=2e-3)))
+    record = run_study("tiny-jlcm", tmp_path, seeds=1, progress=False,
+                       command="pvtune study tiny-jlcm")
+    for arm in record["arms"]:
+        assert 2.0 < arm["bits_per_param"] < 2.6  # 2-bit indices plus codebooks and groups
+        assert arm["runs"][0]["test_accuracy"] > 0.8  # chance is 0.1; fp32 reaches 0.98

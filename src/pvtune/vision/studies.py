@@ -24,6 +24,7 @@ from pvtune.qat.config import ActivationQuantConfig, EstimatorConfig, QATConfig
 from pvtune.report import format_table, machine_info, source_commit
 from pvtune.reprs.base import ReprConfig
 from pvtune.reprs.binary import BinaryConfig, TernaryConfig
+from pvtune.reprs.grouped_codebook import GroupedCodebookConfig
 from pvtune.reprs.sparse import NMSparseConfig
 from pvtune.reprs.uniform import UniformConfig
 from pvtune.vision.data import ImageData, load_images
@@ -36,12 +37,15 @@ REPRESENTATIONS: dict[str, Callable[[], ReprConfig | None]] = {
     "uniform2": lambda: UniformConfig(bits=2, group_size=None, symmetric=True),
     "uniform4": lambda: UniformConfig(bits=4, group_size=None, symmetric=True),
     "2:4": lambda: NMSparseConfig(2, 4),
+    "jlcm2": lambda: GroupedCodebookConfig(bits=2, groups=4),
+    "jlcm2-quantiles": lambda: GroupedCodebookConfig(bits=2, groups=4, grouping="quantiles"),
 }
 
 
 def representation_from_name(name: str) -> ReprConfig | None:
     """``fp32`` (None), ``binary``, ``ternary``, ``uniform2``, ``uniform4`` (symmetric, one
-    step per output channel) or ``2:4`` (N:M sparsity)."""
+    step per output channel), ``2:4`` (N:M sparsity), ``jlcm2`` or ``jlcm2-quantiles`` (2-bit
+    grouped codebooks, 4 row groups per layer)."""
     if name not in REPRESENTATIONS:
         raise ConfigError(f"unknown representation {name!r}; known: "
                           f"{', '.join(REPRESENTATIONS)}")
@@ -49,9 +53,11 @@ def representation_from_name(name: str) -> ReprConfig | None:
 
 
 def method_for(representation: str, estimator: str = "ste", *, activations: str = "none",
-               pv: bool = False) -> QATConfig | PVMethod | None:
+               pv: bool = False, strategy: str = "subspace_v_ste"
+               ) -> QATConfig | PVMethod | None:
     """The training method of a run from names: full precision, QAT with ``estimator``
-    (activations ``none``, ``sign`` or ``4bit`` (unsigned LSQ)), or PV-Tuning (``pv``)."""
+    (activations ``none``, ``sign`` or ``4bit`` (unsigned LSQ)), or PV-Tuning (``pv``) with
+    the discrete step ``strategy``."""
     rep = representation_from_name(representation)
     if rep is None:
         if pv or activations != "none":
@@ -61,7 +67,7 @@ def method_for(representation: str, estimator: str = "ste", *, activations: str 
         if activations != "none":
             raise ConfigError("PV-Tuning here trains weights only: leave the activations "
                               "unquantized (activations='none')")
-        return PVMethod(rep, VStepConfig(strategy="subspace_v_ste"))
+        return PVMethod(rep, VStepConfig(strategy=strategy))
     acts = {"none": None,
             "sign": ActivationQuantConfig(bits=1, estimator=_sign_estimator(estimator)),
             "4bit": ActivationQuantConfig(bits=4, signed=False, estimator="lsq")}
@@ -86,6 +92,7 @@ class Arm:
     pv: bool = False
     act: str = "relu"
     peer: bool = False  # torch.ao.pruning's N:M sparsifier instead of pvtune (2:4 only)
+    strategy: str = "subspace_v_ste"  # the discrete step of a PV arm
 
     def config(self, base: TrainConfig, seed: int) -> TrainConfig:
         """The run's config for ``seed``."""
@@ -95,7 +102,8 @@ class Arm:
             method = TorchPruningPeer(2, 4)
         else:
             method = method_for(self.representation, self.estimator,
-                                activations=self.activations, pv=self.pv)
+                                activations=self.activations, pv=self.pv,
+                                strategy=self.strategy)
         return dataclasses.replace(base, method=method, seed=seed, act=self.act)
 
 
@@ -163,6 +171,21 @@ STUDIES: dict[str, Study] = {
         paper="PV-Tuning (Malinovskii et al. 2024): LLM fine-tuning at 1-2 bits per weight, "
               "PV beats STE-style fine-tuning; this asks whether that holds for small CNNs "
               "trained from scratch."),
+    "jlcm": Study(
+        "jlcm",
+        "2-bit weights of a small CNN on Fashion-MNIST trained by PV-Tuning from the rounded "
+        "initial network: JLCM's grouped codebooks (4 row groups per layer, grouped by "
+        "moments or by quantiles; PV-Tuning's subspace step or JLCM's proximal mapping "
+        "update) against a 2-bit uniform grid per output channel (PV-Tuning and STE).",
+        (Arm("fp32", "fp32"), Arm("2-bit uniform STE", "uniform2", "ste"),
+         Arm("2-bit uniform PV", "uniform2", pv=True),
+         Arm("JLCM moments PV", "jlcm2", pv=True),
+         Arm("JLCM quantiles PV", "jlcm2-quantiles", pv=True),
+         Arm("JLCM moments proximal", "jlcm2", pv=True, strategy="proximal_v")),
+        train_examples=25000, base=TrainConfig(epochs=3, batch_size=128, lr=2e-3),
+        paper="JLCM (Yvinec et al. 2024): post-training compression of ImageNet CNNs and "
+              "LLMs (Llama 7B in 2 GB) by grouped codebooks learned with their mappings; "
+              "this trains a small CNN from scratch instead."),
 }
 
 
