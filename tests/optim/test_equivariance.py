@@ -18,6 +18,13 @@ SCALE = 8.0  # a power of two: the rescaled model computes bit-identical outputs
 # relative steps large enough that codes move within 6 steps of this tiny model
 LR = {"ste": 0.3, "stochastic_rounding": 0.3, "subspace_v_ste": 0.3, "linearized_v": 0.3,
       "subspace_v": 0.3}
+# grouped codebooks are not here: their float16 levels near zero are subnormal on the 8x
+# smaller model (one of this tiny model's v_proj levels is 7e-6), so the two models' levels
+# differ beyond a factor 8; test_proximal.py checks the proximal step's own equivariance
+CONFIGS = [UniformConfig(bits=2, group_size=16), BinaryConfig(group_size=16),
+           AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=3)]
+CASES = [(c, s) for c in CONFIGS for s in STRATEGIES.names() if s not in ("frozen",
+                                                                          "proximal_v")]
 
 
 def rescaled(model):
@@ -43,11 +50,8 @@ def codes_of(model):
             if n.endswith((".codes", ".pattern"))}
 
 
-@pytest.mark.parametrize("config", [
-    UniformConfig(bits=2, group_size=16), BinaryConfig(group_size=16),
-    AQLMConfig(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, kmeans_iters=3),
-], ids=lambda c: c.type_name)
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES.names() if s != "frozen"])
+@pytest.mark.parametrize(("config", "strategy"), CASES,
+                         ids=[f"{s}-{c.type_name}" for c, s in CASES])
 def test_pv_takes_the_same_decisions_on_a_rescaled_model(config, strategy):
     teacher = build_model("llama", 300)
     small = rescaled(teacher)

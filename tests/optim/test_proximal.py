@@ -73,3 +73,15 @@ def test_every_strategy_lowers_the_loss_on_grouped_codebooks(strategy):
         loss().backward()
         opt.step()
     assert loss().item() < 0.99 * before
+
+
+def test_the_proximal_scores_do_not_change_when_the_weights_are_rescaled():
+    gen = torch.Generator().manual_seed(1)
+    levels = torch.randn(3, 4, generator=gen).sort(-1).values
+    current = levels.gather(1, torch.randint(0, 4, (3, 5), generator=gen))
+    direction = torch.randn(3, 5, generator=gen)
+    unit = (levels[:, -1:] - levels[:, :1]) / 3
+    score, target = proximal_scores(levels, current, direction, unit)
+    score8, target8 = proximal_scores(levels / 8, current / 8, direction, unit / 8)
+    torch.testing.assert_close(score8, score)
+    torch.testing.assert_close(target8, target / 8)

@@ -391,7 +391,8 @@ def test_config_validation():
         VStepConfig(strategy="nope")
     with pytest.raises(ValueError, match=r"VStepConfig\.tau must be in \[0.0, 1.0\]"):
         VStepConfig(tau=2.0)
-    assert set(ALL) | {"frozen"} == set(STRATEGIES.names())
+    # proximal_v needs row codebooks: tests/optim/test_proximal.py runs it on them
+    assert set(ALL) | {"frozen", "proximal_v"} == set(STRATEGIES.names())
 
 
 def test_step_without_backward_is_a_clear_error():
