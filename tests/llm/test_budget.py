@@ -231,8 +231,9 @@ def test_mixed_types_save_export_and_import_bit_exact(tokenizer, ids, tmp_path, 
         assert torch.equal(fresh.get_submodule(name).weight, model.get_submodule(name).weight)
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES.names()))
+@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES.names()) - {"proximal_v"}))
 def test_every_strategy_trains_through_mixed_types(strategy, tokenizer, ids, monkeypatch):
+    # (proximal_v needs row codebooks, which no GGUF type has: tests/optim/test_proximal.py)
     model, plan = mixed_model(tokenizer, ids)
     teacher = copy.deepcopy(model).requires_grad_(False)
     monkeypatch.setattr("pvtune.llm.pipeline.plan_budget", lambda *a, **k: plan)
