@@ -45,11 +45,14 @@ def test_scores_follow_the_formula():
     assert target.item() == 2.0 and score.item() == pytest.approx(torch.exp(torch.tensor(-1.0)))
 
 
-def test_a_representation_without_row_codebooks_is_refused():
+def test_a_representation_without_row_codebooks_is_refused_before_any_step():
     rep = UniformWeight.from_dense(torch.randn(4, 8), UniformConfig(bits=2, group_size=8))
     with pytest.raises(ConfigError, match="one scalar codebook per row"):
         STRATEGIES.get("proximal_v")(rep, torch.randn(4, 8), WeightState(rep, False),
                                      VStepConfig("proximal_v"), torch.Generator())
+    layer = QuantizedLinear(rep)
+    with pytest.raises(ConfigError, match="pvtune compress --method jlcm"):
+        PVOptimizer(layer, torch.optim.Adam(layer.parameters()), VStepConfig("proximal_v"))
 
 
 @pytest.mark.parametrize("strategy", ["subspace_v_ste", "ste", "stochastic_rounding",

@@ -44,19 +44,27 @@ def proximal_scores(levels, current, direction, unit):
     return score, target
 
 
+def check_row_codebooks(rep) -> None:
+    """A :class:`ConfigError` unless ``rep`` has one scalar codebook per row."""
+    if getattr(rep, "row_levels", None) is None:
+        raise ConfigError(f"the proximal_v strategy needs one scalar codebook per row "
+                          f"(grouped_codebook, pvtune compress --method jlcm); "
+                          f"{type(rep).__name__} has none")
+
+
 @register_strategy("proximal_v", needs_buffer=False)
 def proximal_v(rep, grad, state, config, generator) -> None:
     """JLCM's proximal mapping update (module docstring)."""
-    row_levels = getattr(rep, "row_levels", None)
-    if row_levels is None:
-        raise ConfigError(f"the proximal_v strategy needs one scalar codebook per row "
-                          f"(grouped_codebook); {type(rep).__name__} has none")
+    check_row_codebooks(rep)
     with torch.no_grad():
         direction = dense_direction(state, grad, config)
-        score, target = proximal_scores(row_levels(), rep(), direction, rep.step_unit())
+        score, target = proximal_scores(rep.row_levels(), rep(), direction, rep.step_unit())
         flat = score.reshape(-1)
         chosen = top_indices(torch.nan_to_num(flat, neginf=0.0),
                              math.ceil(config.tau * group_count(rep)))
         chosen = chosen[flat[chosen] > 0]
         if chosen.numel():
             rep.encode_groups(chosen, target.reshape(-1)[chosen].unsqueeze(-1))
+
+
+proximal_v.check = check_row_codebooks  # PVOptimizer refuses other representations up front

@@ -85,8 +85,11 @@ class PVOptimizer:
         self.discrete_context = discrete_context
         self.states: dict[str, WeightState] = {}
         self.weight_configs: dict[str, VStepConfig] = {}  # lr resolved per representation
+        check = getattr(self.strategy, "check", None)  # a strategy for some representations
         with discrete_context():
             for name, layer in self.layers.items():
+                if check is not None:
+                    check(layer.qweight)
                 layer.track_dense_grad = True
                 if name in self.owned:
                     self.states[name] = WeightState(layer.qweight, self.strategy.needs_buffer)
