@@ -1,5 +1,6 @@
 """Extension points work end to end for code defined outside pvtune: a QAT estimator, a
-weight representation, a discrete-step strategy and an initialiser, each registered here."""
+weight representation, a discrete-step strategy, an initialiser, an input quantizer and a row
+grouping, each registered here."""
 
 from __future__ import annotations
 
@@ -218,3 +219,57 @@ def test_a_registered_initialiser_compresses_a_language_model():
     dense = reference.get_submodule(name).weight
     expected = RowTernaryWeight.from_dense(dense * 0.5, RowTernaryConfig())
     assert torch.equal(layer.qweight.codes, expected.codes)
+
+
+# -- an input quantizer kind and a row grouping, registered here -------------------------------
+
+
+def test_a_registered_input_quantizer_saves_and_reloads_with_its_layer(tmp_path):
+    from pvtune.nn import QuantizedLinear
+    from pvtune.nn.input_quantizers import INPUT_QUANTIZER_KINDS, register_input_quantizer
+    from pvtune.reprs import UniformConfig
+
+    @register_input_quantizer("halve-test")
+    class Halve(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x / 2
+
+        def to_spec(self) -> dict:
+            return {}
+
+        @classmethod
+        def from_spec(cls, spec: dict) -> Halve:
+            return cls()
+
+    try:
+        model = nn.Sequential(nn.Linear(16, 8))
+        quantize_(model, UniformConfig(bits=4, group_size=16))
+        model[0].input_quantizer = Halve()
+        x = torch.randn(3, 16)
+        expected = model(x)
+        save_quantized(model, tmp_path)
+        fresh = nn.Sequential(nn.Linear(16, 8))
+        load_quantized(fresh, tmp_path)
+        assert isinstance(fresh[0], QuantizedLinear) and isinstance(fresh[0].input_quantizer,
+                                                                    Halve)
+        assert torch.equal(fresh(x), expected)
+    finally:
+        INPUT_QUANTIZER_KINDS.unregister("halve-test")
+
+
+def test_a_registered_grouping_clusters_the_rows():
+    from pvtune.reprs import GroupedCodebookConfig, GroupedCodebookWeight
+    from pvtune.reprs.grouped_codebook import GROUPINGS, register_grouping
+
+    @register_grouping("sign-of-mean-test")
+    def sign_of_mean(weight: Tensor) -> Tensor:
+        return weight.mean(1, keepdim=True).sign()
+
+    try:
+        w = torch.randn(8, 32)
+        w[::2] += 3.0
+        rep = GroupedCodebookWeight.from_dense(
+            w, GroupedCodebookConfig(bits=2, groups=2, grouping="sign-of-mean-test"))
+        assert rep.row_group[0] != rep.row_group[1] and rep.row_group[0] == rep.row_group[2]
+    finally:
+        GROUPINGS.unregister("sign-of-mean-test")
