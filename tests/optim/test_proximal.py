@@ -51,7 +51,7 @@ def test_a_representation_without_row_codebooks_is_refused_before_any_step():
         STRATEGIES.get("proximal_v")(rep, torch.randn(4, 8), WeightState(rep, False),
                                      VStepConfig("proximal_v"), torch.Generator())
     layer = QuantizedLinear(rep)
-    with pytest.raises(ConfigError, match="pvtune compress --method jlcm"):
+    with pytest.raises(ConfigError, match="JLCM-compressed"):
         PVOptimizer(layer, torch.optim.Adam(layer.parameters()), VStepConfig("proximal_v"))
 
 

@@ -48,7 +48,7 @@ def check_row_codebooks(rep) -> None:
     """A :class:`ConfigError` unless ``rep`` has one scalar codebook per row."""
     if getattr(rep, "row_levels", None) is None:
         raise ConfigError(f"the proximal_v strategy needs one scalar codebook per row "
-                          f"(grouped_codebook, pvtune compress --method jlcm); "
+                          f"(grouped_codebook: a JLCM-compressed model); "
                           f"{type(rep).__name__} has none")
 
 
