@@ -15,6 +15,11 @@ TEXT = (
 ) * 6
 
 
+# a minimal chat template for the tiny tokenizer (each turn <|role|>text<eos>)
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def build_tokenizer(directory: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

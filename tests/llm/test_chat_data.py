@@ -14,10 +14,8 @@ from pvtune.llm.chat_data import (
     user_prefix,
     write_conversations,
 )
+from tests.llm.conftest import CHAT_TEMPLATE as TEMPLATE
 from tests.llm.conftest import build_model, build_tokenizer
-
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")

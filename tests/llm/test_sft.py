@@ -27,10 +27,8 @@ from pvtune.llm.sft_data import (
     tokenize_examples,
 )
 from pvtune.nn import QuantizedLinear
+from tests.llm.conftest import CHAT_TEMPLATE as TEMPLATE
 from tests.llm.conftest import build_model, build_tokenizer
-
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +85,7 @@ def test_every_file_format_is_read_and_bad_lines_are_named(tmp_path):
     assert [e.prompt for e in got] == ["p1", "p2", "p3"]
     assert [e.response for e in got] == ["r1", "r2", "r3"]
     assert got[1].messages == (("system", "s"), ("user", "p2"))
-    for bad, message in ((["{"], ":1: not JSON"), ([json.dumps({"text": "x"})], "prompt and"),
+    for bad, message in ((["{"], ":1: not valid JSON"), ([json.dumps({"text": "x"})], "prompt and"),
                          ([json.dumps({"messages": [{"role": "user", "content": "a"},
                                                     {"role": "user", "content": "b"}]})],
                           "assistant's answer")):

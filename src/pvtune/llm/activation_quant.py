@@ -131,8 +131,7 @@ def down_projections(model: nn.Module) -> list[str | None]:
 
 def _set_input_quantizer(model: nn.Module, name: str, quantizer: nn.Module) -> None:
     layer = model.get_submodule(name)
-    if isinstance(layer, InputQuantizedLinear | QuantizedLinear) or \
-            hasattr(layer, "input_quantizer"):
+    if hasattr(layer, "input_quantizer"):  # compressed, QAT or already input-quantized
         layer.input_quantizer = quantizer
     else:
         set_submodule(model, name, InputQuantizedLinear(layer, quantizer))

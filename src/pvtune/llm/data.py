@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,26 @@ class EvalConfig:
             check_range(self, "max_windows", self.max_windows, 1, None)
 
 
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); give a "
+                        ".txt or .jsonl file") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed JSON)`` of every non-blank line of a UTF-8 ``.jsonl`` file; a
+    :class:`DataError` names the first line that is not JSON."""
+    for lineno, line in enumerate(_utf8_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Documents from a ``.jsonl`` file (one JSON object with a string ``text`` field per
     line) or a plain UTF-8 text file (the whole file is one document)."""
@@ -57,21 +78,10 @@ def read_texts(path: str | Path) -> list[str]:
         raise DataError(f"{path} is a directory; give a .txt or .jsonl text file")
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); give a "
-                        ".txt or .jsonl file") from None
     if path.suffix != ".jsonl":
-        return [content]
+        return [_utf8_text(path)]
     texts = []
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+    for lineno, obj in jsonl_records(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             got = type(obj.get("text")).__name__ if isinstance(obj, dict) and "text" in obj \
                 else f"a {type(obj).__name__}" if not isinstance(obj, dict) else "no 'text' field"

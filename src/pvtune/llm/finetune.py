@@ -114,7 +114,9 @@ class FinetuneConfig:
 
 
 def lr_factor(config: FinetuneConfig, step: int) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up over
+    ``config.warmup_steps``, then ``config.schedule`` over the rest of ``config.steps`` (any
+    config with those three fields, such as :class:`pvtune.llm.sft.SFTConfig`)."""
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)

@@ -22,7 +22,6 @@ quantizers and online rotations saved with it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pvtune.llm.activation_quant import (
     RotationChoice,
     prepare_activation_quant_,
 )
+from pvtune.llm.finetune import lr_factor
 from pvtune.llm.model import find_blocks
 from pvtune.llm.sft_data import IGNORE, SFTBatch, answer_loss, collate
 from pvtune.nn.quantize import quantize_
@@ -99,15 +99,6 @@ class SFTConfig:
     def weight_representation(self) -> UniformConfig:
         """Per-output-channel asymmetric round-to-nearest at ``weight_bits``."""
         return UniformConfig(bits=self.weight_bits, group_size=None, symmetric=False)
-
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` at ``step`` (0-based)."""
-        if self.warmup_steps and step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return 1.0
-        span = max(1, self.steps - self.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
 
 
 class Stepper(Protocol):
@@ -194,17 +185,8 @@ class PVWeights:
     def stepper(self, model: nn.Module, config: SFTConfig) -> Stepper:
         base = torch.optim.AdamW(continuous_parameters(model), lr=config.lr,
                                  weight_decay=config.weight_decay)
-        opt = PVOptimizer(model, base, VStepConfig(strategy=config.strategy, lr=config.code_lr,
-                                                   seed=config.seed))
-
-        class _Step:
-            def zero_grad(self) -> None:
-                opt.zero_grad()
-
-            def step(self, lr_scale: float) -> None:
-                opt.step(lr_scale)
-
-        return _Step()
+        return PVOptimizer(model, base, VStepConfig(strategy=config.strategy,
+                                                    lr=config.code_lr, seed=config.seed))
 
     def finish(self, model: nn.Module) -> None:
         pass
@@ -300,7 +282,7 @@ def sft(model: nn.Module, train: list[tuple[list[int], list[int]]],
             raise TrainingError(f"the loss is {loss.item()} at step {step}: lower the "
                                 "learning rate")
         loss.backward()
-        stepper.step(config.lr_factor(step))
+        stepper.step(lr_factor(config, step))
         result.losses.append(loss.item())
         bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
     mode.finish(model)

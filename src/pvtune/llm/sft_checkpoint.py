@@ -77,15 +77,9 @@ class SFTOutcome:
 def split_examples(job: SFTJob) -> tuple[list[SFTExample], list[SFTExample]]:
     """Training and evaluation examples of ``job`` (module docstring for the rules)."""
     source = job.data or OFFLINE_SFT
-    if source == OFFLINE_SFT:
-        train = read_sft_examples(OFFLINE_SFT, "train")
-        evaluation = read_sft_examples(job.eval_data or OFFLINE_SFT,
-                                       "evaluation" if job.eval_data in (None, OFFLINE_SFT)
-                                       else "train")
-    elif job.eval_data is not None:
-        train = read_sft_examples(source)
-        evaluation = read_sft_examples(job.eval_data, "evaluation"
-                                       if job.eval_data == OFFLINE_SFT else "train")
+    if source == OFFLINE_SFT or job.eval_data is not None:  # (a file has no splits)
+        train = read_sft_examples(source, "train")
+        evaluation = read_sft_examples(job.eval_data or OFFLINE_SFT, "evaluation")
     else:
         every = read_sft_examples(source)
         train = [e for i, e in enumerate(every) if i % EVAL_EVERY != EVAL_EVERY - 1]

@@ -10,7 +10,6 @@ JSONL file whose lines are ``{"prompt": ..., "response": ...}``, ``{"messages": 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pvtune.errors import DataError
+from pvtune.llm.data import jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,7 @@ def read_sft_examples(source: str | Path, split: str = "train") -> list[SFTExamp
         if not path.is_file():
             raise DataError(f"instruction data {path} does not exist (give a .jsonl file or "
                             f"{OFFLINE_SFT})")
-    examples = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
-            examples.append(_example(record, f"{path}:{n}"))
+    examples = [_example(record, f"{path}:{n}") for n, record in jsonl_records(path)]
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
