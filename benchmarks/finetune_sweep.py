@@ -51,7 +51,8 @@ STRATEGIES = [["ste", "subspace_v_ste"], ["frozen", "stochastic_rounding"]]
 SEEDS = (0, 1, 2)
 KEY = ("phase", "representation", "strategy", "arm", "seed")
 COLUMNS = ["phase", "representation", "strategy", "arm", "seed", "steps", "perplexity",
-           "unrelated_perplexity", "minutes", "discrete_over_fwd_bwd"]
+           "unrelated_perplexity", "codes_changed", "most_in_one_step", "minutes",
+           "discrete_over_fwd_bwd"]
 
 
 def arm_name(arm: dict) -> str:
@@ -122,26 +123,33 @@ def verdict(rows: list[dict]) -> dict[str, str]:
     return out
 
 
-def record(row: dict) -> None:
+def record(row: dict | None) -> None:
+    """Merge ``row`` into the results (None: rebuild the table and plot from the JSON)."""
     from common import RESULTS, write_results
 
     def derive(rows: list[dict]) -> None:
         found = verdict(rows)
         for r in rows:
             r.pop("verdict", None)
+            if r.get("fraction_changed"):  # does the tau cap on changes per step ever bind?
+                r["codes_changed"] = sum(r["fraction_changed"])
+                r["most_in_one_step"] = max(r["fraction_changed"])
         for r in rows:
             if r["phase"] == "strategies" and r["strategy"] == "subspace_v_ste":
                 r["verdict"] = found.get(r["representation"])
 
     carry = [tuple(r.get(k) for k in KEY) for r in existing_rows()]
-    rows = write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
+    rows = write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "),
+                         [row] if row else [],
                          [*COLUMNS, "verdict"], key=KEY, derive=derive, carry=carry, notes=(
         "Starting points as in finetune_strategies.py; perplexity on the Wikipedia evaluation "
         "windows, unrelated_perplexity on offline:moby-dick (same number of windows of 512 "
         "tokens). arm: the settings changed from "
         f"{BASE} (code_lr=xK: K times the relative code step {START_CODE_LR['grid']} on the "
-        f"grids, {START_CODE_LR['rms']} on AQLM). Loss curves and "
-        "code-change fractions per step are in the JSON."))
+        f"grids, {START_CODE_LR['rms']} on AQLM). codes_changed: the share of code groups "
+        "changed, summed over the steps; most_in_one_step: the largest share changed in one "
+        "step (the subspace strategies allow at most tau). Loss curves and code-change "
+        "fractions per step are in the JSON."))
     plot(rows, RESULTS / f"{NAME}.png")
 
 
@@ -179,7 +187,12 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--remeasure", action="store_true",
                         help="run arms again that the table already holds")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="only rebuild the table and plot from the JSON")
     args = parser.parse_args()
+    if args.rebuild:
+        record(None)
+        return
     done = set() if args.remeasure else {tuple(r.get(k) for k in KEY) for r in existing_rows()}
     if args.phase == "sweep":
         jobs = [(rep, s, arm, 0) for rep in args.reprs  # the start first, unchanged
