@@ -6,8 +6,10 @@ STE from each starting point (``q2_0``: GPTQ into llama.cpp's
 Q2_0 blocks; ``aqlm2x8g8``: AQLM 2x8g8), one setting changed at a time around the current
 defaults (relative code step, tau, continuous learning rate, schedule, batch size), each arm
 ``--steps`` (200) steps on calibration sequences that are never repeated (steps x batch
-sequences of 256 tokens). Phase ``strategies``: every strategy at the settings the sweep
-chose (``--settings``), seeds 0, 1 and 2.
+sequences of 256 tokens), and STE at the arms where PV-Tuning's cap of ``tau`` changed
+groups per step binds (below it the two make nearly the same decisions). Phase
+``strategies``: every strategy at the settings the sweep chose (``--settings``), seeds 0, 1
+and 2.
 
 The test, fixed before the runs: PV-Tuning beats STE on a representation when its
 perplexity on the Wikipedia evaluation windows is lower at every one of the 3 seeds (a
@@ -20,6 +22,7 @@ again) and rows of other commits stay, marked carried over, so a sweep longer th
 sitting resumes where it stopped::
 
     python benchmarks/finetune_sweep.py --phase sweep --reprs q2_0
+    python benchmarks/finetune_sweep.py --phase sweep --reprs q2_0 --arms ste:code_lr=x1
     python benchmarks/finetune_sweep.py --phase strategies --settings lr=1e-4,tau=0.03
 """
 
@@ -46,6 +49,8 @@ START_CODE_LR = {"grid": {"ste": 0.033, "subspace_v_ste": 0.033, "stochastic_rou
 # one setting changed at a time, the most informative first; code_lr in units of START_CODE_LR
 ARMS = [{}, {"code_lr": 1.0}, {"code_lr": 0.1}, {"lr": 1e-4}, {"tau": 0.03},
         {"schedule": "cosine"}, {"tau": 0.003}, {"lr": 1e-5}, {"batch_size": 4}]
+# STE at arms where PV-Tuning's tau cap binds: there the two make different decisions
+STE_ARMS = [{"code_lr": 1.0}]
 # the pair the fixed test compares runs first, at every seed, then the other strategies
 STRATEGIES = [["ste", "subspace_v_ste"], ["frozen", "stochastic_rounding"]]
 SEEDS = (0, 1, 2)
@@ -187,6 +192,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--remeasure", action="store_true",
                         help="run arms again that the table already holds")
+    parser.add_argument("--arms", nargs="+", metavar="STRATEGY:ARM",
+                        help="run only these arms, e.g. ste:code_lr=x1 subspace_v_ste:tau=0.003")
     parser.add_argument("--rebuild", action="store_true",
                         help="only rebuild the table and plot from the JSON")
     args = parser.parse_args()
@@ -196,14 +203,15 @@ def main() -> None:
     done = set() if args.remeasure else {tuple(r.get(k) for k in KEY) for r in existing_rows()}
     if args.phase == "sweep":
         jobs = [(rep, s, arm, 0) for rep in args.reprs  # the start first, unchanged
-                for s, arms in (("calibration_only", [{}]), ("subspace_v_ste", ARMS))
+                for s, arms in (("calibration_only", [{}]), ("subspace_v_ste", ARMS),
+                                ("ste", STE_ARMS))
                 for arm in arms]
     else:
         jobs = [(rep, s, args.settings, seed) for rep in args.reprs for group in STRATEGIES
                 for seed in SEEDS for s in group]
     for rep, strategy, arm, seed in jobs:
         key = (args.phase, rep, strategy, arm_name(arm), seed)
-        if key in done:
+        if key in done or (args.arms and f"{strategy}:{arm_name(arm)}" not in args.arms):
             continue
         print(f"== {key}", flush=True)
         row = run_arm(rep, strategy, arm, seed, args)
