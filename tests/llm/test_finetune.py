@@ -336,6 +336,7 @@ def test_gradient_accumulation_equals_the_larger_batch(llama_dir):
                              vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1, tau=0.05))
         result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
         states.append((student.state_dict(), result.losses))
+        assert result.tokens_per_step == 2 * ids.shape[1]  # both see the same tokens a step
     (a, la), (b, lb) = states
     assert la == pytest.approx(lb, rel=1e-4)
     codes = [k for k, v in a.items() if v.dtype == torch.uint8]

@@ -163,6 +163,7 @@ class FinetuneResult:
     seconds_allreduce: float = 0.0
     code_bytes_sent: int = 0  # by this rank, V step on owner ranks only
     stopped_by_time: bool = False  # the time budget ended the run before ``steps``
+    tokens_per_step: int = 0  # training tokens one step sees (all ranks together)
 
     @property
     def start_perplexity(self) -> float | None:
@@ -241,6 +242,7 @@ def finetune(
         log.info("resumed from %s at step %d", checkpoint_dir, start)
     elif eval_windows is not None:
         _evaluate(student, eval_windows, 0, result, save_best, bos, progress, dist)
+    result.tokens_per_step = config.batch_size * config.grad_accum * ids.shape[1]
     eval_seconds = time.perf_counter() - began  # what the closing evaluation will take
     train_began, trained = time.perf_counter(), 0
     student.train()
