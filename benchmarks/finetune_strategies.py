@@ -46,6 +46,8 @@ STARTS = {  # pvtune compress arguments of each starting point
     "jlcm2-quantiles": ["--method", "jlcm", "--bits", "2", "--row-groups", "8",
                         "--grouping", "quantiles"],
     "jlcm3-moments": ["--method", "jlcm", "--bits", "3", "--row-groups", "8"],
+    "jlcm3-quantiles": ["--method", "jlcm", "--bits", "3", "--row-groups", "8",
+                        "--grouping", "quantiles"],
 }
 # strategies that apply to some representations only
 ONLY_FOR = {"proximal_v": lambda rep: rep.startswith("jlcm")}
@@ -112,6 +114,8 @@ def run_pvtune(rep: str, strategy: str, args) -> dict:
     cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vstep=vstep,
                          seed=args.seed, schedule=args.schedule)
     cache = WORK / "teacher-cache"  # entries keyed by teacher, BOS and tokens
+    if args.eval_start:  # the start's perplexity in the same process (saves a run)
+        row["start_perplexity"] = perplexity(student, evw, progress=False).perplexity
     if strategy != "frozen":  # the step the optimizer resolves for this representation
         first = next(iter(quantized_layers(student).values()))
         row["code_lr"] = vstep.for_weight(first.qweight).step_size
@@ -233,6 +237,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0,
                         help="order of the calibration batches and stochastic-rounding draws")
+    parser.add_argument("--eval-start", action="store_true",
+                        help="also evaluate each starting point before fine-tuning")
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,6 +260,7 @@ def main() -> None:
                    if k in ("steps", "batch_size", "lr", "tau", "num_seqs", "seq_len",
                             "eval_windows", "seed", "schedule", "unrelated_windows")
                    or (k == "code_lr" and v is not None)]
+    passthrough += ["--eval-start"] if args.eval_start else []
     env = {**os.environ, COMMAND_ENV: command_line()}
     rows = []
     for rep, strategy in jobs:

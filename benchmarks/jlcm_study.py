@@ -1,0 +1,174 @@
+"""Question: at about 2 and 3 stored bits per weight on SmolLM2-135M, how do JLCM's grouped
+codebooks (rows grouped by moments or by quantiles; trained by PV-Tuning or by JLCM's
+proximal mapping update) compare with uniform GPTQ, llama.cpp's Q2_0 blocks, AQLM and plain
+VQ, before and after the same fine-tuning budget?
+
+Every arm is one process of ``finetune_strategies.py --single`` from a cached starting point
+(``benchmarks/.work/start-NAME``, made by ``pvtune compress`` with the arguments in
+``finetune_strategies.STARTS``): it evaluates the start, fine-tunes it ``--steps`` steps of
+2 x 256 tokens against the uncompressed model (KL, continuous lr 1e-4, code steps at their
+defaults, the same never-repeated sequences for every arm) and evaluates again on the same
+Wikipedia windows. Bits are those stored by the linear layers (``bits_report``).
+
+The starting points are compressed once (``--prepare`` makes them all and records how long
+each took; AQLM and VQ take about half an hour each here); the study itself, from cached
+starts, is one command of about half an hour::
+
+    python benchmarks/jlcm_study.py --prepare     # once: every starting point
+    python benchmarks/jlcm_study.py               # the study (resumes; --remeasure redoes)
+
+The paper's setting (Yvinec et al., ICLR 2024, arXiv 2309.17361): post-training compression
+of ImageNet CNNs and of LLMs (a Llama 7B in 2 GB), codebooks and mappings learned jointly
+from a grouping of similarly distributed neurons, no public code. Here: a 135M-parameter LLM,
+8 row groups per matrix with their group stored per row, a few hundred fine-tuning steps at
+most on a Wikipedia sample, against other representations of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+NAME = "jlcm_study"
+# (starting point, discrete step); every start is evaluated before and after
+ARMS = [("jlcm2-moments", "subspace_v_ste"), ("jlcm2-moments", "proximal_v"),
+        ("jlcm2-quantiles", "subspace_v_ste"), ("jlcm2-quantiles", "proximal_v"),
+        ("gptq2", "subspace_v_ste"), ("q2_0", "subspace_v_ste"),
+        ("aqlm2x8g8", "subspace_v_ste"), ("vq2", "subspace_v_ste"),
+        ("jlcm3-moments", "subspace_v_ste"), ("jlcm3-moments", "proximal_v"),
+        ("jlcm3-quantiles", "subspace_v_ste"), ("gptq3", "subspace_v_ste")]
+KEY = ("representation", "strategy")
+COLUMNS = ["representation", "strategy", "linear_bits", "start_perplexity", "perplexity",
+           "gain", "steps", "minutes", "codes_changed"]
+
+
+def prepare(only: list[str] | None) -> None:
+    """Compress every starting point not yet cached (``only``: these); print how long each
+    took."""
+    from finetune_strategies import starting_point
+
+    for rep in dict.fromkeys(rep for rep, _ in ARMS if not only or rep in only):
+        t0 = time.perf_counter()
+        path = starting_point(rep)
+        print(f"{rep}: {path} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
+
+def run_arm(rep: str, strategy: str, args) -> dict:
+    """One arm in its own process; its row."""
+    from common import COMMAND_ENV, command_line
+
+    cmd = [sys.executable, str(Path(__file__).with_name("finetune_strategies.py")),
+           "--single", rep, strategy, f"--steps={args.steps}", "--batch-size=2",
+           "--lr=1e-4", f"--num-seqs={2 * args.steps}", f"--eval-windows={args.eval_windows}",
+           "--eval-start"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        subprocess.run([*cmd, "--out", str(out)], check=True,
+                       env={**os.environ, COMMAND_ENV: command_line()})
+        return json.loads(out.read_text())
+
+
+def derive(rows: list[dict]) -> None:
+    """The gain of each fine-tune (start over end) and its code changes."""
+    for r in rows:
+        if r.get("start_perplexity") and r.get("perplexity"):
+            r["gain"] = r["start_perplexity"] / r["perplexity"]
+        if r.get("fraction_changed"):
+            r["codes_changed"] = sum(r["fraction_changed"])
+
+
+def record(row: dict | None, args) -> None:
+    """Merge ``row`` into the results (None: rebuild them from the JSON) and plot."""
+    from common import RESULTS, write_results
+
+    path = RESULTS / f"{NAME}.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = write_results(
+        NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row] if row else [],
+        COLUMNS, key=KEY, derive=derive, carry=[tuple(r.get(k) for k in KEY) for r in old],
+        notes=(f"start_perplexity and perplexity: on {args.eval_windows} Wikipedia evaluation "
+               f"windows of 512 tokens, before and after {args.steps} steps of 2 x 256 tokens "
+               "(KL to the uncompressed model, continuous lr 1e-4, each strategy's default "
+               "code step, tau 0.01); gain = start / end; codes_changed: share of code groups "
+               "changed, summed over steps. linear_bits: stored bits per weight of the "
+               "decoder linears. jlcmB-G: JLCM at B bits, 8 row groups per matrix grouped by "
+               "G; gptqB: uniform asymmetric grid of group 64 by GPTQ; q2_0: llama.cpp's "
+               "Q2_0 blocks by GPTQ; aqlm2x8g8: AQLM; vq2: one codebook of 256 vectors of 4 "
+               "(AQLM 1x8g4). The paper's setting: see the script's docstring."))
+    plot(rows, RESULTS / f"{NAME}.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if not r.get("start_perplexity"):
+            continue
+        x = r["linear_bits"]
+        color = ("tab:red" if r["representation"].startswith("jlcm") else "tab:blue")
+        marker = "s" if r["strategy"] == "proximal_v" else "o"
+        ax.annotate("", (x, r["perplexity"]), (x, r["start_perplexity"]),
+                    arrowprops={"arrowstyle": "->", "color": color, "lw": 0.7})
+        ax.plot([x], [r["perplexity"]], marker, color=color, ms=5)
+        label = r["representation"] + (" prox" if r["strategy"] == "proximal_v" else "")
+        ax.annotate(label, (x, r["perplexity"]), fontsize=6, xytext=(3, -8),
+                    textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (decoder linears)")
+    ax.set_ylabel("perplexity (arrow: before -> after fine-tuning)")
+    ax.set_title("SmolLM2-135M: JLCM (red; squares: proximal update) and other representations")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prepare", action="store_true",
+                        help="compress every starting point that is not cached, then stop")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--reprs", nargs="+", help="only the arms of these starting points")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="run arms again that the table already holds")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="only rebuild the table and plot from the JSON")
+    args = parser.parse_args()
+    if args.prepare:
+        prepare(args.reprs)
+        return
+    if args.rebuild:
+        record(None, args)
+        return
+    from common import RESULTS, provenance
+
+    path = RESULTS / f"{NAME}.json"
+    commit = provenance()["commit"]
+    done = set() if args.remeasure or not path.is_file() else {
+        tuple(r.get(k) for k in KEY) for r in json.loads(path.read_text())["rows"]
+        if r["provenance"]["commit"] == commit and not r.get("carried_over")}
+    for rep, strategy in ARMS:
+        if (rep, strategy) in done or (args.reprs and rep not in args.reprs):
+            continue
+        print(f"== {rep} {strategy}", flush=True)
+        row = run_arm(rep, strategy, args)
+        record(row, args)
+        print({k: v for k, v in row.items()
+               if k not in ("losses", "fraction_changed", "provenance")}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
