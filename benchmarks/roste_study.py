@@ -17,7 +17,14 @@ examples, and ROUGE-L of greedy answers to the first ``--answers`` of them. Arms
   with rotations off, all on, chosen per layer;
 - ``pv_adaptive``: PV-Tuning's codes in place of STE, rotations chosen per layer.
 
-One seed (the budget is 30 minutes of this machine); the numbers carry the noise of one run.
+``--seeds 0 1 2`` repeats the chosen arms (``--arms``, ``--settings``) per seed (batch
+order, rotation signs, PV's draws); the plot shows the mean and standard deviation over the
+seeds measured. All arms of both settings take about 24 minutes a seed here at the default
+budget, so three seeds of the comparisons the noise decides (adaptive against every
+rotation on) are one command and the rest one seed::
+
+    python benchmarks/roste_study.py --seeds 0 1 2 --settings W4A4KV4 \
+        --arms ste_all_rotations roste_adaptive
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,8 +73,14 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=24)
     parser.add_argument("--answers", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                        choices=list(SETTINGS))
+    parser.add_argument("--arms", nargs="+", default=[*ARMS, "ptq_rotated"],
+                        choices=[*ARMS, "ptq_rotated"],
+                        help="the quantized arms to run (fp_sft always runs: the ceiling)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="seeds (batch order, rotation signs, PV's draws); each seed "
+                             "runs every chosen arm")
     args = parser.parse_args()
 
     base, tokenizer = load_causal_lm(default_model_dir())
@@ -76,18 +90,23 @@ def main() -> None:
     evaluation = tokenize_examples(tokenizer, eval_ex, args.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
-    rows: list[dict] = []
+    for seed in args.seeds:
+        run_seed(args, seed, base, tokenizer, train, evaluation, eval_ex, pad)
+
+
+def run_seed(args, seed: int, base, tokenizer, train, evaluation, eval_ex, pad) -> None:
+    """Every chosen arm of every chosen setting at ``seed``, each row written as it ends."""
 
     def common(weights: str, activations) -> SFTConfig:
         return SFTConfig(weights=weights, weight_bits=4, activations=activations,
                          steps=args.steps, batch_size=args.batch_size,
                          max_length=args.max_length, lr=args.lr, selection_samples=32,
-                         seed=args.seed)
+                         seed=seed)
 
     def record(setting: str, arm: str, model, before, after, rotations, seconds, steps):
         graded = answers(model, tokenizer, eval_ex[:args.answers], args.max_new_tokens)
         row = stamped({
-            "setting": setting, "arm": arm, "seed": args.seed, "steps": steps,
+            "setting": setting, "arm": arm, "seed": seed, "steps": steps,
             "answer_ppl_before": _ppl(before), "answer_ppl": _ppl(after),
             "rouge_l": sum(a["rouge_l"] for a in graded) / len(graded),
             "rotations": rotations.summary() if rotations is not None else "none",
@@ -95,9 +114,8 @@ def main() -> None:
             "settings": {"lr": args.lr, "batch_size": args.batch_size,
                          "max_length": args.max_length, "train_examples": len(train),
                          "eval_examples": len(evaluation)}})
-        rows.append(row)
         print({k: v for k, v in row.items() if k not in ("answers", "provenance")}, flush=True)
-        write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), rows,
+        write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
                       COLUMNS, key=KEY, derive=_ratios, notes=_notes(args))
         _plot(json_rows())
 
@@ -109,17 +127,21 @@ def main() -> None:
     for setting in args.settings:
         w, a, kv = SETTINGS[setting]
         for arm, (weights, mode) in ARMS.items():
+            if arm not in args.arms:
+                continue
             t0 = time.perf_counter()
             model = copy.deepcopy(base)
             act = ActivationKVConfig(TokenQuantConfig(a), TokenQuantConfig(kv), rotations=mode,
-                                     weight_bits=w, seed=args.seed)
+                                     weight_bits=w, seed=seed)
             res = sft(model, train, evaluation, common(weights, act), pad)
             record(setting, arm, model, res.eval_before, res.eval_after, res.rotations,
                    time.perf_counter() - t0, args.steps)
+        if "ptq_rotated" not in args.arms:
+            continue
         t0 = time.perf_counter()
         model = copy.deepcopy(fp)
         act = ActivationKVConfig(TokenQuantConfig(a), TokenQuantConfig(kv), rotations="on",
-                                 weight_bits=w, seed=args.seed)
+                                 weight_bits=w, seed=seed)
         rotations = prepare_activation_quant_(model, act)
         prefix = find_blocks(model).path + "."
         quantize_(model, common("ste", act).weight_representation,
@@ -163,19 +185,27 @@ def _plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def spread(setting: str, arm: str, metric: str) -> tuple[float, float]:
+        """Mean and standard deviation over seeds (nan where not measured)."""
+        values = [r[metric] for r in rows if r["setting"] == setting and r["arm"] == arm
+                  and r.get(metric) is not None]
+        if not values:
+            return float("nan"), 0.0
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
-    fp = next((r for r in rows if r["arm"] == "fp_sft"), None)
     arms = [*ARMS, "ptq_rotated"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((axes[0], "answer_ppl", "answer perplexity (lower is better)"),
                               (axes[1], "rouge_l", "ROUGE-L (higher is better)")):
         width = 0.8 / max(1, len(settings))
         for k, setting in enumerate(settings):
-            values = [next((r[metric] for r in rows if r["setting"] == setting
-                            and r["arm"] == a), float("nan")) for a in arms]
-            ax.bar([i + k * width for i in range(len(arms))], values, width, label=setting)
-        if fp is not None:
-            ax.axhline(fp[metric], color="k", ls="--", lw=0.8, label="fp_sft")
+            mean, std = zip(*(spread(setting, a, metric) for a in arms), strict=True)
+            ax.bar([i + k * width for i in range(len(arms))], mean, width, yerr=std,
+                   capsize=2, label=setting)
+        fp, _ = spread("full precision", "fp_sft", metric)
+        if fp == fp:
+            ax.axhline(fp, color="k", ls="--", lw=0.8, label="fp_sft")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(arms))], arms, rotation=20,
                       fontsize=7)
         ax.set_ylabel(label)
