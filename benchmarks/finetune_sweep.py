@@ -48,7 +48,8 @@ START_CODE_LR = {"grid": {"ste": 0.033, "subspace_v_ste": 0.033, "stochastic_rou
                  "rms": {"ste": 0.016, "subspace_v_ste": 0.016, "stochastic_rounding": 5.3e-3}}
 # one setting changed at a time, the most informative first; code_lr in units of START_CODE_LR
 ARMS = [{}, {"code_lr": 1.0}, {"code_lr": 0.1}, {"lr": 1e-4}, {"tau": 0.03},
-        {"schedule": "cosine"}, {"tau": 0.003}, {"lr": 1e-5}, {"batch_size": 4}]
+        {"schedule": "cosine"}, {"tau": 0.003}, {"lr": 1e-5}, {"batch_size": 4},
+        {"code_lr": 1.0, "tau": 0.001}]  # a larger step under a cap that binds
 # STE at arms where PV-Tuning's tau cap binds: there the two make different decisions
 STE_ARMS = [{"code_lr": 1.0}]
 # the pair the fixed test compares runs first, at every seed, then the other strategies
