@@ -332,8 +332,10 @@ def test_gradient_accumulation_equals_the_larger_batch(llama_dir):
     states = []
     for batch_size, grad_accum in ((2, 1), (1, 2)):
         student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+        # tau 0.5 never binds here (about 5% of groups move a step): a binding cap would
+        # rank near-equal decreases, whose order the two floating-point sums may swap
         cfg = FinetuneConfig(steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2,
-                             vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1, tau=0.05))
+                             vstep=VStepConfig(strategy="subspace_v_ste", lr=0.1, tau=0.5))
         result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
         states.append((student.state_dict(), result.losses))
         assert result.tokens_per_step == 2 * ids.shape[1]  # both see the same tokens a step

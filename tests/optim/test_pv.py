@@ -166,6 +166,32 @@ def test_subspace_changes_at_most_tau_of_groups():
         assert stats.groups_total == 256
 
 
+@pytest.mark.parametrize("strategy", ["subspace_v", "subspace_v_ste"])
+@pytest.mark.parametrize("config", [
+    UniformConfig(bits=2, group_size=16), GGUFBlockConfig("q4_0"),
+    AQLMConfig(num_codebooks=2, nbits_per_codebook=3, in_group_size=2, kmeans_iters=2)],
+    ids=["uniform", "q4_0", "aqlm"])
+def test_a_counting_strategy_reports_exactly_the_groups_it_changed(strategy, config):
+    """The subspace strategies count their own changes (the optimizer then compares no
+    codes): the count equals the groups whose codes differ after the step."""
+    from pvtune.optim.pv import _groups_changed
+
+    model, w_true, x = toy(0, config, inp=64)
+    rep = model[0].qweight
+    base = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    opt = PVOptimizer(model, base, VStepConfig(strategy=strategy, lr=0.5, tau=0.05))
+    assert STRATEGIES.get(strategy).counts_changes
+    seen = 0
+    for _ in range(4):
+        before = rep.snapshot_codes()
+        opt.zero_grad()
+        loss_of(model, w_true, x).backward()
+        stats = opt.step()
+        assert stats.groups_changed == _groups_changed(rep, before)
+        seen += stats.groups_changed
+    assert seen > 0
+
+
 def _two_gap_setup():
     """A 2-bit weight whose buffer is far beyond the top level at ``a`` (the widest gap,
     but re-encoding cannot move it) and nearer the next level up at ``b``."""

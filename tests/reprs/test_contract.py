@@ -288,3 +288,31 @@ def test_a_snapshot_of_some_groups_restores_exactly_those(config, weight):
         getattr(rep, k).copy_(v)
     rep.restore_groups(half, {k: v[: half.numel()] for k, v in saved.items()})
     assert all(torch.equal(getattr(rep, k), v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_targets_inside_the_change_threshold_keep_their_codes(config, weight):
+    """A representation's change threshold is a promise: targets nearer the decoded weights
+    than it (entry by entry) re-encode to the same codes, so a discrete step may skip those
+    groups; targets just past half a grid step away do move (scalar grids)."""
+    from pvtune.reprs.base import times_unit
+
+    rep = make(config, weight)
+    limit = rep.change_threshold()
+    if limit is None:
+        pytest.skip("no threshold: every group may change")
+    assert limit.shape == rep.step_unit().shape and bool((limit > 0).all())
+    w = rep().detach()
+    before = rep.snapshot_codes()
+    gen = torch.Generator().manual_seed(1)
+    for fraction in (0.999, -0.999):  # right at the edge, both ways
+        noise = torch.rand(w.shape, generator=gen) * fraction
+        rep.encode(w + times_unit(noise, limit))
+        assert all(torch.equal(getattr(rep, k), v) for k, v in before.items())
+    # half a step and a bit more, towards the grid's middle, moves every code
+    middle = 0.5 * (w.amax(-1, keepdim=True) + w.amin(-1, keepdim=True))
+    toward = torch.where(w < middle, 1.0, -1.0)
+    rep.encode(w + times_unit(toward * 1.02, 2 * limit / (1 - 1e-3)))
+    moved = rep.snapshot_codes()
+    share = sum(float((moved[k] != v).float().mean()) for k, v in before.items()) / len(before)
+    assert share > 0.9

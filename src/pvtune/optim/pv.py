@@ -142,7 +142,10 @@ class PVOptimizer:
                 )
             rep = layer.qweight
             grad = layer.dense_weight.grad.detach().to(torch.float32)
-            codes_before = rep.snapshot_codes()
+            # a strategy that counts its changes needs no copy of every code, unless the
+            # trust ratio may roll some back
+            counted = self.strategy.counts_changes and self.config.trust_ratio is None
+            codes_before = None if counted else rep.snapshot_codes()
             with torch.no_grad():
                 w_before = rep().detach() if self.config.trust_ratio is not None else None
             gen = torch.Generator().manual_seed(
@@ -151,10 +154,10 @@ class PVOptimizer:
             config = self.weight_configs[name]
             if lr_scale != 1.0:
                 config = dataclasses.replace(config, lr=config.step_size * lr_scale)
-            self.strategy(rep, grad, self.states[name], config, gen)
+            count = self.strategy(rep, grad, self.states[name], config, gen)
             if w_before is not None:
                 apply_trust_ratio(rep, w_before, codes_before, self.config.trust_ratio)
-            changed += _groups_changed(rep, codes_before)
+            changed += count if counted else _groups_changed(rep, codes_before)
             total += rep.groups_shape[0] * rep.groups_shape[1]
         return changed, total
 

@@ -148,8 +148,11 @@ def dense_direction(state: WeightState, grad: Tensor, config: VStepConfig) -> Te
     state.sq_avg.mul_(config.beta2).addcmul_(grad, grad, value=1 - config.beta2)
     bias = 1 - config.beta2 ** state.step
     denom = state.sq_avg.div(bias).sqrt_()  # in place: no temporaries
-    floor = config.eps * denom.pow(2).mean().sqrt()
-    denom.add_(floor).clamp_(min=1e-30)
+    # rms(s) = sqrt(mean(v) / bias): one pass over v, no squared copy of s
+    floor = config.eps * math.sqrt(float(state.sq_avg.mean()) / bias)
+    denom.add_(floor)
+    if not floor >= 1e-30:  # all-zero gradients so far: keep the division finite
+        denom.clamp_(min=1e-30)
     return torch.div(grad, denom, out=denom)
 
 
@@ -237,26 +240,31 @@ def apply_trust_ratio(rep: QuantizedWeight, w_old: Tensor, codes_old: dict[str, 
 
 
 class Strategy(Protocol):
-    """A discrete step: updates ``rep``'s codes in place from the dense gradient."""
+    """A discrete step: updates ``rep``'s codes in place from the dense gradient; a strategy
+    registered with ``counts_changes`` returns how many groups' codes it changed."""
 
     needs_buffer: bool
     moves_codes: bool
+    counts_changes: bool
 
     def __call__(self, rep: QuantizedWeight, grad: Tensor, state: WeightState,
-                 config: VStepConfig, generator: torch.Generator) -> None: ...
+                 config: VStepConfig, generator: torch.Generator) -> int | None: ...
 
 
 STRATEGIES: Registry[str, Strategy] = Registry("discrete step strategy")
 
 
-def register_strategy(name: str, needs_buffer: bool, moves_codes: bool = True):
+def register_strategy(name: str, needs_buffer: bool, moves_codes: bool = True,
+                      counts_changes: bool = False):
     """Decorator registering a strategy function under ``name``: ``needs_buffer`` gives it
     a dense buffer in its state; ``moves_codes=False`` says it never changes codes (so no
-    dense gradient is captured for it)."""
+    dense gradient is captured for it); ``counts_changes=True`` says it returns the number
+    of groups whose codes it changed (the optimizer then need not compare every code)."""
 
     def wrap(fn):
         fn.needs_buffer = needs_buffer
         fn.moves_codes = moves_codes
+        fn.counts_changes = counts_changes
         return STRATEGIES.register(name, fn)
 
     return wrap
@@ -293,8 +301,8 @@ def linearized_v(rep, grad, state, config, generator) -> None:
 PRESELECT = 4  # subspace strategies search codes for PRESELECT * tau of the groups, keep tau
 
 
-@register_strategy("subspace_v", needs_buffer=False)
-def subspace_v(rep, grad, state, config, generator) -> None:
+@register_strategy("subspace_v", needs_buffer=False, counts_changes=True)
+def subspace_v(rep, grad, state, config, generator) -> int:
     """Linearized V restricted to the ``tau`` fraction of groups whose projected update
     promises the largest decrease of the local model ``<g, dW> + ||dW||^2 / (2 lr_eff)``
     (groups whose projection would not lower it keep their codes).
@@ -312,7 +320,7 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         candidates = top_indices(group_sq_norm(rep, step).reshape(-1),
                                  math.ceil(PRESELECT * config.tau * group_count(rep)))
         if candidates.numel() == 0:
-            return
+            return 0
         old = rep.snapshot_groups(candidates)
         w_old = in_groups(rep, w, candidates)
         rep.encode_groups(candidates, w_old - in_groups(rep, step, candidates),
@@ -321,17 +329,20 @@ def subspace_v(rep, grad, state, config, generator) -> None:
         # decrease of the local model <g, dW> + sum dW^2 / (2 eta), per candidate group
         gain = -(in_groups(rep, grad, candidates) * delta).sum(-1) \
             - (delta.pow(2) / (2 * in_groups(rep, eta, candidates).clamp(min=1e-30))).sum(-1)
-        keep_among(rep, old, candidates, gain, config.tau)
+        return keep_among(rep, old, candidates, gain, config.tau)
 
 
-@register_strategy("subspace_v_ste", needs_buffer=True)
-def subspace_v_ste(rep, grad, state, config, generator) -> None:
+@register_strategy("subspace_v_ste", needs_buffer=True, counts_changes=True)
+def subspace_v_ste(rep, grad, state, config, generator) -> int:
     """Dense buffer (STE) with re-encoding limited to the ``tau`` fraction of groups whose
     new codes bring the decoded weight closest to the buffer.
 
-    Candidates are the ``PRESELECT * tau`` groups where the buffer and the decoded weight
-    differ most relative to the row's mean square weight; their codes are re-encoded to the
-    buffer. A new code is kept only where the current gradient agrees with the change
+    Candidates are at most ``PRESELECT * tau`` of the groups: those where the buffer lies
+    far enough from the decoded weight for its codes to change at all (the representation's
+    :meth:`~pvtune.reprs.base.QuantizedWeight.change_threshold`; every group where it knows
+    none), the ones where the buffer and the decoded weight differ most relative to the row's
+    mean square weight if there are more. Their codes are re-encoded to the buffer. A new
+    code is kept only where the current gradient agrees with the change
     (``<g, W_new - W> < 0``), and of those only the ``tau`` fraction with the largest
     decrease of ``||y - W||^2`` (a wide gap alone often sits inside one code's cell, where
     re-encoding changes nothing).
@@ -339,15 +350,21 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
     move_buffer(rep, state, grad, config)
     with torch.no_grad():
         w = rep()
-        # the buffer moves by about lr per entry whatever the row's magnitude, while code
-        # cells scale with it: rank candidates by the gap relative to the row's mean square
-        row_rms = torch.linalg.vector_norm(w, dim=-1, keepdim=True) / math.sqrt(w.shape[-1])
-        relative = (state.buffer - w).div_(row_rms.clamp_(min=1e-15))
-        candidates = top_indices(group_sq_norm(rep, relative).reshape(-1),
-                                 math.ceil(PRESELECT * config.tau * group_count(rep)))
-        del relative
+        budget = math.ceil(PRESELECT * config.tau * group_count(rep))
+        candidates = _movable_groups(rep, state.buffer, w)
+        if candidates is None or candidates.numel() > budget:
+            # the buffer moves by about lr per entry whatever the row's magnitude, while code
+            # cells scale with it: rank by the gap relative to the row's mean square
+            row_rms = torch.linalg.vector_norm(w, dim=-1, keepdim=True) / math.sqrt(w.shape[-1])
+            relative = (state.buffer - w).div_(row_rms.clamp_(min=1e-15))
+            score = group_sq_norm(rep, relative).reshape(-1)
+            del relative
+            if candidates is None:
+                candidates = top_indices(score, budget)
+            else:
+                candidates = candidates[top_indices(score[candidates], budget)]
         if candidates.numel() == 0:
-            return
+            return 0
         old = rep.snapshot_groups(candidates)
         w_old = in_groups(rep, w, candidates)
         y = in_groups(rep, state.buffer, candidates)
@@ -356,15 +373,34 @@ def subspace_v_ste(rep, grad, state, config, generator) -> None:
         decrease = (y - w_old).pow(2).sum(-1) - (y - w_new).pow(2).sum(-1)
         # first-order change of the loss: changes the current gradient disagrees with stay out
         descent = (in_groups(rep, grad, candidates) * (w_new - w_old)).sum(-1) < 0
-        keep_among(rep, old, candidates, torch.where(descent, decrease,
-                                                     torch.zeros_like(decrease)), config.tau)
+        return keep_among(rep, old, candidates, torch.where(descent, decrease,
+                                                            torch.zeros_like(decrease)),
+                          config.tau)
+
+
+def _movable_groups(rep: QuantizedWeight, buffer: Tensor, w: Tensor) -> Tensor | None:
+    """Flat indices (ascending) of the groups where ``buffer`` lies at least ``rep``'s
+    change threshold from ``w`` in some entry; None when ``rep`` knows no threshold."""
+    limit = rep.change_threshold()
+    if limit is None:
+        return None
+    gap = torch.sub(buffer, w).abs_()
+    far = torch.ge(gap.view(gap.shape[0], limit.shape[1], -1), limit.unsqueeze(-1))
+    del gap
+    far = far.view(-1, rep.code_group_size)
+    if rep.code_group_size > 1:
+        far = far.any(-1)
+    return far.reshape(-1).nonzero().squeeze(1)
 
 
 def move_buffer(rep: QuantizedWeight, state: WeightState, grad: Tensor,
                 config: VStepConfig) -> None:
     """``y -= lr * d * unit``: the buffer's Adam step in units of ``rep``'s step unit."""
-    step = times_unit(dense_direction(state, grad, config), rep.step_unit())
-    state.buffer.add_(step, alpha=-config.step_size)
+    d = dense_direction(state, grad, config)
+    unit = rep.step_unit()
+    k = unit.shape[1]  # one fused pass: y += (-lr) * d * unit, the unit broadcast per group
+    state.buffer.view(d.shape[0], k, -1).addcmul_(d.view(d.shape[0], k, -1),
+                                                  unit.unsqueeze(-1), value=-config.step_size)
 
 
 def group_count(rep: QuantizedWeight) -> int:
@@ -378,10 +414,19 @@ def in_groups(rep: QuantizedWeight, x: Tensor, index: Tensor) -> Tensor:
 
 
 def keep_among(rep: QuantizedWeight, old: dict[str, Tensor], candidates: Tensor,
-               score: Tensor, fraction: float) -> None:
+               score: Tensor, fraction: float) -> int:
     """Keep the new codes of the ``ceil(fraction * groups)`` candidates with the largest
     positive ``score``; every other candidate gets back its ``old`` codes (the
-    :meth:`~pvtune.reprs.base.QuantizedWeight.snapshot_groups` of ``candidates``)."""
+    :meth:`~pvtune.reprs.base.QuantizedWeight.snapshot_groups` of ``candidates``). Returns
+    the number of groups whose codes changed."""
     revert = torch.ones(candidates.numel(), dtype=torch.bool, device=candidates.device)
     revert[top_indices(score, math.ceil(fraction * group_count(rep)))] = False
     rep.restore_groups(candidates[revert], {k: v[revert] for k, v in old.items()})
+    kept = ~revert
+    if not bool(kept.any()):
+        return 0
+    changed = torch.zeros(int(kept.sum()), dtype=torch.bool, device=candidates.device)
+    for name, before in old.items():
+        after = rep.snapshot_groups(candidates[kept])[name]
+        changed |= (after != before[kept]).reshape(after.shape[0], -1).any(-1)
+    return int(changed.sum())

@@ -208,6 +208,13 @@ class QuantizedWeight(nn.Module):
         with torch.no_grad():
             return self().pow(2).mean(-1, keepdim=True).sqrt()
 
+    def change_threshold(self) -> Tensor | None:
+        """How far a target must lie from the decoded weight before re-encoding can change
+        that weight's code: a tensor shaped like :meth:`step_unit` (weight units), or None
+        when no such bound is known (any group may change). A discrete step skips the groups
+        whose targets all lie nearer than this, without re-encoding them."""
+        return None
+
     def lut_matmul(self, x: Tensor) -> Tensor | None:
         """``x @ W.T`` computed from the codes without decoding ``W`` (a lookup-table
         kernel), or None when this representation has no such kernel for ``x``."""

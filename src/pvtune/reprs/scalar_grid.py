@@ -40,6 +40,11 @@ class ScalarGridWeight(QuantizedWeight):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------
+    def change_threshold(self) -> Tensor:
+        """Just under half the grid step: the levels are :meth:`step_unit` apart, so a target
+        nearer its weight's level than half of that keeps the weight's code."""
+        return self.step_unit() * (0.5 * (1 - 1e-3))
+
     def grouped(self, w: Tensor) -> Tensor:
         """``w`` (``[out, in]``) as ``[out, in / group, group]``."""
         return w.reshape(self.out_features, -1, self.group)
