@@ -209,6 +209,18 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def run_single(rep: str, strategy: str, options: list[str]) -> dict:
+    """One run of ``strategy`` from the start ``rep`` in its own process (``options``: this
+    script's flags); its row."""
+    from common import COMMAND_ENV, command_line
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out", str(out),
+                        *options], check=True, env={**os.environ, COMMAND_ENV: command_line()})
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="fine-tuning strategies at ~2 bits")
     parser.add_argument("--reprs", nargs="+", default=["gptq2", "aqlm2x8g8"],
@@ -242,7 +254,7 @@ def main() -> None:
     parser.add_argument("--single", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from common import COMMAND_ENV, command_line, stamped
+    from common import stamped
 
     if args.single:
         rep, strategy = args.single
@@ -261,15 +273,10 @@ def main() -> None:
                             "eval_windows", "seed", "schedule", "unrelated_windows")
                    or (k == "code_lr" and v is not None)]
     passthrough += ["--eval-start"] if args.eval_start else []
-    env = {**os.environ, COMMAND_ENV: command_line()}
     rows = []
     for rep, strategy in jobs:
         print(f"== {rep} {strategy}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "row.json"
-            subprocess.run([sys.executable, __file__, "--single", rep, strategy, "--out",
-                            str(out), *passthrough], check=True, env=env)
-            row = json.loads(out.read_text())
+        row = run_single(rep, strategy, passthrough)
         print({k: v for k, v in row.items() if k not in ("losses", "fraction_changed")},
               flush=True)
         rows.append(row)

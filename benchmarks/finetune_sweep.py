@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,22 +85,17 @@ def absolute_code_lr(rep: str, strategy: str, scale: float) -> float | None:
 
 def run_arm(rep: str, strategy: str, arm: dict, seed: int, args) -> dict:
     """One fine-tuning run in its own process; its row."""
-    from common import COMMAND_ENV, command_line
+    from finetune_strategies import run_single
 
     settings = {**BASE, **arm}
     code_lr = absolute_code_lr(rep, strategy, settings["code_lr"])
     batch = settings["batch_size"]
-    cmd = [sys.executable, str(Path(__file__).with_name("finetune_strategies.py")), "--single",
-           rep, strategy, f"--steps={args.steps}", f"--batch-size={batch}",
-           f"--lr={settings['lr']}", f"--tau={settings['tau']}",
-           f"--schedule={settings['schedule']}", f"--num-seqs={args.steps * batch}",
-           f"--eval-windows={args.eval_windows}", f"--unrelated-windows={args.eval_windows}",
-           f"--seed={seed}"] + ([f"--code-lr={code_lr}"] if code_lr is not None else [])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        subprocess.run([*cmd, "--out", str(out)], check=True,
-                       env={**os.environ, COMMAND_ENV: command_line()})
-        return json.loads(out.read_text())
+    return run_single(rep, strategy, [
+        f"--steps={args.steps}", f"--batch-size={batch}", f"--lr={settings['lr']}",
+        f"--tau={settings['tau']}", f"--schedule={settings['schedule']}",
+        f"--num-seqs={args.steps * batch}", f"--eval-windows={args.eval_windows}",
+        f"--unrelated-windows={args.eval_windows}", f"--seed={seed}",
+    ] + ([f"--code-lr={code_lr}"] if code_lr is not None else []))
 
 
 def existing_rows() -> list[dict]:

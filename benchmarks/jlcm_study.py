@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,17 +60,11 @@ def prepare(only: list[str] | None) -> None:
 
 def run_arm(rep: str, strategy: str, args) -> dict:
     """One arm in its own process; its row."""
-    from common import COMMAND_ENV, command_line
+    from finetune_strategies import run_single
 
-    cmd = [sys.executable, str(Path(__file__).with_name("finetune_strategies.py")),
-           "--single", rep, strategy, f"--steps={args.steps}", "--batch-size=2",
-           "--lr=1e-4", f"--num-seqs={2 * args.steps}", f"--eval-windows={args.eval_windows}",
-           "--eval-start"]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        subprocess.run([*cmd, "--out", str(out)], check=True,
-                       env={**os.environ, COMMAND_ENV: command_line()})
-        return json.loads(out.read_text())
+    return run_single(rep, strategy, [
+        f"--steps={args.steps}", "--batch-size=2", "--lr=1e-4", f"--num-seqs={2 * args.steps}",
+        f"--eval-windows={args.eval_windows}", "--eval-start"])
 
 
 def derive(rows: list[dict]) -> None:

@@ -425,8 +425,8 @@ def keep_among(rep: QuantizedWeight, old: dict[str, Tensor], candidates: Tensor,
     kept = ~revert
     if not bool(kept.any()):
         return 0
+    after = rep.snapshot_groups(candidates[kept])
     changed = torch.zeros(int(kept.sum()), dtype=torch.bool, device=candidates.device)
     for name, before in old.items():
-        after = rep.snapshot_groups(candidates[kept])[name]
-        changed |= (after != before[kept]).reshape(after.shape[0], -1).any(-1)
+        changed |= (after[name] != before[kept]).reshape(changed.shape[0], -1).any(-1)
     return int(changed.sum())
