@@ -114,8 +114,8 @@ def record(row: dict) -> None:
         "reference (SmolLM2-135M-Instruct's Q4_1 GGUF dequantized to F32) on the same windows. "
         "correct: of the 40 built-in questions, through the chat template the file carries. "
         "steps and tokens_seen: the fine-tuning run's steps and training tokens; minutes: "
-        "fine-tuning wall time. Each run's keep-best evaluations (pvtune, 32 windows) are in "
-        "the JSON and the PNG."))
+        "fine-tuning wall time. Each run's keep-best evaluations (pvtune, 32 windows) and "
+        "its share of codes changed per step are in the JSON and the PNG."))
     plot()
 
 
@@ -125,18 +125,28 @@ def plot() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, churn) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in _rows():
         if r.get("evals"):
             tokens = [s * r["tokens_per_step"] for s, _ in r["evals"]]
             ax.plot(tokens, [p for _, p in r["evals"]], "o-", ms=3,
                     label=f"{r['point']} (llama.cpp {r['ratio']:.3g}x)")
+        if r.get("fraction_changed"):
+            steps = range(1, len(r["fraction_changed"]) + 1)
+            churn.plot([s * r["tokens_per_step"] for s in steps], r["fraction_changed"],
+                       lw=0.6, label=r["point"])
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("perplexity (pvtune, 32 Wikipedia windows)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("one-hour fine-tuning of the 60 MiB file")
+    churn.set_xlabel("training tokens seen")
+    churn.set_ylabel("share of codes changed in the step")
+    churn.set_yscale("log")
+    churn.grid(True, which="both", alpha=0.3)
+    churn.legend(fontsize=7)
+    churn.set_title("codes changing per step")
     fig.tight_layout()
     fig.savefig(RESULTS / f"{NAME}.png", dpi=120)
     plt.close(fig)
@@ -190,6 +200,7 @@ def main() -> None:
                 "steps": len(result["losses"]), "tokens_per_step": per_step,
                 "tokens_seen": len(result["losses"]) * per_step, "minutes": minutes,
                 "best_step": result["best_step"], "evals": result["evals"],
+                "losses": result["losses"], "fraction_changed": result["fraction_changed"],
                 **measure(gguf, texts, args.threads, params)})
 
 

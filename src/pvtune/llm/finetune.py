@@ -246,8 +246,10 @@ def finetune(
     eval_seconds = time.perf_counter() - began  # what the closing evaluation will take
     train_began, trained = time.perf_counter(), 0
     student.train()
+    # under a time budget the clock, not the step count, ends the run: no step total or ETA
     bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
-               disable=not progress, unit="step", initial=start, total=config.steps)
+               disable=not progress, unit="step", initial=start,
+               total=None if config.time_budget is not None else config.steps)
     evaluated_at = None
     for step in bar:
         factor = lr_factor(config, step)  # scales the continuous and the code step alike
@@ -287,7 +289,9 @@ def finetune(
         result.seconds_discrete += stats.seconds_discrete
         result.losses.append(total)
         result.fraction_changed.append(stats.fraction_changed)
-        bar.set_postfix(kl=f"{total:.4f}", changed=f"{stats.fraction_changed:.2e}")
+        left = {} if config.time_budget is None else {
+            "left": f"{max(0.0, config.time_budget - (time.perf_counter() - began)) / 60:.1f}m"}
+        bar.set_postfix(kl=f"{total:.4f}", changed=f"{stats.fraction_changed:.2e}", **left)
         log.debug("step %d: KL %.5f, codes changed %.3e", done, total, stats.fraction_changed)
         trained += 1
         if eval_windows is not None and config.eval_every and done % config.eval_every == 0 \
