@@ -16,6 +16,7 @@ windows. The curve (PNG) is pvtune's keep-best evaluation against the tokens see
     python benchmarks/one_hour.py                            # PV-Tuning, one hour
     python benchmarks/one_hour.py --strategies ste frozen    # the other strategies' curves
     python benchmarks/one_hour.py --time-budget 10m          # a shorter budget
+    python benchmarks/one_hour.py --schedule linear          # code step and lr decay with time
 
 Rows of the current commit are skipped, so a stopped run continues; rows of other commits
 stay, marked carried over. Needs ``pip install -e '.[llamacpp]'``.
@@ -158,6 +159,9 @@ def main() -> None:
     parser.add_argument("--time-budget", default="1h",
                         help="pvtune finetune --time-budget (the quality preset's hour)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
+                        help="pvtune finetune --schedule (default: the preset's); named in "
+                             "the row")
     args = parser.parse_args()
 
     from pvtune.llm.model import load_causal_lm
@@ -183,13 +187,16 @@ def main() -> None:
         record({"point": "start: 60 MiB, GPTQ", "steps": 0, "tokens_seen": 0,
                 **measure(gguf, texts, args.threads, params)})
     for strategy in args.strategies:
-        point = f"{strategy}, {args.time_budget}"
+        point = f"{strategy}, {args.time_budget}" + (f", {args.schedule}" if args.schedule
+                                                      else "")
         if point in done:
             continue
-        out = WORK / f"{strategy}-{args.time_budget}"
+        out = WORK / point.replace(", ", "-")
+        schedule = ["--schedule", args.schedule] if args.schedule else []
         t0 = time.perf_counter()
         pvtune("finetune", str(start), "--preset", "quality", "--strategy", strategy,
-               "--time-budget", args.time_budget, "--output", str(out), "--overwrite")
+               "--time-budget", args.time_budget, *schedule, "--output", str(out),
+               "--overwrite")
         minutes = (time.perf_counter() - t0) / 60
         meta = json.loads((out / "pvtune_meta.json").read_text())
         result = meta["finetune_result"]
@@ -197,6 +204,7 @@ def main() -> None:
         pvtune("export", str(out), "--to", "gguf", "--output", str(gguf), "--overwrite")
         per_step = result["tokens_per_step"]
         record({"point": point, "strategy": strategy, "time_budget": args.time_budget,
+                "schedule": args.schedule or "constant",
                 "steps": len(result["losses"]), "tokens_per_step": per_step,
                 "tokens_seen": len(result["losses"]) * per_step, "minutes": minutes,
                 "best_step": result["best_step"], "evals": result["evals"],

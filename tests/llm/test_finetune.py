@@ -45,6 +45,12 @@ def test_lr_schedules():
     assert lr_factor(cfg, 0) == 0.5 and lr_factor(cfg, 1) == 1.0
     assert lr_factor(cfg, 2) == pytest.approx(1.0) and lr_factor(cfg, 10) == pytest.approx(0.0)
     assert lr_factor(FinetuneConfig(steps=4, schedule="linear"), 2) == pytest.approx(0.5)
+    # progress (the share of a time budget spent) replaces the share of steps done
+    lin = FinetuneConfig(steps=1_000_000, schedule="linear", time_budget=60.0)
+    assert lr_factor(lin, 3, progress=0.25) == pytest.approx(0.75)
+    assert lr_factor(lin, 3, progress=1.7) == 0.0 and lr_factor(lin, 3, progress=-1) == 1.0
+    assert lr_factor(cfg, 5, progress=0.5) == pytest.approx(0.5)  # cosine halfway
+    assert lr_factor(cfg, 0, progress=0.9) == 0.5  # warm-up counts steps still
     with pytest.raises(ValueError, match="schedule must be"):
         FinetuneConfig(schedule="exp")
     with pytest.raises(ConfigError, match="dense_storage must be one of"):
@@ -372,6 +378,32 @@ def test_a_time_budget_stops_in_time_and_keeps_the_best(llama_dir):
     assert result.best_perplexity == min(p for _, p in result.evals)
     with pytest.raises(ConfigError, match="time_budget"):
         FinetuneConfig(time_budget=0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_a_schedule_under_a_time_budget_runs_over_the_time(llama_dir, monkeypatch, schedule):
+    """With a time budget and a million-step bound, ``linear`` decays with the clock: the
+    factor falls step by step and is near zero at the end, where a step count would have
+    kept it at 1; ``constant`` stays at 1."""
+    import pvtune.llm.finetune as ft
+
+    factors = []
+
+    def spy(config, step, progress=None):
+        factors.append(lr_factor(config, step, progress))
+        return factors[-1]
+
+    monkeypatch.setattr(ft, "lr_factor", spy)
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+    cfg = FinetuneConfig(steps=1_000_000, batch_size=2, lr=1e-3, schedule=schedule,
+                         time_budget=2.0, vstep=VStepConfig(strategy="ste", lr=0.01))
+    result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
+    assert result.stopped_by_time and len(factors) == len(result.losses) >= 3
+    if schedule == "constant":
+        assert factors == [1.0] * len(factors)
+    else:
+        assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
+        assert factors[0] > 0.8 and 0.0 <= factors[-1] < 0.3, factors
 
 
 def test_cli_time_budget_is_a_duration(llama_dir, text_file, tmp_path, capsys):

@@ -68,8 +68,9 @@ class FinetuneConfig:
     data-parallel run shards the continuous parameters and their Adam state with FSDP2
     (:mod:`pvtune.llm.sharding`) instead of replicating them. One process ignores both.
     ``time_budget`` (seconds, None: none): stop before a step (and the evaluation that ends
-    the run) would pass it; ``steps`` is then an upper bound, and the best model evaluated
-    is kept as always.
+    the run) would pass it; ``steps`` is then an upper bound, the best model evaluated is
+    kept as always, and ``schedule`` runs over the budget's time (the share spent when a
+    step starts), so ``linear`` reaches zero as the time runs out.
     """
 
     steps: int = 50
@@ -113,14 +114,20 @@ class FinetuneConfig:
                              f"got {self.schedule!r}")
 
 
-def lr_factor(config: FinetuneConfig, step: int) -> float:
+def lr_factor(config: FinetuneConfig, step: int, progress: float | None = None) -> float:
     """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up over
     ``config.warmup_steps``, then ``config.schedule`` over the rest of ``config.steps`` (any
-    config with those three fields, such as :class:`pvtune.llm.sft.SFTConfig`)."""
+    config with those three fields, such as :class:`pvtune.llm.sft.SFTConfig`).
+
+    ``progress`` (0 to 1; None: from the step count) replaces the share of the run done:
+    under a time budget the run's length is time, not steps, and :func:`finetune` passes
+    the share of the budget spent."""
     if config.warmup_steps and step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    if progress is None:
+        span = max(1, config.steps - config.warmup_steps)
+        progress = (step - config.warmup_steps) / span
+    progress = min(1.0, max(0.0, progress))
     if config.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     if config.schedule == "linear":
@@ -252,7 +259,8 @@ def finetune(
                total=None if config.time_budget is not None else config.steps)
     evaluated_at = None
     for step in bar:
-        factor = lr_factor(config, step)  # scales the continuous and the code step alike
+        # scales the continuous and the code step alike
+        factor = lr_factor(config, step, _time_progress(config, began, dist))
         t0 = time.perf_counter()
         total = 0.0
         for micro in range(config.grad_accum):
@@ -324,6 +332,16 @@ def finetune(
         _evaluate(student, eval_windows, last, result, save_best, bos, progress, dist)
     student.eval()
     return result
+
+
+def _time_progress(config: FinetuneConfig, began: float,
+                   dist: DistributedContext) -> float | None:
+    """The share of the time budget spent (None without a budget or a schedule to follow),
+    the same on every rank (their clocks differ; their code steps must not)."""
+    if config.time_budget is None or config.schedule == "constant":
+        return None
+    spent = (time.perf_counter() - began) / config.time_budget
+    return dist.mean(spent)
 
 
 def _out_of_time(budget: float, began: float, step_seconds: float, eval_seconds: float,
