@@ -115,8 +115,9 @@ def run_seed(args, seed: int, base, tokenizer, train, evaluation, eval_ex, pad) 
                          "max_length": args.max_length, "train_examples": len(train),
                          "eval_examples": len(evaluation)}})
         print({k: v for k, v in row.items() if k not in ("answers", "provenance")}, flush=True)
+        carry = [tuple(r.get(k) for k in KEY) for r in json_rows()]  # other commits' rows
         write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
-                      COLUMNS, key=KEY, derive=_ratios, notes=_notes(args))
+                      COLUMNS, key=KEY, derive=_ratios, notes=_notes(args), carry=carry)
         _plot(json_rows())
 
     t0 = time.perf_counter()
@@ -152,9 +153,11 @@ def run_seed(args, seed: int, base, tokenizer, train, evaluation, eval_ex, pad) 
 
 
 def json_rows() -> list[dict]:
+    """The rows recorded so far (none before the first)."""
     import json
 
-    return json.loads((RESULTS / f"{NAME}.json").read_text())["rows"]
+    path = RESULTS / f"{NAME}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def _ratios(rows: list[dict]) -> None:
