@@ -406,6 +406,17 @@ def test_a_schedule_under_a_time_budget_runs_over_the_time(llama_dir, monkeypatc
         assert factors[0] > 0.8 and 0.0 <= factors[-1] < 0.3, factors
 
 
+def test_a_time_budget_shows_time_left_not_a_step_total(llama_dir, capsys):
+    """The progress bar of a run the clock ends shows the minutes left and neither the
+    million-step bound nor an ETA from it."""
+    student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+    cfg = FinetuneConfig(steps=1_000_000, batch_size=2, time_budget=1.0,
+                         vstep=VStepConfig(strategy="ste", lr=0.01))
+    finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=True)
+    err = capsys.readouterr().err
+    assert "left=" in err and "1000000" not in err, err[-500:]
+
+
 def test_cli_time_budget_is_a_duration(llama_dir, text_file, tmp_path, capsys):
     from pvtune.cli import main
 

@@ -254,9 +254,10 @@ def finetune(
     train_began, trained = time.perf_counter(), 0
     student.train()
     # under a time budget the clock, not the step count, ends the run: no step total or ETA
-    bar = tqdm(range(start, config.steps), desc=f"finetune ({config.vstep.strategy})",
-               disable=not progress, unit="step", initial=start,
-               total=None if config.time_budget is not None else config.steps)
+    steps = range(start, config.steps)  # an iterator has no length for tqdm to take as total
+    bar = tqdm(iter(steps) if config.time_budget is not None else steps,
+               desc=f"finetune ({config.vstep.strategy})", disable=not progress, unit="step",
+               initial=start, total=None if config.time_budget is not None else config.steps)
     evaluated_at = None
     for step in bar:
         # scales the continuous and the code step alike
