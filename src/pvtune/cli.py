@@ -876,9 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive_int, default=1)
     p.add_argument("--lr", type=_nonnegative_float, default=None,
                    help="continuous learning rate (default: FinetuneConfig's, 1e-4)")
-    p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant",
-                   help="decay of the continuous and the code step over the run (over the "
-                        "time of --time-budget when one is given)")
+    p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=None,
+                   help="decay of the continuous and the code step over the run, over the "
+                        "time of --time-budget when one is given (default: the preset's: "
+                        "linear for quality, constant for the others)")
     p.add_argument("--warmup-steps", type=_count, default=0)
     p.add_argument("--code-lr", type=_nonnegative_float, default=None,
                    help="discrete step size relative to each weight's code cell (its grid "

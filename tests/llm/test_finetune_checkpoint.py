@@ -84,6 +84,10 @@ def test_presets_fill_what_is_not_given():
     quality = finetune_job("quality")
     assert quality.config.time_budget == 3600 and quality.config.steps == TIME_BUDGET_MAX_STEPS
     assert quality.config.eval_every == TIME_BUDGET_EVAL_EVERY
+    # the hour's schedule decays linearly (one_hour.md); the others stay constant
+    assert quality.config.schedule == "linear" and standard.config.schedule == "constant"
+    assert finetune_job("quality", schedule="constant").config.schedule == "constant"
+    assert finetune_job("quality", schedule=None).config.schedule == "linear"
     assert quality.calibration.num_sequences == FINETUNE_PRESETS["quality"].calibration \
         .num_sequences == 1024
     # what is given wins; settings reach the config; no evaluation when asked

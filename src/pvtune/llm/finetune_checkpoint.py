@@ -107,8 +107,8 @@ class FinetuneJob:
 class FinetunePreset:
     """The defaults of a fine-tune by effort: ``steps`` (None: :func:`finetune_config`'s
     rule), ``time_budget`` in seconds (None: none), the training sequences
-    (``calibration``, plus ``chat_data`` sequences of conversations the teacher writes) and
-    the keep-best ``evaluation``."""
+    (``calibration``, plus ``chat_data`` sequences of conversations the teacher writes), the
+    keep-best ``evaluation`` and the learning-rate ``schedule``."""
 
     description: str
     steps: int | None
@@ -116,6 +116,7 @@ class FinetunePreset:
     calibration: CalibrationConfig
     chat_data: int
     evaluation: EvalConfig
+    schedule: str = "constant"
 
 
 FINETUNE_PRESETS: dict[str, FinetunePreset] = {
@@ -129,11 +130,12 @@ FINETUNE_PRESETS: dict[str, FinetunePreset] = {
         CalibrationConfig(num_sequences=128, sequence_length=256), 32,
         EvalConfig(max_windows=16)),
     "quality": FinetunePreset(
-        "one hour: as many steps as fit in 60 minutes, evaluated every 25 steps on 32 "
-        "windows, the best kept; 1,024 calibration sequences of 256 tokens (about 500 steps "
-        "of 2 fit an hour on 2 CPU cores, so none repeats) and 64 of conversations",
+        "one hour: as many steps as fit in 60 minutes, the learning rate and the code step "
+        "decaying linearly to zero over the hour, evaluated every 25 steps on 32 windows, "
+        "the best kept; 1,024 calibration sequences of 256 tokens (about 500 steps of 2 fit "
+        "an hour on 2 CPU cores, so none repeats) and 64 of conversations",
         None, 3600.0, CalibrationConfig(num_sequences=1024, sequence_length=256), 64,
-        EvalConfig(max_windows=32)),
+        EvalConfig(max_windows=32), schedule="linear"),
 }
 
 
@@ -148,11 +150,14 @@ def finetune_job(preset: str = "standard", *, steps: int | None = None,
                  **settings: Any) -> FinetuneJob:
     """A :class:`FinetuneJob` from the preset ``preset`` (:data:`FINETUNE_PRESETS`), each
     argument given (not None) overriding it; ``settings`` go to :class:`FinetuneConfig`
-    (``lr``, ``batch_size``, ``vstep``, ...); ``evaluate=False``: no keep-best evaluation."""
+    (``lr``, ``batch_size``, ``vstep``, ...; a ``schedule`` of None is the preset's);
+    ``evaluate=False``: no keep-best evaluation."""
     if preset not in FINETUNE_PRESETS:
         raise ConfigError(f"no fine-tuning preset {preset!r}; known: "
                           f"{', '.join(sorted(FINETUNE_PRESETS))}")
     p = FINETUNE_PRESETS[preset]
+    if settings.get("schedule") is None:
+        settings["schedule"] = p.schedule
     config = finetune_config(steps=p.steps if steps is None else steps, eval_every=eval_every,
                              time_budget=p.time_budget if time_budget is None else time_budget,
                              seed=seed, **settings)
