@@ -209,6 +209,8 @@ def main() -> None:
                 "tokens_seen": len(result["losses"]) * per_step, "minutes": minutes,
                 "best_step": result["best_step"], "evals": result["evals"],
                 "losses": result["losses"], "fraction_changed": result["fraction_changed"],
+                "discrete_over_fwd_bwd": (result["seconds_discrete"]
+                                          / result["seconds_forward_backward"]),
                 **measure(gguf, texts, args.threads, params)})
 
 
