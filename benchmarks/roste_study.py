@@ -51,8 +51,8 @@ from pvtune.nn import quantize_  # noqa: E402
 from pvtune.nn.token_quant import TokenQuantConfig  # noqa: E402
 
 NAME = "roste_study"
-COLUMNS = ["setting", "arm", "steps", "answer_ppl_before", "answer_ppl", "rouge_l",
-           "ratio_to_fp_sft", "rotations", "minutes"]
+COLUMNS = ["setting", "arm", "seed", "steps", "answer_ppl_before", "answer_ppl", "rouge_l",
+           "ratio_to_fp_sft", "seeds", "mean_answer_ppl", "rotations", "minutes"]
 KEY = ("setting", "arm", "seed")
 SETTINGS = {"W4A4KV4": (4, 4, 4), "W4A8KV4": (4, 8, 4)}
 ARMS = {"ste_no_rotation": ("ste", "off"), "ste_all_rotations": ("ste", "on"),
@@ -81,7 +81,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="seeds (batch order, rotation signs, PV's draws); each seed "
                              "runs every chosen arm")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="only rebuild the table and plot from the JSON")
     args = parser.parse_args()
+    if args.rebuild:
+        _write([], args)
+        return
 
     base, tokenizer = load_causal_lm(default_model_dir())
     job = SFTJob(train_examples=args.train_examples, eval_examples=args.eval_examples)
@@ -115,10 +120,7 @@ def run_seed(args, seed: int, base, tokenizer, train, evaluation, eval_ex, pad) 
                          "max_length": args.max_length, "train_examples": len(train),
                          "eval_examples": len(evaluation)}})
         print({k: v for k, v in row.items() if k not in ("answers", "provenance")}, flush=True)
-        carry = [tuple(r.get(k) for k in KEY) for r in json_rows()]  # other commits' rows
-        write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), [row],
-                      COLUMNS, key=KEY, derive=_ratios, notes=_notes(args), carry=carry)
-        _plot(json_rows())
+        _write([row], args)
 
     t0 = time.perf_counter()
     fp = copy.deepcopy(base)
@@ -152,6 +154,15 @@ def run_seed(args, seed: int, base, tokenizer, train, evaluation, eval_ex, pad) 
                time.perf_counter() - t0, 0)
 
 
+def _write(rows: list[dict], args) -> None:
+    """Merge ``rows`` into the results (other commits' rows stay, marked carried over) and
+    redraw the table and the plot."""
+    carry = [tuple(r.get(k) for k in KEY) for r in json_rows()]
+    write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), rows, COLUMNS,
+                  key=KEY, derive=_derive, notes=_notes(args), carry=carry)
+    _plot(json_rows())
+
+
 def json_rows() -> list[dict]:
     """The rows recorded so far (none before the first)."""
     import json
@@ -160,12 +171,18 @@ def json_rows() -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
-def _ratios(rows: list[dict]) -> None:
+def _derive(rows: list[dict]) -> None:
+    """Each row's answer perplexity over full-precision SFT's at its seed, and the mean
+    answer perplexity of its (setting, arm) over the seeds measured."""
     fp = {r["seed"]: r["answer_ppl"] for r in rows if r["arm"] == "fp_sft"}
     for r in rows:
         ref = fp.get(r["seed"])
         r["ratio_to_fp_sft"] = None if ref is None or r["answer_ppl"] is None \
             else r["answer_ppl"] / ref
+        same = [o["answer_ppl"] for o in rows if (o["setting"], o["arm"]) ==
+                (r["setting"], r["arm"]) and o.get("answer_ppl") is not None]
+        r["seeds"] = len(same)
+        r["mean_answer_ppl"] = statistics.fmean(same) if same else None
 
 
 def _notes(args) -> str:
@@ -178,7 +195,8 @@ def _notes(args) -> str:
             f"{args.max_new_tokens}-token greedy answers to {args.answers} held-out prompts. "
             "Weights: 4-bit asymmetric round-to-nearest per output channel; activations per "
             "token, K and V per token and head, clip 0.95. ptq_rotated has no training (no "
-            "answer_ppl_before). The default model is SmolLM2-135M-"
+            "answer_ppl_before); mean_answer_ppl: the mean answer_ppl of the row's setting and "
+            "arm over its seeds measured (seeds). The default model is SmolLM2-135M-"
             "Instruct's Q4_1 GGUF dequantized. Three answers per row are in the JSON.")
 
 
