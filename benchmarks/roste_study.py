@@ -193,6 +193,7 @@ def _notes(args) -> str:
             f"{args.eval_examples} held-out pairs, before (answer_ppl_before: the starting "
             "model with the arm's quantization) and after training; rouge_l: ROUGE-L F1 of "
             f"{args.max_new_tokens}-token greedy answers to {args.answers} held-out prompts. "
+            "Adaptive rotations chosen on 32 training rows (pvtune sft's default: 128). "
             "Weights: 4-bit asymmetric round-to-nearest per output channel; activations per "
             "token, K and V per token and head, clip 0.95. ptq_rotated has no training (no "
             "answer_ppl_before); mean_answer_ppl: the mean answer_ppl of the row's setting and "
