@@ -16,7 +16,7 @@ windows. The curve (PNG) is pvtune's keep-best evaluation against the tokens see
     python benchmarks/one_hour.py                            # PV-Tuning, one hour
     python benchmarks/one_hour.py --strategies ste frozen    # the other strategies' curves
     python benchmarks/one_hour.py --time-budget 10m          # a shorter budget
-    python benchmarks/one_hour.py --schedule linear          # code step and lr decay with time
+    python benchmarks/one_hour.py --schedule constant        # no decay over the hour
 
 Rows of the current commit are skipped, so a stopped run continues; rows of other commits
 stay, marked carried over. Needs ``pip install -e '.[llamacpp]'``.
@@ -160,10 +160,11 @@ def main() -> None:
                         help="pvtune finetune --time-budget (the quality preset's hour)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
-                        help="pvtune finetune --schedule (default: the preset's); named in "
-                             "the row")
+                        help="pvtune finetune --schedule (default: the quality preset's, "
+                             "linear); named in the row")
     args = parser.parse_args()
 
+    from pvtune.llm.finetune_checkpoint import FINETUNE_PRESETS
     from pvtune.llm.model import load_causal_lm
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -187,8 +188,8 @@ def main() -> None:
         record({"point": "start: 60 MiB, GPTQ", "steps": 0, "tokens_seen": 0,
                 **measure(gguf, texts, args.threads, params)})
     for strategy in args.strategies:
-        point = f"{strategy}, {args.time_budget}" + (f", {args.schedule}" if args.schedule
-                                                      else "")
+        point = f"{strategy}, {args.time_budget}, " \
+            f"{args.schedule or FINETUNE_PRESETS['quality'].schedule}"
         if point in done:
             continue
         out = WORK / point.replace(", ", "-")
@@ -204,7 +205,7 @@ def main() -> None:
         pvtune("export", str(out), "--to", "gguf", "--output", str(gguf), "--overwrite")
         per_step = result["tokens_per_step"]
         record({"point": point, "strategy": strategy, "time_budget": args.time_budget,
-                "schedule": args.schedule or "constant",
+                "schedule": meta["finetune_config"]["schedule"],
                 "steps": len(result["losses"]), "tokens_per_step": per_step,
                 "tokens_seen": len(result["losses"]) * per_step, "minutes": minutes,
                 "best_step": result["best_step"], "evals": result["evals"],

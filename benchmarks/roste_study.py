@@ -158,9 +158,8 @@ def _write(rows: list[dict], args) -> None:
     """Merge ``rows`` into the results (other commits' rows stay, marked carried over) and
     redraw the table and the plot."""
     carry = [tuple(r.get(k) for k in KEY) for r in json_rows()]
-    write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), rows, COLUMNS,
-                  key=KEY, derive=_derive, notes=_notes(args), carry=carry)
-    _plot(json_rows())
+    _plot(write_results(NAME, __doc__.split("\n\n")[0].removeprefix("Question: "), rows,
+                        COLUMNS, key=KEY, derive=_derive, notes=_notes(args), carry=carry))
 
 
 def json_rows() -> list[dict]:
