@@ -295,10 +295,14 @@ class QuantizedWeight(nn.Module):
     def _check_inputs(self, target: Tensor, groups: Tensor | None,
                       beam_size: int | None) -> tuple[Tensor, Tensor | None]:
         """Validated ``(target, groups)`` of :meth:`encode`; ``beam_size`` None or >= 1."""
+        self._check_beam_size(beam_size)
+        return self._check_target(target), self._check_groups(groups)
+
+    @staticmethod
+    def _check_beam_size(beam_size: int | None) -> None:
         if beam_size is not None and (isinstance(beam_size, bool)
                                       or not isinstance(beam_size, int) or beam_size < 1):
             raise ValueError(f"beam_size must be a positive int or None, got {beam_size!r}")
-        return self._check_target(target), self._check_groups(groups)
 
     def _check_groups(self, groups: Tensor | None) -> Tensor | None:
         if groups is None:

@@ -112,19 +112,30 @@ class VQWeight(QuantizedWeight):
         target, groups = self._check_inputs(target, groups, beam_size)
         with torch.no_grad():
             vectors = self._vectors(target)
-            flat_sel = None if groups is None else groups.reshape(-1)
-            if flat_sel is not None:
-                vectors = vectors[flat_sel]
-            codes = self.codes.view(-1)
-            old = codes.long() if flat_sel is None else codes[flat_sel].long()
-            book = self.codebook.detach()
-            idx, _ = nearest(vectors, book)
-            better = (book[idx] - vectors).pow(2).sum(-1) < (book[old] - vectors).pow(2).sum(-1)
-            idx = torch.where(better, idx, old)
-            if flat_sel is None:
-                codes.copy_(idx.to(codes.dtype))
-            else:
-                codes[flat_sel] = idx.to(codes.dtype)
+            index = None if groups is None else groups.reshape(-1).nonzero().squeeze(1)
+            self._encode_at(index, vectors if index is None else vectors[index])
+
+    def encode_groups(self, index: Tensor, values: Tensor,
+                      beam_size: int | None = None) -> None:
+        """Only the selected groups' vectors are searched (no full-size target)."""
+        self._check_beam_size(beam_size)
+        values = self._check_group_values(index, values)
+        with torch.no_grad():
+            self._encode_at(index, values)
+
+    def _encode_at(self, index: Tensor | None, vectors: Tensor) -> None:
+        """Nearest codeword of each vector for the groups at flat ``index`` (None: all); a
+        group keeps its old code unless the new one is strictly closer."""
+        codes = self.codes.view(-1)
+        old = codes.long() if index is None else codes[index].long()
+        book = self.codebook.detach()
+        idx, _ = nearest(vectors, book)
+        better = (book[idx] - vectors).pow(2).sum(-1) < (book[old] - vectors).pow(2).sum(-1)
+        idx = torch.where(better, idx, old).to(codes.dtype)
+        if index is None:
+            codes.copy_(idx)
+        else:
+            codes[index] = idx
 
     def step_unit(self) -> Tensor:
         """The RMS of the codebook's entries (one unit for the whole matrix)."""
@@ -287,25 +298,37 @@ class AdditiveWeight(QuantizedWeight):
         """Beam search (then one coordinate-descent pass) on ``target / scale``; a group keeps
         its old codes when the search does not improve on them."""
         target, groups = self._check_inputs(target, groups, beam_size)
-        beam = self.config.beam_size if beam_size is None else beam_size
         with torch.no_grad():
-            books = self.books().detach()
-            flat = self.codes.view(-1, self.config.num_codebooks)
             if groups is None:
-                vectors, old = self._unit_vectors(target), flat.long()
+                self._encode_at(None, self._unit_vectors(target), beam_size)
             else:  # only the selected groups: no full-size work
                 sel = groups.reshape(-1).nonzero().squeeze(1)
-                vectors = target.reshape(-1, self.config.in_group_size)[sel] \
-                    / self._group_scales(sel)
-                old = flat[sel].long()
-            new = refine_codes(vectors, books, beam_search(vectors, books, beam))
-            new_err = (additive_decode(books, new) - vectors).pow(2).sum(-1)
-            old_err = (additive_decode(books, old) - vectors).pow(2).sum(-1)
-            best = torch.where((new_err < old_err).unsqueeze(-1), new, old).to(flat.dtype)
-            if groups is None:
-                flat.copy_(best)
-            else:
-                flat[sel] = best
+                values = target.reshape(-1, self.config.in_group_size)[sel]
+                self._encode_at(sel, values / self._group_scales(sel), beam_size)
+
+    def encode_groups(self, index: Tensor, values: Tensor,
+                      beam_size: int | None = None) -> None:
+        """Only the selected groups are searched (no full-size target or decode)."""
+        self._check_beam_size(beam_size)
+        values = self._check_group_values(index, values)
+        with torch.no_grad():
+            self._encode_at(index, values / self._group_scales(index), beam_size)
+
+    def _encode_at(self, index: Tensor | None, vectors: Tensor, beam_size: int | None) -> None:
+        """Search codes for the unit-scale ``vectors`` of the groups at flat ``index``
+        (None: every group); a group keeps its old codes unless the new ones are closer."""
+        beam = self.config.beam_size if beam_size is None else beam_size
+        books = self.books().detach()
+        flat = self.codes.view(-1, self.config.num_codebooks)
+        old = flat.long() if index is None else flat[index].long()
+        new = refine_codes(vectors, books, beam_search(vectors, books, beam))
+        new_err = (additive_decode(books, new) - vectors).pow(2).sum(-1)
+        old_err = (additive_decode(books, old) - vectors).pow(2).sum(-1)
+        best = torch.where((new_err < old_err).unsqueeze(-1), new, old).to(flat.dtype)
+        if index is None:
+            flat.copy_(best)
+        else:
+            flat[index] = best
 
     def step_unit(self) -> Tensor:
         """Each row's scale (``|scales[o]|``): the codebooks are shared, the scale sizes a

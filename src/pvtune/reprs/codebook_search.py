@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pvtune.kernels.nearest import nearest_codewords, nearest_kernel_available
+
 _ELEMENTS_PER_CHUNK = 1 << 20  # 4 MiB distance matrices: cache-sized, 2x faster than 64 MiB
 
 
@@ -16,9 +18,14 @@ def _chunk(rows_per_item: int) -> int:
 def nearest(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the nearest codeword (squared L2) for each row of ``x``, and that distance.
 
-    ``x``: ``[N, d]``, ``codebook``: ``[K, d]``; returns ``(index [N], dist [N])``.
+    ``x``: ``[N, d]``, ``codebook``: ``[K, d]``; returns ``(index [N], dist [N])``. On the
+    CPU in float32 one compiled pass (:mod:`pvtune.kernels.nearest`), else chunked matrix
+    products.
     """
     cnorm = codebook.pow(2).sum(-1)
+    if nearest_kernel_available(x, codebook):
+        idx, part = nearest_codewords(x, codebook, cnorm)
+        return idx, (part + x.pow(2).sum(-1)).clamp(min=0)
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     step = _chunk(codebook.shape[0])
@@ -101,7 +108,9 @@ def beam_search(targets: Tensor, codebooks: Tensor, beam_size: int = 1) -> Tenso
     m, k, _ = codebooks.shape
     beam = max(1, min(beam_size, k))
     out = torch.empty(targets.shape[0], m, dtype=torch.long, device=targets.device)
-    step = _chunk(beam * k)
+    # the compiled greedy search needs no chunks: its distances never leave a scratch row
+    whole = beam == 1 and nearest_kernel_available(targets, codebooks)
+    step = max(1, targets.shape[0]) if whole else _chunk(beam * k)
     cnorm = codebooks.pow(2).sum(-1)  # [M, K]
     search = _greedy_chunk if beam == 1 else _beam_chunk
     for s in range(0, targets.shape[0], step):
@@ -114,8 +123,12 @@ def _greedy_chunk(t: Tensor, codebooks: Tensor, cnorm: Tensor, beam: int) -> Ten
     (``||r - c||^2 - ||r||^2 = ||c||^2 - 2 r.c``: one matrix product per codebook)."""
     codes = torch.empty(t.shape[0], codebooks.shape[0], dtype=torch.long, device=t.device)
     resid = t
+    compiled = nearest_kernel_available(t, codebooks)
     for j in range(codebooks.shape[0]):
-        codes[:, j] = torch.addmm(cnorm[j], resid, codebooks[j].T, alpha=-2.0).argmin(-1)
+        if compiled:
+            codes[:, j] = nearest_codewords(resid, codebooks[j], cnorm[j])[0]
+        else:
+            codes[:, j] = torch.addmm(cnorm[j], resid, codebooks[j].T, alpha=-2.0).argmin(-1)
         if j + 1 < codebooks.shape[0]:
             resid = resid - F.embedding(codes[:, j], codebooks[j])
     return codes
