@@ -6,13 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pvtune.kernels.nearest import nearest_codewords, nearest_kernel_available
-
 _ELEMENTS_PER_CHUNK = 1 << 20  # 4 MiB distance matrices: cache-sized, 2x faster than 64 MiB
 
 
 def _chunk(rows_per_item: int) -> int:
     return max(1, _ELEMENTS_PER_CHUNK // max(1, rows_per_item))
+
+
+def _compiled(x: Tensor, codebook: Tensor) -> bool:
+    """Whether the compiled search takes these operands (imported on first use: numba
+    takes a noticeable time to import)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    from pvtune.kernels.nearest import nearest_kernel_available
+
+    return nearest_kernel_available(x, codebook)
 
 
 def nearest(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
@@ -23,7 +31,9 @@ def nearest(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
     products.
     """
     cnorm = codebook.pow(2).sum(-1)
-    if nearest_kernel_available(x, codebook):
+    if _compiled(x, codebook):
+        from pvtune.kernels.nearest import nearest_codewords
+
         idx, part = nearest_codewords(x, codebook, cnorm)
         return idx, (part + x.pow(2).sum(-1)).clamp(min=0)
     idx = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
@@ -109,7 +119,7 @@ def beam_search(targets: Tensor, codebooks: Tensor, beam_size: int = 1) -> Tenso
     beam = max(1, min(beam_size, k))
     out = torch.empty(targets.shape[0], m, dtype=torch.long, device=targets.device)
     # the compiled greedy search needs no chunks: its distances never leave a scratch row
-    whole = beam == 1 and nearest_kernel_available(targets, codebooks)
+    whole = beam == 1 and _compiled(targets, codebooks)
     step = max(1, targets.shape[0]) if whole else _chunk(beam * k)
     cnorm = codebooks.pow(2).sum(-1)  # [M, K]
     search = _greedy_chunk if beam == 1 else _beam_chunk
@@ -123,7 +133,9 @@ def _greedy_chunk(t: Tensor, codebooks: Tensor, cnorm: Tensor, beam: int) -> Ten
     (``||r - c||^2 - ||r||^2 = ||c||^2 - 2 r.c``: one matrix product per codebook)."""
     codes = torch.empty(t.shape[0], codebooks.shape[0], dtype=torch.long, device=t.device)
     resid = t
-    compiled = nearest_kernel_available(t, codebooks)
+    compiled = _compiled(t, codebooks)
+    if compiled:
+        from pvtune.kernels.nearest import nearest_codewords
     for j in range(codebooks.shape[0]):
         if compiled:
             codes[:, j] = nearest_codewords(resid, codebooks[j], cnorm[j])[0]
