@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORK = Path(__file__).resolve().parent / ".work"
 STARTS = {"aqlm-2x8g8": "compress-aqlm-2x8g8", "uniform-2bit-gptq": "compress-gptq-2"}
-# dense STE re-encodes every group each step: shown for uniform; for AQLM its cost is in
-# benchmarks/finetune_strategies.py (discrete_s_per_step), a minute per step here
-STRATEGIES = {"aqlm-2x8g8": ["subspace_v_ste", "subspace_v"],
+# dense STE re-encodes every group each step (for AQLM a search of every group's codes)
+STRATEGIES = {"aqlm-2x8g8": ["subspace_v_ste", "subspace_v", "ste"],
               "uniform-2bit-gptq": ["subspace_v_ste", "subspace_v", "ste"]}
 
 
