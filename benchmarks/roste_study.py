@@ -19,7 +19,7 @@ examples, and ROUGE-L of greedy answers to the first ``--answers`` of them. Arms
 
 ``--seeds 0 1 2`` repeats the chosen arms (``--arms``, ``--settings``) per seed (batch
 order, rotation signs, PV's draws); the plot shows the mean and standard deviation over the
-seeds measured. All arms of both settings take about 24 minutes a seed here at the default
+seeds measured. All arms of both settings take about 21 minutes a seed here at the default
 budget, so three seeds of the comparisons the noise decides (adaptive against every
 rotation on) are one command and the rest one seed::
 
