@@ -11,7 +11,7 @@ defaults, the same never-repeated sequences for every arm) and evaluates again o
 Wikipedia windows. Bits are those stored by the linear layers (``bits_report``).
 
 The starting points are compressed once (``--prepare`` makes them all and records how long
-each took; AQLM and VQ take about half an hour each here); the study itself, from cached
+each took; AQLM and VQ take about 17 minutes each here); the study itself, from cached
 starts, is one command of about half an hour::
 
     python benchmarks/jlcm_study.py --prepare     # once: every starting point
