@@ -1,8 +1,10 @@
 """JLCM's proximal mapping update moves an index to the adjacent level where plain STE with
-a large step jumps to a far one; on a grouped-codebook layer PV-Tuning and every strategy
-lower a regression loss."""
+a large step jumps to a far one, and only once its buffer has passed the midpoint; on a
+grouped-codebook layer PV-Tuning and every strategy lower a regression loss."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def test_the_proximal_step_moves_to_the_neighbour_where_ste_jumps():
                           torch.Generator())
     assert ste().tolist()[0][0] == 3.0  # the buffer lands past every level: a far jump
     prox = one_row()
-    STRATEGIES.get("proximal_v")(prox, grad, WeightState(prox, False),
+    STRATEGIES.get("proximal_v")(prox, grad, WeightState(prox, True),
                                  VStepConfig("proximal_v", lr=3.0, tau=0.25),
                                  torch.Generator())
     assert prox().tolist()[0] == [1.0, 0.0, 0.0, 0.0]  # the adjacent level, nothing else
@@ -39,10 +41,29 @@ def test_the_proximal_step_moves_to_the_neighbour_where_ste_jumps():
 
 def test_scores_follow_the_formula():
     levels = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    score, target = proximal_scores(levels, torch.tensor([[1.0]]), torch.tensor([[-1.0]]),
-                                    torch.tensor([[1.0]]))
-    # up one level: 1 * exp(-1); up two: 2 * exp(-2); down: negative
-    assert target.item() == 2.0 and score.item() == pytest.approx(torch.exp(torch.tensor(-1.0)))
+    unit = torch.tensor([[1.0]])
+    score, target = proximal_scores(levels, torch.tensor([[0.0]]), torch.tensor([[3.0]]), unit)
+    # every level above is nearer to the buffer at 3: r * delta * exp(-delta) is 3/e for the
+    # adjacent one, 6/e^2 and 9/e^3 for the others
+    assert target.item() == 1.0 and score.item() == pytest.approx(3 * math.exp(-1))
+    score, target = proximal_scores(levels, torch.tensor([[1.0]]), torch.tensor([[1.0]]), unit)
+    # a buffer at 2 is as near to level 3 as to level 1 (the current): only level 2 is nearer
+    assert target.item() == 2.0 and score.item() == pytest.approx(math.exp(-1))
+    score, _ = proximal_scores(levels, torch.tensor([[1.0, 1.0]]),
+                               torch.tensor([[0.4, -0.5]]), unit)
+    assert score.tolist()[0] == [-math.inf, -math.inf]  # no level nearer to the buffer
+
+
+def test_a_code_moves_once_the_buffer_passes_the_midpoint():
+    rep = one_row()
+    state, config = WeightState(rep, True), VStepConfig("proximal_v", lr=0.12, tau=0.25)
+    grad = torch.tensor([[-1.0, 0.0, 0.0, 0.0]])  # the same pull every step: d = -1
+    step = STRATEGIES.get("proximal_v")
+    for _ in range(4):  # the buffer at 0.48 of the spacing: still nearer to level 0
+        assert step(rep, grad, state, config, torch.Generator()) == 0
+    assert rep().tolist()[0] == [0.0, 0.0, 0.0, 0.0]
+    assert step(rep, grad, state, config, torch.Generator()) == 1  # 0.6: past the midpoint
+    assert rep().tolist()[0] == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_a_representation_without_row_codebooks_is_refused_before_any_step():
@@ -82,9 +103,9 @@ def test_the_proximal_scores_do_not_change_when_the_weights_are_rescaled():
     gen = torch.Generator().manual_seed(1)
     levels = torch.randn(3, 4, generator=gen).sort(-1).values
     current = levels.gather(1, torch.randint(0, 4, (3, 5), generator=gen))
-    direction = torch.randn(3, 5, generator=gen)
+    displacement = 2 * torch.randn(3, 5, generator=gen)
     unit = (levels[:, -1:] - levels[:, :1]) / 3
-    score, target = proximal_scores(levels, current, direction, unit)
-    score8, target8 = proximal_scores(levels / 8, current / 8, direction, unit / 8)
+    score, target = proximal_scores(levels, current, displacement, unit)
+    score8, target8 = proximal_scores(levels / 8, current / 8, displacement, unit / 8)
     torch.testing.assert_close(score8, score)
     torch.testing.assert_close(target8, target / 8)

@@ -5,15 +5,21 @@ Read as a soft assignment ``W = sum_k a_k v_k`` over a row's levels ``v_k``, the
 the loss with respect to ``a_k`` is ``g v_k``: steepest descent on the assignment favours
 the extreme level in the gradient's direction, however far it is (what plain STE with a
 large step does as well). JLCM weighs each candidate by a decreasing function of its
-distance instead, so an index moves to a neighbour. Here a weight at level ``v_c`` with
-normalised gradient ``d`` scores each other level ``v_k`` by
+distance instead, so an index moves to a neighbour.
 
-    s_k = -d * delta_k * exp(-|delta_k|),   delta_k = (v_k - v_c) / u
+Here the step keeps STE's dense buffer ``y`` (moved by ``lr * d * u`` each step, ``d`` the
+Adam direction, ``u`` the row's mean level spacing), so a code moves only once the gradients
+have pushed the buffer past the midpoint to another level, as a learned mapping would after
+enough steps of its learning rate. A weight at level ``v_c`` with buffer displacement
+``r = (y - W) / u`` scores each other level ``v_k`` by
 
-(``u`` the row's mean level spacing: the promised first-order decrease, damped by the
-distance in units of that spacing); each weight's best candidate is its score, and the
-``tau`` fraction of weights with the largest positive scores move. The step is one
-candidate level, chosen by the score; ``tau`` sets how many weights move per step.
+    s_k = r * delta_k * exp(-|delta_k|),   delta_k = (v_k - v_c) / u
+
+(the decrease of ``||y - W||^2`` promised to first order, damped by the distance in units of
+the spacing), among the levels nearer to ``y`` than ``v_c`` is; each weight's best candidate
+is its score, and at most the ``tau`` fraction of weights with the largest positive scores
+move. Plain STE re-encodes a weight to the level nearest its buffer, however far; this step
+moves it to the best-scored level, which favours the adjacent one.
 """
 
 from __future__ import annotations
@@ -23,22 +29,26 @@ import math
 import torch
 
 from pvtune.errors import ConfigError
-from pvtune.optim.strategies import dense_direction, group_count, register_strategy, top_indices
+from pvtune.optim.strategies import group_count, move_buffer, register_strategy, top_indices
 
 ROWS_PER_CHUNK = 256  # rows scored at once: [rows, in, levels] temporaries stay bounded
 
 
-def proximal_scores(levels, current, direction, unit):
+def proximal_scores(levels, current, displacement, unit):
     """Per weight, the best candidate's score and level (module docstring): ``levels``
-    ``[out, K]``, ``current`` and ``direction`` ``[out, in]``, ``unit`` ``[out, 1]``."""
+    ``[out, K]``, ``current`` ``[out, in]`` and the row's level spacing ``unit`` ``[out, 1]``
+    in weight units; ``displacement`` ``[out, in]`` the buffer's offset from ``current`` in
+    units of ``unit``. A weight with no level nearer to its buffer scores ``-inf``."""
     score = torch.empty_like(current)
     target = torch.empty_like(current)
     for start in range(0, current.shape[0], ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
         delta = (levels[rows, None, :] - current[rows, :, None]) / unit[rows, :, None]
-        gain = -direction[rows, :, None] * delta * torch.exp(-delta.abs())
-        gain = gain.masked_fill(delta.abs() < 1e-6, float("-inf"))  # the current level
-        best, k = gain.max(-1)
+        r = displacement[rows, :, None]
+        gain = r * delta * torch.exp(-delta.abs())
+        # the current level, and levels no nearer to the buffer (|r - delta| >= |r|)
+        out = (delta * (2 * r - delta) <= 0) | (delta.abs() < 1e-6)
+        best, k = gain.masked_fill_(out, float("-inf")).max(-1)
         score[rows] = best
         target[rows] = levels[rows].gather(1, k)
     return score, target
@@ -52,19 +62,24 @@ def check_row_codebooks(rep) -> None:
                           f"{type(rep).__name__} has none")
 
 
-@register_strategy("proximal_v", needs_buffer=False)
-def proximal_v(rep, grad, state, config, generator) -> None:
-    """JLCM's proximal mapping update (module docstring)."""
+@register_strategy("proximal_v", needs_buffer=True, counts_changes=True)
+def proximal_v(rep, grad, state, config, generator) -> int:
+    """JLCM's proximal mapping update (module docstring); returns the number of weights
+    whose index changed."""
     check_row_codebooks(rep)
+    move_buffer(rep, state, grad, config)
     with torch.no_grad():
-        direction = dense_direction(state, grad, config)
-        score, target = proximal_scores(rep.row_levels(), rep(), direction, rep.step_unit())
+        w = rep()
+        unit = rep.step_unit()
+        displacement = (state.buffer - w).div_(unit)
+        score, target = proximal_scores(rep.row_levels(), w, displacement, unit)
+        del displacement
         flat = score.reshape(-1)
         chosen = top_indices(torch.nan_to_num(flat, neginf=0.0),
                              math.ceil(config.tau * group_count(rep)))
-        chosen = chosen[flat[chosen] > 0]
         if chosen.numel():
             rep.encode_groups(chosen, target.reshape(-1)[chosen].unsqueeze(-1))
+        return int(chosen.numel())
 
 
 proximal_v.check = check_row_codebooks  # PVOptimizer refuses other representations up front

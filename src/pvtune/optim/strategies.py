@@ -99,12 +99,14 @@ class VStepConfig:
 #   over 20 steps) ended at 473.3 where 0.01 reached 90.86 (benchmarks/results/
 #   finetune_sweep.md), and on the 70 MiB mixed file 0.033 rose after 30 steps where 0.01
 #   kept improving to step 60 (benchmarks/results/frontier.md);
+# * proximal_v: the STE step (it moves the same buffer);
 # * stochastic_rounding: 1e-3 (3e-3 diverged: its noise grows with the buffer's distance
 #   from the grid);
 # * linearized_v, subspace_v: 3e-4 (one step lowered a held-out KL; 3x that raised it 3-10x).
 DEFAULT_LR = {
-    "grid": {"ste": 0.01, "subspace_v_ste": 0.01, "stochastic_rounding": 3.3e-3,
-             "linearized_v": 1e-3, "subspace_v": 1e-3, "frozen": 0.0},
+    "grid": {"ste": 0.01, "subspace_v_ste": 0.01, "proximal_v": 0.01,
+             "stochastic_rounding": 3.3e-3, "linearized_v": 1e-3, "subspace_v": 1e-3,
+             "frozen": 0.0},
     "rms": {"ste": 0.016, "subspace_v_ste": 0.016, "stochastic_rounding": 5.3e-3,
             "linearized_v": 1.6e-3, "subspace_v": 1.6e-3, "frozen": 0.0},
 }
