@@ -16,6 +16,7 @@ starts, is one command of about half an hour::
 
     python benchmarks/jlcm_study.py --prepare     # once: every starting point
     python benchmarks/jlcm_study.py               # the study (resumes; --remeasure redoes)
+    python benchmarks/jlcm_study.py --strategies proximal_v   # only some arms
 
 The paper's setting (Yvinec et al., ICLR 2024, arXiv 2309.17361): post-training compression
 of ImageNet CNNs and of LLMs (a Llama 7B in 2 GB), codebooks and mappings learned jointly
@@ -35,16 +36,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 NAME = "jlcm_study"
-# (starting point, discrete step); every start is evaluated before and after
-ARMS = [("jlcm2-moments", "subspace_v_ste"), ("jlcm2-moments", "proximal_v"),
-        ("jlcm2-quantiles", "subspace_v_ste"), ("jlcm2-quantiles", "proximal_v"),
-        ("gptq2", "subspace_v_ste"), ("q2_0", "subspace_v_ste"),
-        ("aqlm2x8g8", "subspace_v_ste"), ("vq2", "subspace_v_ste"),
-        ("jlcm3-moments", "subspace_v_ste"), ("jlcm3-moments", "proximal_v"),
-        ("jlcm3-quantiles", "subspace_v_ste"), ("gptq3", "subspace_v_ste")]
-KEY = ("representation", "strategy")
-COLUMNS = ["representation", "strategy", "linear_bits", "start_perplexity", "perplexity",
-           "gain", "steps", "minutes", "codes_changed"]
+# (starting point, discrete step, code step: None for the strategy's default); every start
+# is evaluated before and after. The default code step (0.01 of the level spacing) lets the
+# STE buffer travel at most a tenth of a level in 10 steps; the 0.1 arms let codes move.
+ARMS = [("jlcm2-moments", "subspace_v_ste", None), ("jlcm2-moments", "proximal_v", None),
+        ("jlcm2-quantiles", "subspace_v_ste", None), ("jlcm2-quantiles", "proximal_v", None),
+        ("jlcm2-moments", "subspace_v_ste", 0.1), ("jlcm2-moments", "proximal_v", 0.1),
+        ("gptq2", "subspace_v_ste", None), ("q2_0", "subspace_v_ste", None),
+        ("aqlm2x8g8", "subspace_v_ste", None), ("vq2", "subspace_v_ste", None),
+        ("jlcm3-moments", "subspace_v_ste", None), ("jlcm3-moments", "proximal_v", None),
+        ("jlcm3-quantiles", "subspace_v_ste", None), ("jlcm3-moments", "subspace_v_ste", 0.1),
+        ("jlcm3-moments", "proximal_v", 0.1), ("gptq3", "subspace_v_ste", None)]
+KEY = ("representation", "strategy", "code_step")
+COLUMNS = ["representation", "strategy", "code_step", "linear_bits", "start_perplexity",
+           "perplexity", "gain", "steps", "minutes", "codes_changed"]
 
 
 def prepare(only: list[str] | None) -> None:
@@ -52,19 +57,22 @@ def prepare(only: list[str] | None) -> None:
     took."""
     from finetune_strategies import starting_point
 
-    for rep in dict.fromkeys(rep for rep, _ in ARMS if not only or rep in only):
+    for rep in dict.fromkeys(rep for rep, _, _ in ARMS if not only or rep in only):
         t0 = time.perf_counter()
         path = starting_point(rep)
         print(f"{rep}: {path} ({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
-def run_arm(rep: str, strategy: str, args) -> dict:
+def run_arm(rep: str, strategy: str, code_step: float | None, args) -> dict:
     """One arm in its own process; its row."""
     from finetune_strategies import run_single
 
-    return run_single(rep, strategy, [
+    row = run_single(rep, strategy, [
         f"--steps={args.steps}", "--batch-size=2", "--lr=1e-4", f"--num-seqs={2 * args.steps}",
-        f"--eval-windows={args.eval_windows}", "--eval-start"])
+        f"--eval-windows={args.eval_windows}", "--eval-start"]
+        + ([f"--code-lr={code_step}"] if code_step is not None else []))
+    row["code_step"] = code_step
+    return row
 
 
 def derive(rows: list[dict]) -> None:
@@ -87,13 +95,15 @@ def record(row: dict | None, args) -> None:
         COLUMNS, key=KEY, derive=derive, carry=[tuple(r.get(k) for k in KEY) for r in old],
         notes=(f"start_perplexity and perplexity: on {args.eval_windows} Wikipedia evaluation "
                f"windows of 512 tokens, before and after {args.steps} steps of 2 x 256 tokens "
-               "(KL to the uncompressed model, continuous lr 1e-4, each strategy's default "
-               "code step, tau 0.01); gain = start / end; codes_changed: share of code groups "
-               "changed, summed over steps. linear_bits: stored bits per weight of the "
-               "decoder linears. jlcmB-G: JLCM at B bits, 8 row groups per matrix grouped by "
-               "G; gptqB: uniform asymmetric grid of group 64 by GPTQ; q2_0: llama.cpp's "
-               "Q2_0 blocks by GPTQ; aqlm2x8g8: AQLM; vq2: one codebook of 256 vectors of 4 "
-               "(AQLM 1x8g4). The paper's setting: see the script's docstring."))
+               "(KL to the uncompressed model, continuous lr 1e-4, tau 0.01); code_step: the "
+               "relative code step (empty: the strategy's default, 0.01 of the grid step or "
+               "level spacing, 0.016 of AQLM's row scale); gain = start / end; "
+               "codes_changed: share of code groups changed, summed over steps. "
+               "linear_bits: stored bits per weight of the decoder linears. jlcmB-G: JLCM "
+               "at B bits, 8 row groups per matrix grouped by G; gptqB: uniform asymmetric "
+               "grid of group 64 by GPTQ; q2_0: llama.cpp's Q2_0 blocks by GPTQ; aqlm2x8g8: "
+               "AQLM; vq2: one codebook of 256 vectors of 4 (AQLM 1x8g4). The paper's "
+               "setting: see the script's docstring."))
     plot(rows, RESULTS / f"{NAME}.png")
 
 
@@ -113,7 +123,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate("", (x, r["perplexity"]), (x, r["start_perplexity"]),
                     arrowprops={"arrowstyle": "->", "color": color, "lw": 0.7})
         ax.plot([x], [r["perplexity"]], marker, color=color, ms=5)
-        label = r["representation"] + (" prox" if r["strategy"] == "proximal_v" else "")
+        label = r["representation"] + (" prox" if r["strategy"] == "proximal_v" else "") \
+            + (f" step {r['code_step']:g}" if r.get("code_step") else "")
         ax.annotate(label, (x, r["perplexity"]), fontsize=6, xytext=(3, -8),
                     textcoords="offset points")
     ax.set_yscale("log")
@@ -133,6 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--reprs", nargs="+", help="only the arms of these starting points")
+    parser.add_argument("--strategies", nargs="+", help="only the arms of these strategies")
     parser.add_argument("--remeasure", action="store_true",
                         help="run arms again that the table already holds")
     parser.add_argument("--rebuild", action="store_true",
@@ -151,11 +163,12 @@ def main() -> None:
     done = set() if args.remeasure or not path.is_file() else {
         tuple(r.get(k) for k in KEY) for r in json.loads(path.read_text())["rows"]
         if r["provenance"]["commit"] == commit and not r.get("carried_over")}
-    for rep, strategy in ARMS:
-        if (rep, strategy) in done or (args.reprs and rep not in args.reprs):
+    for rep, strategy, code_step in ARMS:
+        if ((rep, strategy, code_step) in done or (args.reprs and rep not in args.reprs)
+                or (args.strategies and strategy not in args.strategies)):
             continue
-        print(f"== {rep} {strategy}", flush=True)
-        row = run_arm(rep, strategy, args)
+        print(f"== {rep} {strategy} code step {code_step}", flush=True)
+        row = run_arm(rep, strategy, code_step, args)
         record(row, args)
         print({k: v for k, v in row.items()
                if k not in ("losses", "fraction_changed", "provenance")}, flush=True)
