@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--reprs", nargs="+", help="only the arms of these starting points")
     parser.add_argument("--strategies", nargs="+", help="only the arms of these strategies")
+    parser.add_argument("--code-step", type=float,
+                        help="only the arms with this code step (default: every arm)")
     parser.add_argument("--remeasure", action="store_true",
                         help="run arms again that the table already holds")
     parser.add_argument("--rebuild", action="store_true",
@@ -165,7 +167,8 @@ def main() -> None:
         if r["provenance"]["commit"] == commit and not r.get("carried_over")}
     for rep, strategy, code_step in ARMS:
         if ((rep, strategy, code_step) in done or (args.reprs and rep not in args.reprs)
-                or (args.strategies and strategy not in args.strategies)):
+                or (args.strategies and strategy not in args.strategies)
+                or (args.code_step is not None and code_step != args.code_step)):
             continue
         print(f"== {rep} {strategy} code step {code_step}", flush=True)
         row = run_arm(rep, strategy, code_step, args)
