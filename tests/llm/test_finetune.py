@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -387,23 +388,32 @@ def test_a_schedule_under_a_time_budget_runs_over_the_time(llama_dir, monkeypatc
     kept it at 1; ``constant`` stays at 1."""
     import pvtune.llm.finetune as ft
 
-    factors = []
+    factors, times = [], []
 
     def spy(config, step, progress=None):
+        times.append(time.perf_counter())
         factors.append(lr_factor(config, step, progress))
         return factors[-1]
 
     monkeypatch.setattr(ft, "lr_factor", spy)
     student, teacher, ids = setup(llama_dir, UniformConfig(bits=2, group_size=16))
+    budget = 2.0
     cfg = FinetuneConfig(steps=1_000_000, batch_size=2, lr=1e-3, schedule=schedule,
-                         time_budget=2.0, vstep=VStepConfig(strategy="ste", lr=0.01))
+                         time_budget=budget, vstep=VStepConfig(strategy="ste", lr=0.01))
     result = finetune(student, TeacherLogits(teacher, ids), ids, cfg, progress=False)
+    end = time.perf_counter()
     assert result.stopped_by_time and len(factors) == len(result.losses) >= 3
     if schedule == "constant":
         assert factors == [1.0] * len(factors)
     else:
         assert all(a > b for a, b in zip(factors[:-1], factors[1:], strict=True))
-        assert factors[0] > 0.8 and 0.0 <= factors[-1] < 0.3, factors
+        assert factors[0] > 0.8 and factors[-1] >= 0.0, factors
+        # the factor is 1 - (time spent) / budget: at least the time since the first step
+        for f, t in zip(factors, times, strict=True):
+            assert f <= 1 - (t - times[0]) / budget + 0.05, (factors, times)
+        # the run stops once the budget is spent, so its last step began at most the time
+        # that step (and the closing evaluation) took before the end of the budget
+        assert factors[-1] <= (end - times[-1]) / budget + 0.05, (factors, end - times[-1])
 
 
 def test_a_time_budget_shows_time_left_not_a_step_total(llama_dir, capsys):
