@@ -78,6 +78,8 @@ def run_arm(rep: str, strategy: str, code_step: float | None, args) -> dict:
 def derive(rows: list[dict]) -> None:
     """The gain of each fine-tune (start over end) and its code changes."""
     for r in rows:
+        if r.get("code_step") is None:  # the strategy's default: an empty cell
+            r.pop("code_step", None)
         if r.get("start_perplexity") and r.get("perplexity"):
             r["gain"] = r["start_perplexity"] / r["perplexity"]
         if r.get("fraction_changed"):
