@@ -45,7 +45,8 @@ ARMS = [("jlcm2-moments", "subspace_v_ste", None), ("jlcm2-moments", "proximal_v
         ("gptq2", "subspace_v_ste", None), ("q2_0", "subspace_v_ste", None),
         ("aqlm2x8g8", "subspace_v_ste", None), ("vq2", "subspace_v_ste", None),
         ("jlcm3-moments", "subspace_v_ste", None), ("jlcm3-moments", "proximal_v", None),
-        ("jlcm3-quantiles", "subspace_v_ste", None), ("jlcm3-moments", "subspace_v_ste", 0.1),
+        ("jlcm3-quantiles", "subspace_v_ste", None), ("jlcm3-quantiles", "proximal_v", None),
+        ("jlcm3-moments", "subspace_v_ste", 0.1),
         ("jlcm3-moments", "proximal_v", 0.1), ("gptq3", "subspace_v_ste", None)]
 KEY = ("representation", "strategy", "code_step")
 COLUMNS = ["representation", "strategy", "code_step", "linear_bits", "start_perplexity",
