@@ -4,6 +4,7 @@ grouped-codebook layer PV-Tuning and every strategy lower a regression loss."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,13 @@ from pvtune.errors import ConfigError
 from pvtune.nn import QuantizedLinear
 from pvtune.optim import PVOptimizer, VStepConfig
 from pvtune.optim.proximal import proximal_scores
-from pvtune.optim.strategies import STRATEGIES, WeightState
+from pvtune.optim.strategies import (
+    STRATEGIES,
+    WeightState,
+    group_count,
+    move_buffer,
+    top_indices,
+)
 from pvtune.reprs import GroupedCodebookConfig, GroupedCodebookWeight, UniformConfig
 from pvtune.reprs.uniform import UniformWeight
 
@@ -41,17 +48,17 @@ def test_the_proximal_step_moves_to_the_neighbour_where_ste_jumps():
 
 def test_scores_follow_the_formula():
     levels = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    unit = torch.tensor([[1.0]])
-    score, target = proximal_scores(levels, torch.tensor([[0.0]]), torch.tensor([[3.0]]), unit)
+    unit = torch.tensor([1.0])
+    score, target = proximal_scores(levels, torch.tensor([0.0]), torch.tensor([3.0]), unit)
     # every level above is nearer to the buffer at 3: r * delta * exp(-delta) is 3/e for the
     # adjacent one, 6/e^2 and 9/e^3 for the others
     assert target.item() == 1.0 and score.item() == pytest.approx(3 * math.exp(-1))
-    score, target = proximal_scores(levels, torch.tensor([[1.0]]), torch.tensor([[1.0]]), unit)
+    score, target = proximal_scores(levels, torch.tensor([1.0]), torch.tensor([1.0]), unit)
     # a buffer at 2 is as near to level 3 as to level 1 (the current): only level 2 is nearer
     assert target.item() == 2.0 and score.item() == pytest.approx(math.exp(-1))
-    score, _ = proximal_scores(levels, torch.tensor([[1.0, 1.0]]),
-                               torch.tensor([[0.4, -0.5]]), unit)
-    assert score.tolist()[0] == [-math.inf, -math.inf]  # no level nearer to the buffer
+    score, _ = proximal_scores(levels.expand(2, -1), torch.tensor([1.0, 1.0]),
+                               torch.tensor([0.4, -0.5]), unit.expand(2))
+    assert score.tolist() == [-math.inf, -math.inf]  # no level nearer to the buffer
 
 
 def test_a_code_moves_once_the_buffer_passes_the_midpoint():
@@ -101,11 +108,43 @@ def test_every_strategy_lowers_the_loss_on_grouped_codebooks(strategy):
 
 def test_the_proximal_scores_do_not_change_when_the_weights_are_rescaled():
     gen = torch.Generator().manual_seed(1)
-    levels = torch.randn(3, 4, generator=gen).sort(-1).values
-    current = levels.gather(1, torch.randint(0, 4, (3, 5), generator=gen))
-    displacement = 2 * torch.randn(3, 5, generator=gen)
-    unit = (levels[:, -1:] - levels[:, :1]) / 3
+    levels = torch.randn(15, 4, generator=gen).sort(-1).values
+    current = levels.gather(1, torch.randint(0, 4, (15, 1), generator=gen)).squeeze(1)
+    displacement = 2 * torch.randn(15, generator=gen)
+    unit = (levels[:, -1] - levels[:, 0]) / 3
     score, target = proximal_scores(levels, current, displacement, unit)
     score8, target8 = proximal_scores(levels / 8, current / 8, displacement, unit / 8)
     torch.testing.assert_close(score8, score)
     torch.testing.assert_close(target8, target / 8)
+
+
+def score_every_weight(rep, grad, state, config) -> int:
+    """proximal_v without skipping the weights inside the change threshold."""
+    move_buffer(rep, state, grad, config)
+    with torch.no_grad():
+        w = rep()
+        unit = rep.step_unit().expand_as(w).reshape(-1)
+        levels = rep.row_levels().repeat_interleave(w.shape[1], 0)
+        score, target = proximal_scores(levels, w.reshape(-1),
+                                        (state.buffer - w).reshape(-1) / unit, unit)
+        chosen = top_indices(torch.nan_to_num(score, neginf=0.0),
+                             math.ceil(config.tau * group_count(rep)))
+        rep.encode_groups(chosen, target[chosen].unsqueeze(-1))
+        return int(chosen.numel())
+
+
+def test_skipping_weights_inside_the_change_threshold_changes_no_decision():
+    gen = torch.Generator().manual_seed(2)
+    start = GroupedCodebookWeight.from_dense(torch.randn(12, 40, generator=gen),
+                                             GroupedCodebookConfig(bits=3, groups=3))
+    fast, full = copy.deepcopy(start), copy.deepcopy(start)
+    config = VStepConfig("proximal_v", lr=0.2, tau=0.05)
+    states = WeightState(fast, True), WeightState(full, True)
+    moved = 0
+    for _ in range(8):
+        grad = torch.randn(12, 40, generator=gen)
+        n = STRATEGIES.get("proximal_v")(fast, grad, states[0], config, torch.Generator())
+        assert n == score_every_weight(full, grad, states[1], config)
+        assert torch.equal(fast.codes, full.codes)
+        moved += n
+    assert moved > 0  # the steps did move codes

@@ -80,3 +80,19 @@ def test_bad_settings_are_refused():
         GroupedCodebookConfig(grouping="astrology")
     with pytest.raises(ConfigError, match="bits"):
         GroupedCodebookConfig(bits=9)
+
+
+def test_the_change_threshold_is_half_the_closest_pair_of_levels():
+    rep = GroupedCodebookWeight(2, 3, GroupedCodebookConfig(bits=2, groups=2))
+    with torch.no_grad():
+        rep.codebooks.copy_(torch.tensor([[0.0, 1.0, 1.5, 3.0], [-2.0, 0.0, 2.0, 4.0]]))
+        rep.row_group.copy_(torch.tensor([0, 1], dtype=torch.uint8))
+        rep.codes.copy_(torch.tensor([[1, 0, 3], [1, 1, 1]], dtype=torch.uint8))
+    limit = rep.change_threshold()
+    assert limit.squeeze(1).tolist() == pytest.approx([0.25 * (1 - 1e-3), 1.0 * (1 - 1e-3)])
+    # tight at the closest pair: just past it, the weight at 1.0 moves to 1.5
+    rep.encode(torch.tensor([[1.2501, 0.0, 3.0], [0.0, 0.0, 0.0]]))
+    assert rep().tolist()[0] == [1.5, 0.0, 3.0]
+    # conservative elsewhere: the weight at 3.0 keeps its code this far away too
+    rep.encode(torch.tensor([[1.5, 0.0, 3.0 - 0.2499], [0.999, -0.999, 0.0]]))
+    assert rep().tolist() == [[1.5, 0.0, 3.0], [0.0, 0.0, 0.0]]

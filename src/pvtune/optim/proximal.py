@@ -31,26 +31,27 @@ import torch
 from pvtune.errors import ConfigError
 from pvtune.optim.strategies import group_count, move_buffer, register_strategy, top_indices
 
-ROWS_PER_CHUNK = 256  # rows scored at once: [rows, in, levels] temporaries stay bounded
+CHUNK = 1 << 16  # weights scored at once: [chunk, levels] temporaries stay bounded
 
 
 def proximal_scores(levels, current, displacement, unit):
     """Per weight, the best candidate's score and level (module docstring): ``levels``
-    ``[out, K]``, ``current`` ``[out, in]`` and the row's level spacing ``unit`` ``[out, 1]``
-    in weight units; ``displacement`` ``[out, in]`` the buffer's offset from ``current`` in
-    units of ``unit``. A weight with no level nearer to its buffer scores ``-inf``."""
+    ``[n, K]`` the levels of each weight's row, ``current`` ``[n]`` its level and ``unit``
+    ``[n]`` its row's level spacing, in weight units; ``displacement`` ``[n]`` the buffer's
+    offset from ``current`` in units of ``unit``. A weight with no level nearer to its
+    buffer scores ``-inf``."""
     score = torch.empty_like(current)
     target = torch.empty_like(current)
-    for start in range(0, current.shape[0], ROWS_PER_CHUNK):
-        rows = slice(start, start + ROWS_PER_CHUNK)
-        delta = (levels[rows, None, :] - current[rows, :, None]) / unit[rows, :, None]
-        r = displacement[rows, :, None]
+    for start in range(0, current.shape[0], CHUNK):
+        at = slice(start, start + CHUNK)
+        delta = (levels[at] - current[at, None]) / unit[at, None]
+        r = displacement[at, None]
         gain = r * delta * torch.exp(-delta.abs())
         # the current level, and levels no nearer to the buffer (|r - delta| >= |r|)
         out = (delta * (2 * r - delta) <= 0) | (delta.abs() < 1e-6)
         best, k = gain.masked_fill_(out, float("-inf")).max(-1)
-        score[rows] = best
-        target[rows] = levels[rows].gather(1, k)
+        score[at] = best
+        target[at] = levels[at].gather(1, k[:, None]).squeeze(1)
     return score, target
 
 
@@ -70,15 +71,21 @@ def proximal_v(rep, grad, state, config, generator) -> int:
     move_buffer(rep, state, grad, config)
     with torch.no_grad():
         w = rep()
-        unit = rep.step_unit()
-        displacement = (state.buffer - w).div_(unit)
-        score, target = proximal_scores(rep.row_levels(), w, displacement, unit)
-        del displacement
-        flat = score.reshape(-1)
-        chosen = top_indices(torch.nan_to_num(flat, neginf=0.0),
-                             math.ceil(config.tau * group_count(rep)))
+        # only weights whose buffer lies at least the change threshold from their level can
+        # have a level nearer to it than their own
+        gap = torch.sub(state.buffer, w)
+        index = (gap.abs() >= rep.change_threshold()).view(-1).nonzero().squeeze(1)
+        if index.numel() == 0:
+            return 0
+        rows = index // w.shape[1]
+        unit = rep.step_unit().view(-1)[rows]
+        score, target = proximal_scores(rep.row_levels().index_select(0, rows),
+                                        w.view(-1)[index], gap.view(-1)[index] / unit, unit)
+        del gap
+        budget = math.ceil(config.tau * group_count(rep))
+        chosen = top_indices(torch.nan_to_num(score, neginf=0.0), budget)
         if chosen.numel():
-            rep.encode_groups(chosen, target.reshape(-1)[chosen].unsqueeze(-1))
+            rep.encode_groups(index[chosen], target[chosen].unsqueeze(-1))
         return int(chosen.numel())
 
 

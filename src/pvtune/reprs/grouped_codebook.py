@@ -221,6 +221,15 @@ class GroupedCodebookWeight(QuantizedWeight):
             floor = books.abs().amax(-1).clamp(min=1e-8) * 1e-3
             return torch.maximum(spacing, floor)[self.row_group.long()].unsqueeze(-1)
 
+    def change_threshold(self) -> Tensor:
+        """Just under half the smallest gap between adjacent levels of each row's codebook
+        (``[out, 1]``): a target nearer its weight's level than that is nearer to it than
+        to any other level, so its code stays."""
+        with torch.no_grad():
+            books = self.codebooks.detach().sort(-1).values
+            gap = books.diff(dim=-1).amin(-1)  # 2^bits >= 2 levels
+            return (gap * (0.5 * (1 - 1e-3)))[self.row_group.long()].unsqueeze(-1)
+
     def bits_per_param(self) -> float:
         c = self.config
         meta = 16 * c.groups * c.levels + self.out_features * ceil_log2(c.groups)
