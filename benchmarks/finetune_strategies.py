@@ -48,6 +48,7 @@ STARTS = {  # pvtune compress arguments of each starting point
     "jlcm3-moments": ["--method", "jlcm", "--bits", "3", "--row-groups", "8"],
     "jlcm3-quantiles": ["--method", "jlcm", "--bits", "3", "--row-groups", "8",
                         "--grouping", "quantiles"],
+    "jlcm2-moments-g64": ["--method", "jlcm", "--bits", "2", "--row-groups", "64"],
 }
 # strategies that apply to some representations only
 ONLY_FOR = {"proximal_v": lambda rep: rep.startswith("jlcm")}

@@ -21,8 +21,10 @@ starts, is one command of about half an hour::
 The paper's setting (Yvinec et al., ICLR 2024, arXiv 2309.17361): post-training compression
 of ImageNet CNNs and of LLMs (a Llama 7B in 2 GB), codebooks and mappings learned jointly
 from a grouping of similarly distributed neurons, no public code. Here: a 135M-parameter LLM,
-8 row groups per matrix with their group stored per row, a few hundred fine-tuning steps at
-most on a Wikipedia sample, against other representations of the same size.
+8 row groups per matrix (64 in one arm) with their group stored per row, codes chosen by
+GPTQ's error feedback onto the k-means levels and the levels refitted to them, a few
+hundred fine-tuning steps at most on a Wikipedia sample, against other representations of
+the same size.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ NAME = "jlcm_study"
 ARMS = [("jlcm2-moments", "subspace_v_ste", None), ("jlcm2-moments", "proximal_v", None),
         ("jlcm2-quantiles", "subspace_v_ste", None), ("jlcm2-quantiles", "proximal_v", None),
         ("jlcm2-moments", "subspace_v_ste", 0.1), ("jlcm2-moments", "proximal_v", 0.1),
+        ("jlcm2-moments-g64", "subspace_v_ste", None),
         ("gptq2", "subspace_v_ste", None), ("q2_0", "subspace_v_ste", None),
         ("aqlm2x8g8", "subspace_v_ste", None), ("vq2", "subspace_v_ste", None),
         ("jlcm3-moments", "subspace_v_ste", None), ("jlcm3-moments", "proximal_v", None),
@@ -103,7 +106,9 @@ def record(row: dict | None, args) -> None:
                "level spacing, 0.016 of AQLM's row scale); gain = start / end; "
                "codes_changed: share of code groups changed, summed over steps. "
                "linear_bits: stored bits per weight of the decoder linears. jlcmB-G: JLCM "
-               "at B bits, 8 row groups per matrix grouped by G; gptqB: uniform asymmetric "
+               "at B bits, 8 row groups per matrix grouped by G (-g64: 64 groups), codes "
+               "by GPTQ's error feedback onto each row's levels, levels refitted once by "
+               "least squares; gptqB: uniform asymmetric "
                "grid of group 64 by GPTQ; q2_0: llama.cpp's Q2_0 blocks by GPTQ; aqlm2x8g8: "
                "AQLM; vq2: one codebook of 256 vectors of 4 (AQLM 1x8g4). The paper's "
                "setting: see the script's docstring."))

@@ -5,10 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pvtune.init import AQLMInitConfig, GPTQConfig, RTNConfig, aqlm_init, gptq_init, rtn_init
+from pvtune.init import (
+    AQLMInitConfig,
+    GPTQConfig,
+    JLCMInitConfig,
+    RTNConfig,
+    aqlm_init,
+    gptq_init,
+    jlcm_init,
+    rtn_init,
+)
 from pvtune.init.aqlm import output_error, residual_kmeans_init, sweep_codes, update_codebooks
 from pvtune.init.gptq import inverse_hessian_cholesky
-from pvtune.reprs import AQLMConfig, UniformConfig
+from pvtune.init.jlcm import refit_levels
+from pvtune.reprs import AQLMConfig, GroupedCodebookConfig, UniformConfig
 
 
 def correlated_problem(out=48, inp=64, tokens=2048, seed=0):
@@ -107,3 +117,49 @@ def test_aqlm_sweep_objective_matches_bruteforce_on_one_group():
             rep.codes.copy_(codes)
             rep.codes[row, j] = torch.tensor(combo, dtype=codes.dtype)
             assert output_error(rep, w, h) >= best - 1e-6
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_jlcm_error_feedback_lowers_the_output_error_with_the_same_levels(bits):
+    w, h = correlated_problem()
+    cfg = GroupedCodebookConfig(bits=bits, groups=4)
+    nearest = jlcm_init(w, h, cfg, JLCMInitConfig(error_feedback=False))
+    feedback = jlcm_init(w, h, cfg, JLCMInitConfig(refit_rounds=0))
+    assert torch.equal(nearest.codebooks, feedback.codebooks)
+    assert torch.equal(nearest.row_group, feedback.row_group)
+    assert rel_out_err(feedback, w, h) < 0.9 * rel_out_err(nearest, w, h)
+    # every code is one of its row's levels: decode through the representation agrees
+    levels = feedback.row_levels()
+    torch.testing.assert_close(feedback(), levels.gather(1, feedback.codes.long()))
+    # refitting the levels to the codes lowers the error further
+    refitted = jlcm_init(w, h, cfg, JLCMInitConfig(refit_rounds=1))
+    assert rel_out_err(refitted, w, h) < rel_out_err(feedback, w, h)
+
+
+def test_jlcm_error_feedback_with_identity_hessian_is_nearest_rounding():
+    w, _ = correlated_problem()
+    cfg = GroupedCodebookConfig(bits=2, groups=3)
+    a = jlcm_init(w, torch.eye(64), cfg, JLCMInitConfig(damp=0.0, refit_rounds=0))
+    b = jlcm_init(w, torch.eye(64), cfg, JLCMInitConfig(error_feedback=False))
+    assert torch.equal(a.codes, b.codes)
+
+
+def test_jlcm_level_refit_solves_the_least_squares_problem_of_its_codes():
+    w, h = correlated_problem(out=6, inp=16, seed=3)
+    rep = jlcm_init(w, h, GroupedCodebookConfig(bits=2, groups=2),
+                    JLCMInitConfig(refit_rounds=0))
+    before = rel_out_err(rep, w, h)
+    codes = rep.codes.clone()
+    refit_levels(rep, w, h)
+    assert torch.equal(rep.codes, codes) and rel_out_err(rep, w, h) <= before
+    # the same levels from a dense least-squares solve: sum_r ||(w_r - A_r L_g) H^1/2||^2
+    root = torch.linalg.cholesky(h.double() + 1e-9 * torch.eye(16, dtype=torch.float64))
+    for g in range(2):
+        rows = (rep.row_group == g).nonzero().squeeze(1)
+        onehot = torch.nn.functional.one_hot(codes[rows].long(), 4).double()
+        design = torch.einsum("ij,rik->rjk", root, onehot).reshape(-1, 4)
+        target = (w[rows].double() @ root).reshape(-1)
+        used = onehot.sum((0, 1)) > 0
+        solution = torch.linalg.lstsq(design[:, used], target[:, None]).solution.squeeze(1)
+        torch.testing.assert_close(rep.codebooks[g, used].double(), solution,
+                                   rtol=2e-3, atol=1e-4)  # float16 levels

@@ -3,6 +3,7 @@ inverse Hessian ``H = E[x x^T]`` of the layer's calibration inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,35 @@ def inverse_hessian_cholesky(xtx: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(torch.float32)
 
 
+def gptq_codes(weight: Tensor, xtx: Tensor, perm: Tensor, config: GPTQConfig, block: int,
+               round_column: Callable[[int, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+    """GPTQ's loop: the columns of ``weight`` (``[out, in]``) in the order ``perm``, each
+    rounded by ``round_column(col, upcoming)`` (``upcoming``: the error-updated columns from
+    this one to the end of its block of ``block``, this one first; returns the codes and the
+    values they decode to), its rounding error spread over the columns not yet rounded
+    through the inverse Hessian. Returns the codes ``[out, in]`` (uint8) in column order."""
+    out_f, in_f = weight.shape
+    w = weight.detach().to(torch.float32).clone()
+    w[:, torch.diag(xtx) == 0] = 0
+    w = w[:, perm]
+    hinv = inverse_hessian_cholesky(xtx[perm][:, perm], config.damp)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            q, value = round_column(col, w1[:, i:])
+            codes[:, col] = q.to(torch.uint8)
+            err = (w1[:, i] - value) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes
+
+
 @register_init("gptq", GPTQConfig, (UniformConfig, GGUFBlockConfig), needs_calibration=True)
 def gptq_init(
     weight: Tensor, xtx: Tensor | None, repr_config: ReprConfig, method_config: GPTQConfig
@@ -56,37 +86,26 @@ def gptq_init(
     out_f, in_f = weight.shape
     rep = representation_for(repr_config)(out_f, in_f, repr_config)
     g = rep.group
-    w = weight.detach().to(torch.float32).clone()
-    w[:, torch.diag(xtx) == 0] = 0
     grid = (torch.zeros(out_f, in_f // g), torch.zeros(out_f, in_f // g))
     if method_config.act_order:
+        w = weight.detach().to(torch.float32).clone()
+        w[:, torch.diag(xtx) == 0] = 0
         grid = rep.fit_grid(w.reshape(out_f, -1, g))
         perm = torch.argsort(torch.diag(xtx), descending=True, stable=True)
         block = method_config.block_size
     else:
         perm = torch.arange(in_f)
         block = max(g, (method_config.block_size // g) * g)
-    w = w[:, perm]
-    hinv = inverse_hessian_cholesky(xtx[perm][:, perm], method_config.damp)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            if not method_config.act_order and col % g == 0:
-                # blocks are whole groups, so the group's error-updated columns are in w1
-                fitted = rep.fit_grid(w1[:, i : i + g].unsqueeze(1))
-                for full, part in zip(grid, fitted, strict=True):
-                    full[:, col // g] = part[:, 0]
-            q, value = rep.round_column(w1[:, i], tuple(t[:, col // g] for t in grid))
-            codes[:, col] = q.to(torch.uint8)
-            err = (w1[:, i] - value) / h1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def round_column(col: int, upcoming: Tensor) -> tuple[Tensor, Tensor]:
+        if not method_config.act_order and col % g == 0:
+            # blocks are whole groups, so the group's error-updated columns are in upcoming
+            fitted = rep.fit_grid(upcoming[:, :g].unsqueeze(1))
+            for full, part in zip(grid, fitted, strict=True):
+                full[:, col // g] = part[:, 0]
+        return rep.round_column(upcoming[:, 0], tuple(t[:, col // g] for t in grid))
+
+    codes = gptq_codes(weight, xtx, perm, method_config, block, round_column)
     rep.set_grid(*grid)
     with torch.no_grad():
         rep.codes.copy_(codes)
