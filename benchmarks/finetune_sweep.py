@@ -115,9 +115,10 @@ def verdict(rows: list[dict]) -> dict[str, str]:
         seeds = [s for s in SEEDS if ("ste", s) in ppl and ("subspace_v_ste", s) in ppl]
         wins = sum(ppl[("subspace_v_ste", s)] < ppl[("ste", s)] for s in seeds)
         holds = len(seeds) == len(SEEDS) and wins == len(SEEDS)
+        # a seed where PV is not below STE decides the test before every seed has run
+        decided = len(seeds) == len(SEEDS) or wins < len(seeds)
         out[rep] = (f"PV below STE at {wins} of {len(seeds)} seeds: "
-                    + ("holds" if holds else "not shown" if len(seeds) == len(SEEDS)
-                       else "incomplete"))
+                    + ("holds" if holds else "not shown" if decided else "incomplete"))
     return out
 
 
