@@ -31,6 +31,9 @@ def test_pv_holds_only_when_below_ste_at_every_seed():
         "q2_0": "PV below STE at 2 of 3 seeds: not shown"}
     assert sweep.verdict(rows([80, 81], [81, 82])) == {
         "q2_0": "PV below STE at 2 of 2 seeds: incomplete"}
+    # a lost seed decides the test before the last seed has run
+    assert sweep.verdict(rows([80, 83], [81, 82])) == {
+        "q2_0": "PV below STE at 1 of 2 seeds: not shown"}
     # a tie is not a win
     assert "0 of 3" in sweep.verdict(rows([80, 81, 82], [80, 81, 82]))["q2_0"]
 
