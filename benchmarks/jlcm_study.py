@@ -122,8 +122,15 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    off_scale = []  # arms that end far above every start: listed, not drawn
+    top = 1.5 * max((r["start_perplexity"] for r in rows if r.get("start_perplexity")),
+                  default=1.0)
     for r in rows:
         if not r.get("start_perplexity"):
+            continue
+        if r["perplexity"] > top:
+            off_scale.append(f"{r['representation']} {r['strategy']} step "
+                             f"{r.get('code_step') or 'default'}: {r['perplexity']:.3g}")
             continue
         x = r["linear_bits"]
         color = ("tab:red" if r["representation"].startswith("jlcm") else "tab:blue")
@@ -136,10 +143,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate(label, (x, r["perplexity"]), fontsize=6, xytext=(3, -8),
                     textcoords="offset points")
     ax.set_yscale("log")
+    ax.set_ylim(top=top)  # every start and every drawn end inside the plot
     ax.set_xlabel("stored bits per weight (decoder linears)")
     ax.set_ylabel("perplexity (arrow: before -> after fine-tuning)")
     ax.set_title("SmolLM2-135M: JLCM (red; squares: proximal update) and other representations")
     ax.grid(True, which="both", alpha=0.3)
+    if off_scale:
+        ax.text(0.99, 0.98, "ends above the plot:\n" + "\n".join(off_scale),
+                transform=ax.transAxes, ha="right", va="top", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
