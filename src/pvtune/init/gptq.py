@@ -41,6 +41,19 @@ def inverse_hessian_cholesky(xtx: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(torch.float32)
 
 
+def live_columns(weight: Tensor, xtx: Tensor) -> Tensor:
+    """A float32 copy of ``weight`` with the columns no calibration input reaches
+    (``diag(xtx) == 0``) set to zero."""
+    w = weight.detach().to(torch.float32).clone()
+    w[:, torch.diag(xtx) == 0] = 0
+    return w
+
+
+def act_order(xtx: Tensor) -> Tensor:
+    """The columns by decreasing ``diag(xtx)`` (ties in index order)."""
+    return torch.argsort(torch.diag(xtx), descending=True, stable=True)
+
+
 def gptq_codes(weight: Tensor, xtx: Tensor, perm: Tensor, config: GPTQConfig, block: int,
                round_column: Callable[[int, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
     """GPTQ's loop: the columns of ``weight`` (``[out, in]``) in the order ``perm``, each
@@ -49,9 +62,7 @@ def gptq_codes(weight: Tensor, xtx: Tensor, perm: Tensor, config: GPTQConfig, bl
     values they decode to), its rounding error spread over the columns not yet rounded
     through the inverse Hessian. Returns the codes ``[out, in]`` (uint8) in column order."""
     out_f, in_f = weight.shape
-    w = weight.detach().to(torch.float32).clone()
-    w[:, torch.diag(xtx) == 0] = 0
-    w = w[:, perm]
+    w = live_columns(weight, xtx)[:, perm]
     hinv = inverse_hessian_cholesky(xtx[perm][:, perm], config.damp)
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     for i1 in range(0, in_f, block):
@@ -88,10 +99,8 @@ def gptq_init(
     g = rep.group
     grid = (torch.zeros(out_f, in_f // g), torch.zeros(out_f, in_f // g))
     if method_config.act_order:
-        w = weight.detach().to(torch.float32).clone()
-        w[:, torch.diag(xtx) == 0] = 0
-        grid = rep.fit_grid(w.reshape(out_f, -1, g))
-        perm = torch.argsort(torch.diag(xtx), descending=True, stable=True)
+        grid = rep.fit_grid(live_columns(weight, xtx).reshape(out_f, -1, g))
+        perm = act_order(xtx)
         block = method_config.block_size
     else:
         perm = torch.arange(in_f)

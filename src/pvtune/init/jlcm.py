@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pvtune.init.gptq import GPTQConfig, gptq_codes
+from pvtune.init.gptq import GPTQConfig, act_order, gptq_codes
 from pvtune.init.registry import register_init
 from pvtune.reprs.base import check_range, round_to_fp16
 from pvtune.reprs.grouped_codebook import GroupedCodebookConfig, GroupedCodebookWeight
@@ -50,7 +50,7 @@ def jlcm_init(weight: Tensor, xtx: Tensor | None, repr_config: GroupedCodebookCo
     rep.init_weighted(weight, importance)
     if xtx is None or not method_config.error_feedback:
         return rep
-    perm = torch.argsort(torch.diag(xtx), descending=True, stable=True)
+    perm = act_order(xtx)
     gptq = GPTQConfig(damp=method_config.damp, block_size=method_config.block_size)
     for round_ in range(max(1, method_config.refit_rounds)):
         books = rep.row_levels()

@@ -186,9 +186,8 @@ class GroupedCodebookWeight(QuantizedWeight):
             rows = self.row_group.long()[index // self.in_features]
             return self.codebooks.detach()[rows, self.codes.view(-1)[index].long()].unsqueeze(-1)
 
-    def nearest_levels(self, values: Tensor, rows: Tensor) -> Tensor:
-        """The code of the nearest level to each of ``values`` in the codebook of its row
-        (``rows``: the row of each value, same shape)."""
+    def _nearest(self, values: Tensor, rows: Tensor) -> Tensor:
+        """The nearest level's code of each value under its row's codebook (flat)."""
         books = self.codebooks.detach().to(values.dtype)[self.row_group.long()[rows]]
         return (values.unsqueeze(-1) - books).abs().argmin(-1)
 
@@ -211,7 +210,7 @@ class GroupedCodebookWeight(QuantizedWeight):
     def _encode_at(self, index: Tensor, values: Tensor, chunk: int = 1 << 20) -> None:
         for start in range(0, index.numel(), chunk):  # bounded [chunk, 2^bits] distances
             at = index[start:start + chunk]
-            q = self.nearest_levels(values[start:start + chunk], at // self.in_features)
+            q = self._nearest(values[start:start + chunk], at // self.in_features)
             self.codes.view(-1)[at] = q.to(torch.uint8)
 
     def step_unit(self) -> Tensor:
