@@ -41,6 +41,8 @@ STARTS = {  # pvtune compress arguments of each starting point
     "q2_0": ["--method", "gptq", "--format", "q2_0"],  # llama.cpp's Q2_0 blocks
     "gptq3": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
     "vq2": ["--method", "aqlm", "--codebooks", "1x8g4"],  # one codebook: plain VQ
+    "aqlm3x8g8": ["--method", "aqlm", "--codebooks", "3x8g8"],  # about 3 bits
+    "vq3": ["--method", "aqlm", "--codebooks", "1x6g2"],  # 64 vectors of 2: 3 bits
     # JLCM's grouped codebooks: 8 row groups per matrix
     "jlcm2-moments": ["--method", "jlcm", "--bits", "2", "--row-groups", "8"],
     "jlcm2-quantiles": ["--method", "jlcm", "--bits", "2", "--row-groups", "8",

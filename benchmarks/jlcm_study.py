@@ -11,7 +11,7 @@ defaults, the same never-repeated sequences for every arm) and evaluates again o
 Wikipedia windows. Bits are those stored by the linear layers (``bits_report``).
 
 The starting points are compressed once (``--prepare`` makes them all and records how long
-each took; AQLM and VQ take about 17 minutes each here); the study itself, from cached
+each took; AQLM 2x8g8 and VQ 1x8g4 take about 17 minutes each here); the study itself, from cached
 starts, is one command of about half an hour::
 
     python benchmarks/jlcm_study.py --prepare     # once: every starting point
@@ -50,7 +50,8 @@ ARMS = [("jlcm2-moments", "subspace_v_ste", None), ("jlcm2-moments", "proximal_v
         ("jlcm3-moments", "subspace_v_ste", None), ("jlcm3-moments", "proximal_v", None),
         ("jlcm3-quantiles", "subspace_v_ste", None), ("jlcm3-quantiles", "proximal_v", None),
         ("jlcm3-moments", "subspace_v_ste", 0.1),
-        ("jlcm3-moments", "proximal_v", 0.1), ("gptq3", "subspace_v_ste", None)]
+        ("jlcm3-moments", "proximal_v", 0.1), ("gptq3", "subspace_v_ste", None),
+        ("vq3", "subspace_v_ste", None), ("aqlm3x8g8", "subspace_v_ste", None)]
 KEY = ("representation", "strategy", "code_step")
 COLUMNS = ["representation", "strategy", "code_step", "linear_bits", "start_perplexity",
            "perplexity", "gain", "steps", "minutes", "codes_changed"]
@@ -110,7 +111,9 @@ def record(row: dict | None, args) -> None:
                "by GPTQ's error feedback onto each row's levels, levels refitted once by "
                "least squares; gptqB: uniform asymmetric "
                "grid of group 64 by GPTQ; q2_0: llama.cpp's Q2_0 blocks by GPTQ; aqlm2x8g8: "
-               "AQLM; vq2: one codebook of 256 vectors of 4 (AQLM 1x8g4). The paper's "
+               "AQLM, two codebooks of 256 vectors of 8 (aqlm3x8g8: three); vq2: one "
+               "codebook of 256 vectors of 4 (AQLM 1x8g4); vq3: one codebook of 64 vectors "
+               "of 2 (AQLM 1x6g2). The paper's "
                "setting: see the script's docstring."))
     plot(rows, RESULTS / f"{NAME}.png")
 
