@@ -11,8 +11,8 @@ defaults, the same never-repeated sequences for every arm) and evaluates again o
 Wikipedia windows. Bits are those stored by the linear layers (``bits_report``).
 
 The starting points are compressed once (``--prepare`` makes them all and records how long
-each took; AQLM 2x8g8 and VQ 1x8g4 take about 17 minutes each here); the study itself, from cached
-starts, is one command of about half an hour::
+each took; AQLM 2x8g8 and VQ 1x8g4 take about 17 minutes each here); the study itself,
+from cached starts, is one command of about half an hour::
 
     python benchmarks/jlcm_study.py --prepare     # once: every starting point
     python benchmarks/jlcm_study.py               # the study (resumes; --remeasure redoes)
